@@ -1,0 +1,190 @@
+"""``diff``: compare two checkpoints parameter by parameter, exactly, in one streaming pass."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..io.align import Pair, align
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.errors import InputError
+from .engine import DEFAULT_CHUNK, Job, stream
+from .naming import layer_index, module_kind, paper_layer_index
+from .probes import ULP_LABELS, ChunkStats, parse_criterion, probe_chunk
+from .results import DiffResult, Group, TensorDiff
+
+DEFAULT_ATOL = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+DEFAULT_ETA = 1e-3
+
+
+def check_tolerances(atol: Iterable[float | str], what: str = "--atol") -> list[float]:
+    """Parse tolerances; each must be a finite non-negative number."""
+    out = []
+    for t in atol:
+        try:
+            v = float(t)
+        except (TypeError, ValueError):
+            raise InputError(f"{what}: {t!r} is not a number.") from None
+        if not (math.isfinite(v) and v >= 0):
+            raise InputError(f"{what}: {t!r} is not a non-negative number.")
+        out.append(v)
+    if not out:
+        raise InputError(f"{what}: at least one tolerance is needed.")
+    return out
+
+
+def _as_checkpoint(x: str | Checkpoint, cache_dir) -> Checkpoint:
+    return x if isinstance(x, Checkpoint) else open_checkpoint(x, cache_dir=cache_dir)
+
+
+def diff(
+    base: str | Checkpoint,
+    tuned: str | Checkpoint,
+    atol: Sequence[float] = DEFAULT_ATOL,
+    eta: float = DEFAULT_ETA,
+    common_slice: bool = False,
+    threads: int | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    mask_criterion: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    rank: bool = False,
+    rank_rtol: float | None = None,
+) -> DiffResult:
+    """Compare ``tuned`` against ``base`` and return every probe's counts.
+
+    ``changed`` counts elements whose stored bits differ (+0/-0 equal); each tolerance in ``atol`` counts
+    elements with exact |Δ| > tol; the bf16-relative test counts |Δ| > η·max(|w0|,|w1|). With
+    ``mask_criterion`` (``bitwise``, ``atol:X`` or ``bf16rel:η``) the result also carries the packed
+    changed-mask of every tensor (``result.mask_bits``), for ``rlsubnet.masks``.
+    """
+    t0 = time.perf_counter()
+    tols_user = check_tolerances(atol)
+    if not (math.isfinite(eta) and eta >= 0):
+        raise InputError(f"--eta: {eta!r} is not a non-negative number.")
+    crit = None
+    if mask_criterion is not None:
+        try:
+            crit = parse_criterion(mask_criterion)
+        except ValueError:
+            raise InputError(f"--criterion: {mask_criterion!r} is not one of bitwise, atol:TOL, bf16rel:ETA.") from None
+    tols = np.unique(np.array(tols_user, dtype=np.float64))
+    cb, ct = _as_checkpoint(base, cache_dir), _as_checkpoint(tuned, cache_dir)
+    try:
+        pairs, skipped = align(cb, ct, common_slice=common_slice)
+        jobs = [Job(p.name, [(cb, p.name), (ct, p.name)], p.numel, payload=p) for p in pairs]
+        stats: dict[str, ChunkStats] = {p.name: ChunkStats(atol_changed=np.zeros(tols.size, np.int64)) for p in pairs}
+        masks: dict[str, np.ndarray] | None = None
+        if crit is not None:
+            masks = {p.name: np.zeros((p.numel + 7) // 8, np.uint8) for p in pairs}
+
+        def fn(job: Job, start: int, raws: list[np.ndarray]):
+            p: Pair = job.payload
+            st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit)
+            return st, (np.packbits(m, bitorder="little") if m is not None else None)
+
+        for job, start, (st, packed) in stream(jobs, fn, threads=threads, chunk=chunk, desc="diff", progress=progress):
+            stats[job.name].add(st)
+            if packed is not None:
+                masks[job.name][start // 8 : start // 8 + packed.size] = packed
+        result = _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta)
+        result.mask_bits = masks
+        if masks is not None:
+            result.fingerprints = {"base": cb.fingerprint(), "tuned": ct.fingerprint()}
+        if rank:
+            from .rank import rank_pairs
+
+            result.rank = rank_pairs(cb, ct, pairs, rtol=rank_rtol, progress=progress)
+    finally:
+        if not isinstance(base, Checkpoint):
+            cb.close()
+        if not isinstance(tuned, Checkpoint):
+            ct.close()
+    result.elapsed_s = time.perf_counter() - t0
+    return result
+
+
+def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult:
+    pos = {float(t): i for i, t in enumerate(tols)}
+    tensors = []
+    for p in pairs:
+        s = stats[p.name]
+        if s.atol_changed.size == 0:
+            s.atol_changed = np.zeros(tols.size, np.int64)
+        tensors.append(
+            TensorDiff(
+                name=p.name,
+                shape=list(p.shape),
+                dtype=p.a.dtype.torch_name,
+                numel=p.numel,
+                changed=s.changed,
+                atol=[{"atol": t, "changed": int(s.atol_changed[pos[t]])} for t in tols_user],
+                bf16_rel_changed=s.rel_changed,
+                ulp_hist={lab: int(c) for lab, c in zip(ULP_LABELS, s.ulp_hist)},
+                max_abs_delta=s.max_abs if s.nonfinite == 0 else math.inf,
+                l2_delta=math.sqrt(s.sumsq_delta) if s.nonfinite == 0 else math.inf,
+                l2_base=math.sqrt(s.sumsq_base) if math.isfinite(s.sumsq_base) else math.inf,
+                layer=layer_index(p.name),
+                kind=module_kind(p.name),
+                tuned_dtype=p.b.dtype.torch_name,
+                sliced=p.sliced,
+            )
+        )
+    numel = sum(t.numel for t in tensors)
+    changed = sum(t.changed for t in tensors)
+    atol_tot = []
+    for j, t in enumerate(tols_user):
+        c = sum(td.atol[j]["changed"] for td in tensors)
+        atol_tot.append({"atol": t, "changed": c, "sparsity": 1 - c / numel if numel else 1.0})
+    rel = sum(t.bf16_rel_changed for t in tensors)
+    hist = {lab: sum(t.ulp_hist[lab] for t in tensors) for lab in ULP_LABELS}
+    notes = []
+    mixed = sorted({(t.dtype, t.tuned_dtype) for t in tensors if t.dtype != t.tuned_dtype})
+    for a, b in mixed:
+        notes.append(f"tensors stored as {a} in base and {b} in tuned were compared by value after exact widening to float64")
+    paper = [t.changed / t.numel for t in tensors if paper_layer_index(t.name) is not None and t.numel]
+    return DiffResult(
+        base=cb.path,
+        tuned=ct.path,
+        numel=numel,
+        changed=changed,
+        atol=atol_tot,
+        eta=eta,
+        bf16_rel_changed=rel,
+        ulp_hist=hist,
+        tensors=tensors,
+        skipped=[{"name": s.name, "reason": s.reason} for s in skipped],
+        by_layer=group(tensors, lambda t: "-" if t.layer is None else str(t.layer), tols_user),
+        by_module=group(tensors, lambda t: t.kind, tols_user),
+        paper_layerwise_density=float(np.mean(paper)) if paper else None,
+        notes=notes,
+    )
+
+
+def group(tensors: list[TensorDiff], key, tols_user) -> list[Group]:
+    """Pool tensors by ``key(tensor)``; layers sort numerically, the non-layer group last."""
+    buckets: dict[str, list[TensorDiff]] = defaultdict(list)
+    for t in tensors:
+        buckets[key(t)].append(t)
+
+    def order(k: str):
+        return (0, int(k), "") if k.isdigit() else (1, 0, k)
+
+    out = []
+    for k in sorted(buckets, key=order):
+        ts = buckets[k]
+        out.append(
+            Group(
+                key=k,
+                tensors=len(ts),
+                numel=sum(t.numel for t in ts),
+                changed=sum(t.changed for t in ts),
+                atol=[{"atol": tol, "changed": sum(t.atol[j]["changed"] for t in ts)} for j, tol in enumerate(tols_user)],
+                bf16_rel_changed=sum(t.bf16_rel_changed for t in ts),
+            )
+        )
+    return out

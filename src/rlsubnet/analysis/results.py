@@ -1,0 +1,134 @@
+"""Result objects of the diff: plain dataclasses that serialise to the documented JSON contract."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def _sparsity(changed: int, numel: int) -> float:
+    return 1.0 - changed / numel if numel else 1.0
+
+
+@dataclass
+class TensorDiff:
+    """Every probe's numbers for one aligned tensor pair."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    numel: int
+    changed: int
+    atol: list[dict]  # [{"atol": float, "changed": int}]
+    bf16_rel_changed: int
+    ulp_hist: dict[str, int]
+    max_abs_delta: float
+    l2_delta: float
+    l2_base: float
+    layer: int | None
+    kind: str
+    tuned_dtype: str
+    sliced: bool = False
+
+    @property
+    def sparsity(self) -> float:
+        return _sparsity(self.changed, self.numel)
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        return d
+
+
+@dataclass
+class Group:
+    """Pooled numbers over a set of tensors (one layer, or one module kind)."""
+
+    key: str
+    tensors: int
+    numel: int
+    changed: int
+    atol: list[dict]
+    bf16_rel_changed: int
+
+    @property
+    def sparsity(self) -> float:
+        return _sparsity(self.changed, self.numel)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        for a in d["atol"]:
+            a["sparsity"] = _sparsity(a["changed"], self.numel)
+        d["bf16_rel_sparsity"] = _sparsity(self.bf16_rel_changed, self.numel)
+        return d
+
+
+@dataclass
+class DiffResult:
+    """The comparison of two checkpoints (``rlsubnet.diff``). ``to_json()`` gives the CLI's ``--json``."""
+
+    base: str
+    tuned: str
+    numel: int
+    changed: int
+    atol: list[dict]  # [{"atol", "changed", "sparsity"}]
+    eta: float
+    bf16_rel_changed: int
+    ulp_hist: dict[str, int]
+    tensors: list[TensorDiff]
+    skipped: list[dict]
+    by_layer: list[Group] = field(default_factory=list)
+    by_module: list[Group] = field(default_factory=list)
+    paper_layerwise_density: float | None = None
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    rank: Any = None  # a RankResult when requested
+    mask_bits: dict | None = field(default=None, repr=False)  # name -> packed uint8 bits (--mask-out)
+    fingerprints: dict | None = None  # {"base": str, "tuned": str} when a mask was collected
+
+    @property
+    def sparsity(self) -> float:
+        return _sparsity(self.changed, self.numel)
+
+    @property
+    def bf16_rel_sparsity(self) -> float:
+        return _sparsity(self.bf16_rel_changed, self.numel)
+
+    def atol_sparsity(self, tol: float) -> float:
+        for a in self.atol:
+            if a["atol"] == tol:
+                return a["sparsity"]
+        raise KeyError(tol)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {
+            "base": self.base,
+            "tuned": self.tuned,
+            "summary": {
+                "numel": self.numel,
+                "changed": self.changed,
+                "sparsity": self.sparsity,
+                "atol": [dict(a) for a in self.atol],
+                "bf16_rel": {"eta": self.eta, "changed": self.bf16_rel_changed, "sparsity": self.bf16_rel_sparsity},
+                "ulp_hist": dict(self.ulp_hist),
+                "paper_layerwise_density": self.paper_layerwise_density,
+            },
+            "tensors": [t.to_dict() for t in self.tensors],
+            "skipped": list(self.skipped),
+            "by_layer": [g.to_dict() for g in self.by_layer],
+            "by_module": [g.to_dict() for g in self.by_module],
+            "notes": list(self.notes),
+            "elapsed_s": self.elapsed_s,
+        }
+        if self.rank is not None:
+            out["rank"] = self.rank.to_dict()
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)

@@ -1,0 +1,245 @@
+"""The ``rlsubnet`` command: a thin face over every layer (parsing and wiring only)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from .io.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="What did this finetuning run change, and how? (arXiv 2505.11711)")
+err = Console(stderr=True)
+
+
+def clean_errors(fn: Callable) -> Callable:
+    """Turn a user's mistake into one sentence on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            err.print(f"[red]error:[/red] {e.message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/red]: nothing was written.")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def split_floats(values: Optional[List[str]], what: str) -> Optional[List[str]]:
+    """Accept ``--atol 1e-5 --atol 1e-4`` and ``--atol 1e-5,1e-4``."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        out += [x for x in v.replace(" ", ",").split(",") if x]
+    return out
+
+
+def _out_console(json_to_stdout: bool) -> Console:
+    return Console(stderr=True) if json_to_stdout else Console()
+
+
+@app.command()
+@clean_errors
+def diff(
+    base: str = typer.Argument(..., help="base checkpoint: folder, file, index, or org/name in the HF cache"),
+    tuned: str = typer.Argument(..., help="finetuned checkpoint of the same model"),
+    atol: Optional[List[str]] = typer.Option(None, "--atol", help="absolute tolerances (repeat or comma-separate); default 0,1e-8,1e-7,1e-6,1e-5,1e-4"),
+    eta: float = typer.Option(1e-3, "--eta", help="η of the bf16-relative test |Δ| ≤ η·max(|w0|,|w1|)"),
+    by: str = typer.Option("module", "--by", help="table rows: tensor, layer or module"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON result to PATH (- for stdout)"),
+    csv_out: Optional[str] = typer.Option(None, "--csv", help="write the --by table as CSV"),
+    md_out: Optional[str] = typer.Option(None, "--markdown", help="write a Markdown summary"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="write PNG plots into DIR"),
+    common_slice: bool = typer.Option(False, "--common-slice", help="compare the shared leading rows of tensors whose first dimension differs"),
+    mask_out: Optional[str] = typer.Option(None, "--mask-out", help="also write the changed-mask (rlsubnet-mask/1) to MASK"),
+    criterion: str = typer.Option("bitwise", "--criterion", help="mask criterion: bitwise | atol:TOL | bf16rel:ETA"),
+    rank: bool = typer.Option(False, "--rank", help="also compute the rank of every update matrix"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="worker threads (default: CPU count)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no table, no progress bar"),
+) -> None:
+    """Compare two checkpoints parameter by parameter: which elements changed, by every criterion."""
+    from .analysis import diff as run_diff
+    from .report.diff_report import diff_csv, diff_markdown, diff_plots, print_diff, write_json_to
+
+    if by not in ("tensor", "layer", "module"):
+        raise InputError(f"--by: {by!r} is not one of tensor, layer, module.")
+    tols = split_floats(atol, "--atol")
+    kwargs = {} if tols is None else {"atol": tols}
+    result = run_diff(base, tuned, eta=eta, common_slice=common_slice, threads=threads, cache_dir=cache_dir,
+                      mask_criterion=criterion if mask_out else None, progress=not quiet, rank=rank, **kwargs)
+    con = _out_console(json_out == "-")
+    if not quiet:
+        print_diff(result, by=by, console=con)
+        if result.rank is not None:
+            from .report.rank_report import print_rank
+
+            print_rank(result.rank, console=con)
+    if json_out:
+        write_json_to(result.to_json(), json_out)
+    if csv_out:
+        from .io.atomic import write_text
+
+        write_text(csv_out, diff_csv(result, by))
+    if md_out:
+        from .io.atomic import write_text
+
+        write_text(md_out, diff_markdown(result, by))
+    if plot:
+        for p in diff_plots(result, plot):
+            con.print(f"wrote {p}")
+        if result.rank is not None:
+            from .report.rank_report import rank_plot
+
+            con.print(f"wrote {rank_plot(result.rank, plot)}")
+    if mask_out:
+        from .masks import Subnetwork
+
+        sub = Subnetwork.from_diff(result, criterion=criterion)
+        sub.save(mask_out)
+        con.print(f"wrote mask {mask_out} (density {sub.density():.4%})")
+
+
+@app.command()
+@clean_errors
+def mask(
+    base: str = typer.Argument(..., help="base checkpoint (θ_init)"),
+    tuned: str = typer.Argument(..., help="finetuned checkpoint"),
+    out: str = typer.Option(..., "-o", "--out", help="mask file to write (rlsubnet-mask/1)"),
+    criterion: str = typer.Option("bitwise", "--criterion", help="bitwise | atol:TOL | bf16rel:ETA"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write the set of updated parameters (the subnetwork of Conjecture 1) as a mask file."""
+    from .masks import Subnetwork
+
+    sub = Subnetwork.from_checkpoints(base, tuned, criterion=criterion, threads=threads, cache_dir=cache_dir, progress=not quiet)
+    sub.save(out)
+    Console().print(f"wrote {out}: {sub.count():,} of {sub.numel():,} parameters ({sub.density():.4%}) by criterion {criterion}")
+
+
+@app.command()
+@clean_errors
+def overlap(
+    masks: List[str] = typer.Argument(..., help="two or more mask files"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write JSON to PATH (- for stdout)"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="write PNG plots into DIR"),
+) -> None:
+    """Overlap of subnetworks against chance: o1/o2, Jaccard, z-score; consensus for 3+ masks."""
+    from .masks import overlap as run_overlap
+    from .report.diff_report import write_json_to
+    from .report.mask_report import print_overlap
+
+    if len(masks) < 2:
+        raise InputError("overlap: give at least two mask files.")
+    r = run_overlap(masks)
+    print_overlap(r, _out_console(json_out == "-"))
+    if json_out:
+        write_json_to(r.to_json(), json_out)
+    if plot:
+        from .report.plots import bar_chart
+
+        labels = [f"{p.a}-{p.b}" for p in r.pairs]
+        bar_chart(Path(plot) / "overlap.png", labels, [], "Overlap against random", "mask pair", "fraction",
+                  groups={"o1": [p.o1 for p in r.pairs], "o1 random": [p.o1_random for p in r.pairs],
+                          "Jaccard": [p.jaccard for p in r.pairs], "Jaccard random": [p.jaccard_random for p in r.pairs]})
+
+
+@app.command()
+@clean_errors
+def closeness(
+    init: str = typer.Argument(..., help="the common initial checkpoint"),
+    a: str = typer.Argument(..., help="first finetuned checkpoint (e.g. θ_full)"),
+    b: str = typer.Argument(..., help="second finetuned checkpoint (e.g. θ_sub)"),
+    mask_path: Optional[str] = typer.Option(None, "--mask", help="also report inside/outside this mask"),
+    atol: Optional[List[str]] = typer.Option(None, "--atol", help="tolerances; default 0,1e-8,1e-7,1e-6,1e-5,1e-4"),
+    json_out: Optional[str] = typer.Option(None, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """How close two models finetuned from one init are: fraction equal at each tolerance."""
+    from .masks import closeness as run
+    from .report.diff_report import write_json_to
+    from .report.mask_report import print_closeness
+
+    tols = split_floats(atol, "--atol")
+    kw = {} if tols is None else {"atol": tols}
+    r = run(init, a, b, mask=mask_path, progress=not quiet, **kw)
+    print_closeness(r, _out_console(json_out == "-"))
+    if json_out:
+        write_json_to(r.to_json(), json_out)
+
+
+@app.command()
+@clean_errors
+def rank(
+    base: str = typer.Argument(...),
+    tuned: str = typer.Argument(...),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="relative singular-value threshold (default max(m,n)·eps)"),
+    precision: str = typer.Option("float32", "--precision", help="float32 or float64"),
+    json_out: Optional[str] = typer.Option(None, "--json"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="write the per-layer plot into DIR"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Rank, stable rank and effective rank of every 2-D update matrix (the paper's Table 2)."""
+    from .analysis import rank as run
+    from .report.diff_report import write_json_to
+    from .report.rank_report import print_rank, rank_plot
+
+    r = run(base, tuned, rtol=rtol, precision=precision, cache_dir=cache_dir, progress=not quiet)
+    print_rank(r, _out_console(json_out == "-"))
+    if json_out:
+        write_json_to(r.to_json(), json_out)
+    if plot:
+        rank_plot(r, plot)
+
+
+@app.command("verify-frozen")
+@clean_errors
+def verify_frozen(
+    init: str = typer.Argument(..., help="checkpoint training started from"),
+    trained: str = typer.Argument(..., help="checkpoint after masked training"),
+    mask_path: str = typer.Argument(..., help="the mask that was trained"),
+    json_out: Optional[str] = typer.Option(None, "--json"),
+) -> None:
+    """Check a finished masked run from its files: frozen entries must be bit-identical (exit 1 if not)."""
+    from .masks import changes_by_mask
+    from .report.diff_report import write_json_to
+    from .report.mask_report import print_frozen
+
+    r = changes_by_mask(init, trained, mask_path)
+    print_frozen(r, _out_console(json_out == "-"))
+    if json_out:
+        write_json_to(r.to_json(), json_out)
+    if not r.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def demo(
+    out: str = typer.Option("demo-out", "--out", help="output folder"),
+) -> None:
+    """Build a small Llama-style base and finetuned pair and diff them (the built-in default job)."""
+    from .study.demo import run_demo
+
+    run_demo(out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,142 @@
+"""Overlap of subnetworks against chance (the paper's Table 4, and the Jaccard view of arXiv 2511.08567).
+
+For masks A and B over the same N parameters with |A| = a, |B| = b and |A∩B| = x:
+
+- one-sided overlaps o1 = x/a and o2 = x/b, with random baselines o1_random = b/N (the density of the
+  *other* mask) and o2_random = a/N; the identity o1·a = o2·b holds exactly;
+- Jaccard x/|A∪B| with the Bernoulli baseline pq/(p+q−pq), p = a/N, q = b/N;
+- a z-score of x against placing the same numbers of ones uniformly at random (hypergeometric:
+  mean ab/N, variance ab(N−a)(N−b)/(N²(N−1))), and the ratio x/(ab/N) (= o1/o1_random = o2/o2_random).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..analysis.naming import layer_index, module_kind
+from .subnetwork import Subnetwork, popcount
+
+
+def overlap_stats(x: int, a: int, b: int, n: int) -> dict:
+    """All overlap numbers from the intersection size and the two mask sizes."""
+    p, q = (a / n, b / n) if n else (0.0, 0.0)
+    union = a + b - x
+    mean = a * b / n if n else 0.0
+    var = a * b * (n - a) * (n - b) / (n * n * (n - 1)) if n > 1 else 0.0
+    jr_den = p + q - p * q
+    return {
+        "intersection": x,
+        "count_a": a,
+        "count_b": b,
+        "numel": n,
+        "o1": x / a if a else 0.0,
+        "o2": x / b if b else 0.0,
+        "o1_random": q,
+        "o2_random": p,
+        "jaccard": x / union if union else 0.0,
+        "jaccard_random": p * q / jr_den if jr_den else 0.0,
+        "ratio": x / mean if mean else float("nan"),
+        "z": (x - mean) / math.sqrt(var) if var > 0 else 0.0,
+    }
+
+
+@dataclass
+class PairOverlap:
+    a: int
+    b: int
+    o1: float
+    o2: float
+    o1_random: float
+    o2_random: float
+    jaccard: float
+    jaccard_random: float
+    intersection: int
+    count_a: int
+    count_b: int
+    numel: int
+    ratio: float
+    z: float
+    per_tensor: list[dict] = field(default_factory=list)
+    per_kind: list[dict] = field(default_factory=list)
+
+    @property
+    def above_chance(self) -> bool:
+        return self.z > 3
+
+
+@dataclass
+class OverlapResult:
+    masks: list[dict]  # [{"path", "density"}]
+    pairs: list[PairOverlap]
+    consensus: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"masks": self.masks, "pairs": [asdict(p) for p in self.pairs], "consensus": self.consensus}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def pair_overlap(A: Subnetwork, B: Subnetwork, ia: int = 0, ib: int = 1) -> PairOverlap:
+    A._check_same(B, "compare")
+    per_tensor = []
+    kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    X = Ca = Cb = N = 0
+    for name in A.names:
+        pa, pb = A.packed(name), B.packed(name)
+        x, a, b, n = popcount(pa & pb), A.count(name), B.count(name), A.numel(name)
+        s = overlap_stats(x, a, b, n)
+        s["name"] = name
+        per_tensor.append(s)
+        k = kinds[module_kind(name)]
+        k[0] += x; k[1] += a; k[2] += b; k[3] += n  # noqa: E702
+        X += x; Ca += a; Cb += b; N += n  # noqa: E702
+    g = overlap_stats(X, Ca, Cb, N)
+    per_kind = [dict(overlap_stats(*v), kind=k) for k, v in sorted(kinds.items())]
+    return PairOverlap(a=ia, b=ib, per_tensor=per_tensor, per_kind=per_kind,
+                       **{k: g[k] for k in ("o1", "o2", "o1_random", "o2_random", "jaccard", "jaccard_random",
+                                             "intersection", "count_a", "count_b", "numel", "ratio", "z")})
+
+
+def consensus(masks: list[Subnetwork], chunk: int = 1 << 22) -> dict:
+    """For R masks: how many masks hold each parameter, as a histogram (0..R), globally and per layer."""
+    R = len(masks)
+    total = np.zeros(R + 1, np.int64)
+    per_layer: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(R + 1, np.int64))
+    for name in masks[0].names:
+        n = masks[0].numel(name)
+        L = layer_index(name)
+        key = "-" if L is None else str(L)
+        for s in range(0, n, chunk):
+            c = min(chunk, n - s)
+            cnt = np.zeros(c, np.uint8)
+            for m in masks:
+                cnt += m.bits(name, s, c)
+            h = np.bincount(cnt, minlength=R + 1)
+            total += h
+            per_layer[key] += h
+
+    def summ(h: np.ndarray) -> dict:
+        updated = int(h[1:].sum())
+        mean_c = float((np.arange(R + 1) * h).sum() / (R * updated)) if updated else 0.0
+        return {"hist": h.tolist(), "updated_by_any": updated, "updated_by_all": int(h[R]),
+                "mean_consensus_of_updated": mean_c}
+
+    order = sorted(per_layer, key=lambda k: (0, int(k)) if k.isdigit() else (1, 0))
+    return {"runs": R, "global": summ(total), "per_layer": [dict(summ(per_layer[k]), layer=k) for k in order]}
+
+
+def overlap(paths_or_masks: list, consensus_for: int = 3) -> OverlapResult:
+    """Pairwise overlaps of every pair of masks, plus consensus when there are ``consensus_for`` or more."""
+    masks = [m if isinstance(m, Subnetwork) else Subnetwork.load(m) for m in paths_or_masks]
+    for m in masks[1:]:
+        masks[0]._check_same(m, "compare")
+    pairs = [pair_overlap(masks[i], masks[j], i, j) for i in range(len(masks)) for j in range(i + 1, len(masks))]
+    info = [{"path": m.path or f"mask{i}", "density": m.density()} for i, m in enumerate(masks)]
+    cons = consensus(masks) if len(masks) >= consensus_for else None
+    return OverlapResult(info, pairs, cons)

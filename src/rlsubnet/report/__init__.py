@@ -1,0 +1,1 @@
+"""Rendering result objects: terminal tables, JSON, CSV, Markdown, PNG plots and the HTML report."""

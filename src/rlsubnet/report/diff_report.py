@@ -1,0 +1,142 @@
+"""Rendering a :class:`~rlsubnet.analysis.results.DiffResult`: terminal, CSV, Markdown and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..analysis.results import DiffResult, Group
+from ..io.atomic import write_text, write_with
+from .fmt import num, pct, sci, tol
+
+
+def _rows(result: DiffResult, by: str) -> list[dict]:
+    """One row per tensor, layer or module kind, with sparsity at every criterion."""
+    if by == "tensor":
+        items = [(t.name, t.numel, t.changed, t.atol, t.bf16_rel_changed) for t in result.tensors]
+    else:
+        groups: list[Group] = result.by_layer if by == "layer" else result.by_module
+        items = [(g.key, g.numel, g.changed, g.atol, g.bf16_rel_changed) for g in groups]
+    rows = []
+    for key, numel, changed, atol, rel in items:
+        row = {by: key, "numel": numel, "changed": changed, "sparsity": 1 - changed / numel if numel else 1.0}
+        for a in atol:
+            row[f"sparsity@{a['atol']:g}"] = 1 - a["changed"] / numel if numel else 1.0
+        row["bf16_rel_sparsity"] = 1 - rel / numel if numel else 1.0
+        rows.append(row)
+    return rows
+
+
+def print_diff(result: DiffResult, by: str = "module", console: Console | None = None, limit: int = 60) -> None:
+    """The readable summary: headline, tolerance sweep, grouped table, ULP histogram, skipped tensors."""
+    con = console or Console()
+    con.print(f"[bold]rlsubnet diff[/bold]  base={result.base}  tuned={result.tuned}")
+    head = Table(title="Update sparsity (1 − changed/numel, pooled over all parameters)", show_lines=False)
+    head.add_column("criterion")
+    head.add_column("changed", justify="right")
+    head.add_column("sparsity", justify="right")
+    head.add_row("bits identical", num(result.changed), pct(result.sparsity))
+    for a in result.atol:
+        head.add_row(f"|Δ| ≤ {tol(a['atol'])}", num(a["changed"]), pct(a["sparsity"]))
+    head.add_row(f"bf16-relative η={result.eta:g}", num(result.bf16_rel_changed), pct(result.bf16_rel_sparsity))
+    con.print(head)
+    con.print(f"parameters compared: {num(result.numel)} in {len(result.tensors)} tensors"
+              + (f"; paper's layer-wise mean density: {pct(result.paper_layerwise_density)}" if result.paper_layerwise_density is not None else ""))
+    rows = _rows(result, by)
+    t = Table(title=f"By {by}")
+    cols = [by, "numel", "sparsity"] + [k for k in rows[0] if k.startswith("sparsity@")] + ["bf16_rel_sparsity"]
+    for c in cols:
+        t.add_column(c.replace("sparsity@", "|Δ|≤").replace("bf16_rel_sparsity", "bf16-rel"), justify="left" if c == by else "right")
+    for r in rows[:limit]:
+        t.add_row(*[str(r[c]) if c == by else num(r[c]) if c == "numel" else pct(r[c]) for c in cols])
+    if len(rows) > limit:
+        t.caption = f"{len(rows) - limit} more rows in --csv/--json"
+    con.print(t)
+    h = Table(title="|Δ| in ULPs of the base value (storage dtype)")
+    h.add_column("ULPs")
+    h.add_column("elements", justify="right")
+    h.add_column("share of changed", justify="right")
+    ch = max(result.changed, 1)
+    for lab, c in result.ulp_hist.items():
+        if lab != "0" and c:
+            h.add_row(lab, num(c), pct(c / ch))
+    con.print(h)
+    for s in result.skipped:
+        con.print(f"[yellow]skipped[/yellow] {s['name']}: {s['reason']}")
+    for n in result.notes:
+        con.print(f"[cyan]note[/cyan] {n}")
+    con.print(f"[dim]{result.elapsed_s:.2f} s[/dim]")
+
+
+def write_json_to(text: str, dest: str) -> None:
+    """Write JSON text to a path atomically, or to stdout for ``-``."""
+    if dest == "-":
+        import sys
+
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    else:
+        write_text(dest, text + "\n")
+
+
+def diff_csv(result: DiffResult, by: str = "tensor") -> str:
+    rows = _rows(result, by)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def diff_markdown(result: DiffResult, by: str = "module") -> str:
+    lines = [f"# rlsubnet diff", "", f"- base: `{result.base}`", f"- tuned: `{result.tuned}`",
+             f"- parameters compared: {num(result.numel)} in {len(result.tensors)} tensors", "",
+             "| criterion | changed | sparsity |", "|---|---:|---:|",
+             f"| bits identical | {num(result.changed)} | {pct(result.sparsity)} |"]
+    for a in result.atol:
+        lines.append(f"| \\|Δ\\| ≤ {tol(a['atol'])} | {num(a['changed'])} | {pct(a['sparsity'])} |")
+    lines.append(f"| bf16-relative η={result.eta:g} | {num(result.bf16_rel_changed)} | {pct(result.bf16_rel_sparsity)} |")
+    rows = _rows(result, by)
+    cols = list(rows[0])
+    lines += ["", f"## By {by}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) if c in (by, "numel", "changed") else pct(r[c]) for c in cols) + " |")
+    if result.skipped:
+        lines += ["", "## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in result.skipped]
+    return "\n".join(lines) + "\n"
+
+
+def diff_plots(result: DiffResult, out_dir: str | os.PathLike) -> list[Path]:
+    """Heatmap of sparsity per layer × module kind, the tolerance sweep, and the ULP histogram."""
+    from .plots import bar_chart, heatmap, line_chart
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    layers = sorted({t.layer for t in result.tensors if t.layer is not None})
+    kinds = [k for k in ("q", "k", "v", "qkv", "o", "gate", "up", "down", "norm", "other") if any(t.kind == k and t.layer is not None for t in result.tensors)]
+    if layers and kinds:
+        grid = []
+        for L in layers:
+            row = []
+            for k in kinds:
+                ts = [t for t in result.tensors if t.layer == L and t.kind == k]
+                n = sum(t.numel for t in ts)
+                row.append(1 - sum(t.changed for t in ts) / n if n else float("nan"))
+            grid.append(row)
+        written.append(heatmap(out / "sparsity_heatmap.png", grid, [str(L) for L in layers], kinds,
+                               "Update sparsity (bits identical) per layer × module", "module kind", "layer"))
+    xs = [a["atol"] for a in result.atol]
+    written.append(line_chart(out / "tolerance_sweep.png", [max(x, 1e-12) for x in xs],
+                              {"|Δ| ≤ tol": [a["sparsity"] for a in result.atol]},
+                              "Sparsity vs absolute tolerance (0 plotted at 1e-12)", "tolerance", "sparsity", logx=True,
+                              hlines={"bf16-relative": result.bf16_rel_sparsity}))
+    labs = [k for k in result.ulp_hist if k != "0"]
+    written.append(bar_chart(out / "ulp_histogram.png", labs, [result.ulp_hist[k] for k in labs],
+                             "Changed elements by |Δ| in ULPs of the base value", "ULPs", "elements"))
+    return written

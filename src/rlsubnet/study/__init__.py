@@ -1,0 +1,1 @@
+"""The paper's experiments as pipelines (RQ1-RQ5), each producing result objects."""

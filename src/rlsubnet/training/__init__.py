@@ -1,0 +1,1 @@
+"""Training only a subnetwork: masked optimizers, TRL recipes, tasks and tracking."""

@@ -1,0 +1,36 @@
+"""Tiny Llama-style models built from a seed: the demo's and the tests' own checkpoints (no download)."""
+
+from __future__ import annotations
+
+import os
+
+
+def tiny_llama_config(vocab: int = 256, hidden: int = 64, layers: int = 4, heads: int = 4, inter: int = 128, tie: bool = False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
+        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def build_tiny_llama(seed: int = 0, dtype: str = "bfloat16", **cfg):
+    """A randomly initialised LlamaForCausalLM (deterministic for a seed)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**cfg))
+    return model.to(getattr(torch, dtype))
+
+
+def save_model(model, path: str | os.PathLike, tokenizer=None) -> str:
+    """``save_pretrained`` into a fresh folder, atomically."""
+    from ..io.atomic import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return str(path)
