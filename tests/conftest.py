@@ -1,0 +1,75 @@
+"""Shared helpers: tests build their own tiny checkpoints with known, planted differences."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def save_folder(path: Path, tensors: dict, config: dict | None = None, shards: int = 1, fmt: str = "safetensors") -> Path:
+    """Write ``tensors`` as a checkpoint folder: one file or an index with ``shards`` shards."""
+    path.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    base = "model" if fmt == "safetensors" else "pytorch_model"
+    if shards == 1:
+        f = path / f"{base}.{ext}"
+        _write(f, {n: tensors[n] for n in names}, fmt)
+        return path
+    wm = {}
+    per = (len(names) + shards - 1) // shards
+    for i in range(shards):
+        part = names[i * per : (i + 1) * per]
+        fname = f"{base}-{i + 1:05d}-of-{shards:05d}.{ext}"
+        _write(path / fname, {n: tensors[n] for n in part}, fmt)
+        wm.update({n: fname for n in part})
+    (path / f"{base}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return path
+
+
+def _write(f: Path, tensors: dict, fmt: str) -> None:
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(f))
+    else:
+        torch.save(tensors, str(f))
+
+
+def bits_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def bump_ulps(t: torch.Tensor, idx: torch.Tensor, ulps: int) -> None:
+    """Move the elements at flat ``idx`` by ``ulps`` units in the last place (bit pattern + ulps)."""
+    b = bits_view(t).view(-1)
+    b[idx] += ulps
+
+
+def reference_counts(a: torch.Tensor, b: torch.Tensor, tols, eta=1e-3):
+    """Brute force over whole tensors in float64: the independent truth the engine must match."""
+    ab, bb = bits_view(a).view(-1).numpy(), bits_view(b).view(-1).numpy()
+    fa = a.double().view(-1).numpy()
+    fb = b.double().view(-1).numpy()
+    if a.dtype == b.dtype:
+        changed = int(np.count_nonzero((ab != bb) & ~((fa == 0) & (fb == 0))))
+    else:
+        changed = int(np.count_nonzero((fa != fb) & ~(np.isnan(fa) & np.isnan(fb))))
+    d = np.abs(fb - fa)
+    atol = [int(np.count_nonzero(~(d <= t))) for t in tols]  # finite inputs only
+    rel = int(np.count_nonzero(~(d <= eta * np.maximum(np.abs(fa), np.abs(fb)))))
+    return changed, atol, rel
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
