@@ -64,7 +64,7 @@ def diff(
     mask_out: Optional[str] = typer.Option(None, "--mask-out", help="also write the changed-mask (rlsubnet-mask/1) to MASK"),
     criterion: str = typer.Option("bitwise", "--criterion", help="mask criterion: bitwise | atol:TOL | bf16rel:ETA"),
     rank: bool = typer.Option(False, "--rank", help="also compute the rank of every update matrix"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="worker threads (default: CPU count)"),
+    threads: Optional[int] = typer.Option(None, "--workers", "--threads", help="parallel workers (default: CPU count)"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no table, no progress bar"),
 ) -> None:
@@ -117,7 +117,7 @@ def mask(
     tuned: str = typer.Argument(..., help="finetuned checkpoint"),
     out: str = typer.Option(..., "-o", "--out", help="mask file to write (rlsubnet-mask/1)"),
     criterion: str = typer.Option("bitwise", "--criterion", help="bitwise | atol:TOL | bf16rel:ETA"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    threads: Optional[int] = typer.Option(None, "--workers", "--threads", help="parallel workers (default: CPU count)"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:

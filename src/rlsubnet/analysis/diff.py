@@ -12,7 +12,7 @@ import numpy as np
 from ..io.align import Pair, align
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.errors import InputError
-from .engine import DEFAULT_CHUNK, Job, stream
+from .engine import DEFAULT_CHUNK, Job, map_chunks
 from .naming import layer_index, module_kind, paper_layer_index
 from .probes import ULP_LABELS, ChunkStats, parse_criterion, probe_chunk
 from .results import DiffResult, Group, TensorDiff
@@ -87,10 +87,13 @@ def diff(
             st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit)
             return st, (np.packbits(m, bitorder="little") if m is not None else None)
 
-        for job, start, (st, packed) in stream(jobs, fn, threads=threads, chunk=chunk, desc="diff", progress=progress):
-            stats[job.name].add(st)
-            if packed is not None:
-                masks[job.name][start // 8 : start // 8 + packed.size] = packed
+        for job, results in map_chunks(jobs, fn, workers=threads, chunk=chunk, desc="diff", progress=progress):
+            pos8 = 0
+            for st, packed in results:
+                stats[job.name].add(st)
+                if packed is not None:
+                    masks[job.name][pos8 : pos8 + packed.size] = packed
+                    pos8 += packed.size
         result = _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta)
         result.mask_bits = masks
         if masks is not None:

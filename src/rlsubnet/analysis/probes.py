@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..io.dtypes import DType, is_zero_bits, ulp_exponent, widen, widen32
+from ..io.dtypes import DType, dot, is_zero_bits, sumsq, ulp_exponent, widen, widen32
 
 # Buckets of |Δ| / ULP(w0): "0" (unchanged), "<1", "1" = [1,2), "2" = [2,3), "3-4" = [3,5), ...
 ULP_EDGES = np.array([1, 2, 3, 5, 9, 17, 33, 65, 129, 257], dtype=np.float64)
@@ -118,6 +118,76 @@ def rel_changed_mask(absd: np.ndarray, fa: np.ndarray, fb: np.ndarray, eta: floa
     return changed
 
 
+def _round_down_f32(t: float) -> np.float32:
+    """The largest float32 not above ``t``: for any float32 x, x > t ⟺ x > result."""
+    f = np.float32(t)
+    return f if float(f) <= t else np.nextafter(f, np.float32(-np.inf))
+
+
+# Exponent-field mask and shift, the largest exponent gap for which the float32 difference of two values
+# of the format is exact (24-bit float32 significand minus the format's), and the smallest exponent field
+# for which 2^-(ULP exponent) is a normal float32.
+_FAST16 = {"BF16": (0x7F80, 7, 16, 9), "F16": (0x7C00, 10, 13, 0)}
+
+
+def _fast16(sa, sb, dt: DType, tols32, eta, st: ChunkStats):
+    """Probes for changed elements of a bf16/fp16 pair whose float32 difference is exact.
+
+    Returns (fast, relm): ``fast`` selects the elements handled here (the caller sends the rest to the
+    float64 path: exponents too far apart, or tiny subnormal-range values); ``relm`` is the
+    bf16-relative changed mask of those elements.
+    """
+    emask, shift, gap, emin = _FAST16[dt.name]
+    ea = sa & np.uint16(emask)
+    eb = sb & np.uint16(emask)
+    d = (ea.view(np.int16) - eb.view(np.int16)).view(np.int16)
+    fast = (np.abs(d) <= (gap << shift)) & (ea >= np.uint16(emin << shift))
+    allx = bool(fast.all())
+    if not allx:
+        sa, sb, ea = sa[fast], sb[fast], ea[fast]
+    fa, fb = widen32(sa, dt), widen32(sb, dt)
+    absd = np.abs(fb - fa)  # exact in float32
+    n = absd.size
+    finite = np.isfinite(absd)
+    nf = n - int(np.count_nonzero(finite))
+    nan = int(np.count_nonzero(absd != absd))
+    for j, t32 in enumerate(tols32):
+        st.atol_changed[j] += int(np.count_nonzero(absd > t32)) + nan
+    # bf16-relative |Δ| > η·max(|w0|,|w1|): decided on the float32 quotient outside a one-ULP band
+    # around η, and exactly inside it
+    m = np.maximum(np.abs(fa), np.abs(fb))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        q = absd / m
+    lo = _round_down_f32(eta)
+    hi = np.nextafter(lo, np.float32(np.inf))
+    relm = (q > hi) | ~np.isfinite(q)
+    for i in np.flatnonzero((q >= lo) & (q <= hi)):
+        relm[i] = _exact_absdiff(float(fa[i]), float(fb[i])) > Fraction(eta) * Fraction(float(m[i]))
+    st.rel_changed += int(np.count_nonzero(relm))
+    # |Δ| in ULPs of the base value: |Δ| · 2^-(ulp exponent), the power of two built from bits
+    ue = (ea >> np.uint16(shift)).astype(np.int32) - (dt.exponent_bias + dt.mantissa_bits)
+    if dt.name == "F16":
+        ue = np.maximum(ue, 1 - dt.exponent_bias - dt.mantissa_bits)
+    scale = ((127 - ue) << 23).view(np.float32)
+    ad = absd if nf == 0 else np.where(finite, absd, np.float32(0))
+    r = ad * scale
+    ge = [int(np.count_nonzero(r >= e)) for e in _ULP_EDGES32]
+    hist = st.ulp_hist
+    hist[1] += n - nf - ge[0]
+    for j in range(len(ULP_EDGES) - 1):
+        hist[2 + j] += ge[j] - ge[j + 1]
+    hist[len(ULP_EDGES) + 1] += ge[-1]
+    hist[-1] += nf  # non-finite elements have r = 0 above, so they are in no other bucket
+    if n:
+        st.max_abs = max(st.max_abs, float(ad.max()))
+        st.sumsq_delta += dot(ad.astype(np.float64))
+    st.nonfinite += nf
+    return fast, relm
+
+
+_ULP_EDGES32 = ULP_EDGES.astype(np.float32)
+
+
 def probe_chunk(
     ra: np.ndarray,
     rb: np.ndarray,
@@ -134,38 +204,37 @@ def probe_chunk(
     """
     st = ChunkStats(numel=int(ra.size), atol_changed=np.zeros(tols.size, np.int64))
     if base_norm:
-        x = widen32(ra, da)
         with np.errstate(over="ignore", invalid="ignore"):
-            st.sumsq_base = float(np.dot(x, x))
+            st.sumsq_base = sumsq(ra, da)
+    mask = np.zeros(ra.size, dtype=bool) if mask_criterion is not None else None
+    if da.name == db.name and da.name in _FAST16 and (mask_criterion is None or mask_criterion[0] == "bitwise"):
+        idx = np.flatnonzero(ra != rb)
+        if idx.size:
+            sa, sb = ra[idx], rb[idx]
+            zero = ((sa | sb) & np.uint16(0x7FFF)) == 0
+            if zero.any():
+                keep = ~zero
+                idx, sa, sb = idx[keep], sa[keep], sb[keep]
+        n = idx.size
+        st.changed = int(n)
+        st.ulp_hist[0] = st.numel - n
+        if mask is not None:
+            mask[idx] = True
+        if n == 0:
+            return st, mask
+        tols32 = [_round_down_f32(float(t)) for t in tols]
+        exact, _ = _fast16(sa, sb, da, tols32, eta, st)
+        if not exact.all():  # rare: exponents too far apart for an exact float32 difference
+            rest = ~exact
+            _slow(widen(sa[rest], da), widen(sb[rest], db), sa[rest], da, tols, eta, st)
+        return st, mask
     idx, fa, fb = differing(ra, rb, da, db)
     n = idx.size
     st.changed = int(n)
     st.ulp_hist[0] = st.numel - n
-    mask = None
-    if mask_criterion is not None:
-        mask = np.zeros(ra.size, dtype=bool)
     if n == 0:
         return st, mask
-    with np.errstate(invalid="ignore", over="ignore"):
-        absd = np.abs(fb - fa)
-    finite = np.isfinite(absd)
-    st.nonfinite = int(n - np.count_nonzero(finite))
-    k = atol_exceed(absd, fa, fb, tols)
-    bc = np.bincount(k, minlength=tols.size + 1)
-    st.atol_changed = np.cumsum(bc[::-1])[::-1][1:].astype(np.int64)  # count(k > j) for each j
-    relm = rel_changed_mask(absd, fa, fb, eta)
-    st.rel_changed = int(np.count_nonzero(relm))
-    # ULP histogram, in units of the ULP of the base value in its storage dtype
-    sa = ra[idx]
-    r = np.ldexp(np.where(finite, absd, 0.0), -ulp_exponent(sa, da).astype(np.int32))
-    buckets = np.searchsorted(ULP_EDGES, r, side="right") + 1
-    buckets[~finite] = len(ULP_LABELS) - 1
-    st.ulp_hist += np.bincount(buckets, minlength=len(ULP_LABELS))
-    st.ulp_hist[0] = st.numel - n
-    if finite.any():
-        af = absd[finite]
-        st.max_abs = float(af.max())
-        st.sumsq_delta = float(np.dot(af, af))
+    k, relm, absd = _slow(fa, fb, ra[idx], da, tols, eta, st)
     if mask is not None:
         kind, val = mask_criterion
         if kind == "bitwise":
@@ -179,3 +248,26 @@ def probe_chunk(
         else:
             mask[idx[relm if val == eta else rel_changed_mask(absd, fa, fb, val)]] = True
     return st, mask
+
+
+def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats):
+    """Probes for changed elements in float64 (any dtype pair), exact ties settled exactly."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        absd = np.abs(fb - fa)
+    finite = np.isfinite(absd)
+    n = absd.size
+    st.nonfinite += int(n - np.count_nonzero(finite))
+    k = atol_exceed(absd, fa, fb, tols)
+    bc = np.bincount(k, minlength=tols.size + 1)
+    st.atol_changed += np.cumsum(bc[::-1])[::-1][1:].astype(np.int64)  # count(k > j) for each j
+    relm = rel_changed_mask(absd, fa, fb, eta)
+    st.rel_changed += int(np.count_nonzero(relm))
+    r = np.ldexp(np.where(finite, absd, 0.0), -ulp_exponent(sa, da).astype(np.int32))
+    buckets = np.searchsorted(ULP_EDGES, r, side="right") + 1
+    buckets[~finite] = len(ULP_LABELS) - 1
+    st.ulp_hist += np.bincount(buckets, minlength=len(ULP_LABELS))
+    if finite.any():
+        af = absd[finite]
+        st.max_abs = max(st.max_abs, float(af.max()))
+        st.sumsq_delta += dot(af)
+    return k, relm, absd

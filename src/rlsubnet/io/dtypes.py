@@ -92,7 +92,7 @@ def widen32(raw: np.ndarray, dtype: DType) -> np.ndarray:
     """Float32 values of raw bits (exact for 16-bit and 8-bit floats); used for fast norms."""
     n = dtype.name
     if n == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
     if n == "F16":
         return raw.view(np.float16).astype(np.float32)
     if n == "F32":
@@ -117,3 +117,19 @@ def is_zero_bits(raw: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype.is_float:
         return (raw & raw.dtype.type(~dtype.sign_mask & ((1 << (8 * dtype.itemsize)) - 1))) == 0
     return raw == 0
+
+
+def dot(x: np.ndarray) -> float:
+    """Σ x² without BLAS: OpenBLAS may spin extra threads per call, which starves parallel workers."""
+    return float(np.einsum("i,i->", x, x))
+
+
+def sumsq(raw: np.ndarray, dtype: DType) -> float:
+    """Sum of squares of the stored values (float32 products, float32 BLAS accumulation per call)."""
+    if dtype.name == "BF16" and raw.size % 2 == 0:
+        u = raw.view(np.uint32)  # two bf16 values per word: widen both halves without a copy per element
+        hi = (u & np.uint32(0xFFFF0000)).view(np.float32)
+        lo = (u << np.uint32(16)).view(np.float32)
+        return dot(hi) + dot(lo)
+    x = widen32(raw, dtype)
+    return dot(x)

@@ -14,6 +14,7 @@ from ..analysis.engine import Job, stream
 from ..analysis.probes import atol_exceed, differing
 from ..io.align import align
 from ..io.checkpoint import open_checkpoint
+from ..io.dtypes import dot
 from ..io.errors import InputError
 from .subnetwork import Subnetwork
 
@@ -84,10 +85,10 @@ def closeness(init: str, a: str, b: str, mask: str | Subnetwork | None = None, a
                 absd = np.abs(fb - fa)
             k = atol_exceed(absd, fa, fb, tols)
             ex = np.bincount(k, minlength=tols.size + 1)[::-1].cumsum()[::-1][1:]
-            res = {"ex": ex, "ab2": float(np.dot(absd, absd)) if absd.size else 0.0}
+            res = {"ex": ex, "ab2": dot(absd) if absd.size else 0.0}
             di, fi, fa2 = differing(ri, ra, ci.tensors[p.name].dtype, p.a.dtype)
             dd = fa2 - fi
-            res["ai2"] = float(np.dot(dd, dd)) if dd.size else 0.0
+            res["ai2"] = dot(dd) if dd.size else 0.0
             if m is not None:
                 bits = m.bits(p.name, start, ra.size)
                 inside = bits[idx]

@@ -1,0 +1,192 @@
+"""Exact masked training: only the entries inside a mask ever change.
+
+:class:`MaskedOptimizer` wraps any ``torch.optim`` optimizer (AdamW, Adam, SGD with momentum, Adagrad,
+RMSprop, ...) and guarantees that every parameter entry outside the mask stays bit-identical (±0 aside),
+without a second copy of the weights:
+
+1. a gradient hook multiplies each parameter's gradient by its mask *as it is computed*, so gradient
+   clipping and gradient accumulation only ever see the masked gradient (as in the paper: g ← m ⊙ ∇L);
+2. before every step, optimizer state tensors shaped like the parameter (Adam's moments, momentum
+   buffers) are zeroed outside the mask, so a state carried over from another mask cannot move a frozen
+   entry: with zero gradient and zero state these optimizers compute an update of exactly 0;
+3. weight decay is taken out of the inner optimizer and applied by the wrapper inside the mask only
+   (decoupled, as AdamW does, for AdamW; added to the masked gradient, as Adam/SGD do, otherwise).
+
+With a full mask the arithmetic is the same as without the wrapper, so the run is bit-identical.
+Memory: one byte per parameter for the boolean masks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from ..io.errors import InputError
+from ..masks.subnetwork import Subnetwork
+
+
+class MaskedOptimizer(torch.optim.Optimizer):
+    """An optimizer that trains only the entries inside ``masks`` (``{parameter: bool tensor}``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, masks: dict[torch.nn.Parameter, torch.Tensor]):
+        # no super().__init__: state and param_groups are the inner optimizer's own objects
+        self.optimizer = optimizer
+        self.masks = {p: m.to(device=p.device, dtype=torch.bool) for p, m in masks.items()}
+        for p, m in self.masks.items():
+            if m.shape != p.shape:
+                raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter shape {tuple(p.shape)}")
+        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay"))
+        for g in optimizer.param_groups:
+            g["masked_weight_decay"] = g.get("weight_decay", 0.0)
+            g["weight_decay"] = 0.0
+        self._hooks = [p.register_hook(self._hook(m)) for p, m in self.masks.items() if p.requires_grad]
+        self._step_hooks_pre = {}
+        self._step_hooks_post = {}
+
+    @staticmethod
+    def _hook(mask: torch.Tensor):
+        def fn(grad: torch.Tensor) -> torch.Tensor:
+            return grad * mask
+
+        return fn
+
+    # -- forwarding --------------------------------------------------------------------------------------
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        for g in self.optimizer.param_groups:
+            g.setdefault("masked_weight_decay", g.get("weight_decay", 0.0))
+            g["weight_decay"] = 0.0
+
+    def add_param_group(self, param_group) -> None:
+        raise NotImplementedError("add parameters before wrapping the optimizer in MaskedOptimizer")
+
+    def __repr__(self) -> str:
+        n = sum(int(m.numel()) for m in self.masks.values())
+        k = sum(int(m.sum()) for m in self.masks.values())
+        return f"MaskedOptimizer({type(self.optimizer).__name__}, {k:,} of {n:,} entries trainable)"
+
+    # -- the step ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.optimizer.param_groups:
+            wd, lr = g.get("masked_weight_decay", 0.0), g["lr"]
+            for p in g["params"]:
+                m = self.masks.get(p)
+                if p.grad is not None and m is not None:
+                    p.grad.mul_(m)  # also covers gradients written without autograd hooks
+                st = self.optimizer.state.get(p)
+                if st and m is not None:
+                    for v in st.values():
+                        if torch.is_tensor(v) and v.shape == p.shape:
+                            v.mul_(m)
+                if wd and p.grad is not None:
+                    if m is None:
+                        if self.decoupled:
+                            p.mul_(1 - lr * wd)
+                        else:
+                            p.grad.add_(p, alpha=wd)
+                    elif self.decoupled:
+                        p.mul_(torch.where(m, torch.tensor(1 - lr * wd, dtype=p.dtype, device=p.device), torch.ones((), dtype=p.dtype, device=p.device)))
+                    else:
+                        p.grad.add_(p * m, alpha=wd)
+        return self.optimizer.step(closure)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def masks_for_model(model: torch.nn.Module, subnetwork: Subnetwork | str, missing: str = "error",
+                    strip_prefixes: Iterable[str] = ("policy.", "module.", "_orig_mod.")) -> dict:
+    """``{parameter: bool mask}`` for a model's named parameters, matched by name to a mask file.
+
+    Parameter names are tried as they are and with ``strip_prefixes`` removed (TRL's PPO wraps the policy
+    as ``policy.*``). Parameters that the mask does not name are an error (``missing="error"``), fully
+    trainable (``"train"``, e.g. a value head) or fully frozen (``"freeze"``).
+    """
+    sub = Subnetwork.load(subnetwork) if isinstance(subnetwork, str) else subnetwork
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = name if name in sub.shapes else next((name[len(s):] for s in strip_prefixes if name.startswith(s) and name[len(s):] in sub.shapes), None)
+        if key is None:
+            if missing == "train":
+                continue
+            if missing == "freeze":
+                out[p] = torch.zeros(p.shape, dtype=torch.bool)
+                continue
+            raise InputError(f"{sub.path or 'mask'}: has no entry for the model's parameter '{name}'.")
+        if tuple(sub.shapes[key]) != tuple(p.shape):
+            raise InputError(f"{sub.path or 'mask'}: entry '{key}' has shape {list(sub.shapes[key])}, the model's parameter has {list(p.shape)}.")
+        out[p] = sub.bool_tensor(key, device=p.device)
+    return out
+
+
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names that get weight decay, as transformers' Trainer decides (not biases, not norms)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    try:
+        from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    except ImportError:  # pragma: no cover
+        ALL_LAYERNORM_LAYERS = [torch.nn.LayerNorm]
+    names = get_parameter_names(model, ALL_LAYERNORM_LAYERS, ["bias", "layernorm", "rmsnorm", "norm"])
+    return [n for n in names if "bias" not in n]
+
+
+def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork | str | None,
+                           num_training_steps: int, missing: str = "error"):
+    """The (optimizer, scheduler) pair a Trainer would build from ``args``, with the mask applied.
+
+    Pass the result as ``optimizers=(opt, sched)`` to any TRL trainer or transformers' ``Trainer``.
+    With ``subnetwork=None`` the plain optimizer is returned (wrapped with a full mask it would be the same).
+    """
+    from transformers import Trainer, get_scheduler
+
+    decay = set(decay_parameter_names(model))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    opt = opt_cls(groups, **opt_kwargs)
+    if subnetwork is not None:
+        opt = MaskedOptimizer(opt, masks_for_model(model, subnetwork, missing=missing))
+    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),
+                          num_training_steps=num_training_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    return opt, sched

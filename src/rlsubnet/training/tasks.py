@@ -1,0 +1,103 @@
+"""Built-in tasks with verifiable answers, generated from a seed, with disjoint train and test splits.
+
+- ``add``: "What is 37 + 5?" (``digits`` sets the operand sizes; level 1 = 1-digit + 1-digit);
+- ``word``: multi-step word problems ("Ann has 7 apples, buys 3 more and gives away 2. How many ...");
+- ``compare``: "Which is larger, 48 or 84?" (a task of a different kind, for the "different data" overlap).
+
+Each problem has a prompt and an integer answer. The reward is 1.0 when the final answer of a completion
+(the integer after the last "=", else the last integer) equals the answer, else 0.0.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+SUFFIX = " Reply with only the final number, no words."
+_INT = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: int
+    solution: str  # a reference solution in a fixed template (off-distribution text for SFT/DPO)
+
+
+def _add(r: random.Random, level: int) -> Problem:
+    da, db = {1: (1, 1), 2: (2, 1), 3: (2, 2), 4: (3, 2)}.get(level, (level, level))
+    a = r.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
+    b = r.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
+    return Problem(f"What is {a} + {b}?{SUFFIX}", a + b, f"{a} + {b} = {a + b}. The answer is {a + b}.")
+
+
+_NAMES = ["Ann", "Bob", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana"]
+_ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps"]
+
+
+def _word(r: random.Random, level: int) -> Problem:
+    n, item = r.choice(_NAMES), r.choice(_ITEMS)
+    hi = 5 * level + 4
+    a, b = r.randint(2, hi), r.randint(1, hi)
+    c = r.randint(1, a + b - 1)
+    text = f"{n} has {a} {item}, gets {b} more and gives away {c}. How many {item} does {n} have now?{SUFFIX}"
+    ans = a + b - c
+    return Problem(text, ans, f"{a} + {b} = {a + b}. {a + b} - {c} = {ans}. The answer is {ans}.")
+
+
+def _compare(r: random.Random, level: int) -> Problem:
+    hi = 10 ** (level + 1) - 1
+    a, b = r.sample(range(1, hi + 1), 2)
+    return Problem(f"Which is larger, {a} or {b}?{SUFFIX}", max(a, b), f"{max(a, b)} > {min(a, b)}. The answer is {max(a, b)}.")
+
+
+TASKS = {"add": _add, "word": _word, "compare": _compare}
+
+
+def generate(task: str, n: int, seed: int = 0, level: int = 1, split: str = "train") -> list[Problem]:
+    """``n`` distinct problems; the train and test splits are disjoint by construction."""
+    if task not in TASKS:
+        from ..io.errors import InputError
+
+        raise InputError(f"--task: unknown task {task!r} (choose from {', '.join(TASKS)}).")
+    gen = TASKS[task]
+    r = random.Random(f"{task}-{level}-{seed}")
+    seen: dict[str, Problem] = {}
+    tries = 0
+    while len(seen) < 2 * n and tries < 200 * n:
+        p = gen(r, level)
+        seen.setdefault(p.prompt, p)
+        tries += 1
+    probs = list(seen.values())
+    half = len(probs) // 2
+    train, test = probs[:half], probs[half:]
+    return (train if split == "train" else test)[:n]
+
+
+def extract_answer(text: str) -> int | None:
+    """The integer after the last "=", else the last integer in the text."""
+    if "=" in text:
+        m = _INT.search(text.rsplit("=", 1)[1])
+        if m:
+            return int(m.group())
+    ms = _INT.findall(text)
+    return int(ms[-1]) if ms else None
+
+
+def reward(completion: str, answer: int) -> float:
+    return 1.0 if extract_answer(completion) == int(answer) else 0.0
+
+
+def completion_text(c) -> str:
+    """A TRL completion as text (plain string, or a conversational list of messages)."""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        return " ".join(m.get("content", "") if isinstance(m, dict) else str(m) for m in c)
+    return str(c)
+
+
+def exact_match_reward(completions, answer, **_) -> list[float]:
+    """A TRL reward function: 1.0 for the right final answer."""
+    return [reward(completion_text(c), a) for c, a in zip(completions, answer)]

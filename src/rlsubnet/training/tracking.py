@@ -1,0 +1,142 @@
+"""Watching a run: per-step logs, intermediate checkpoints, and update sparsity during training."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from ..io.atomic import write_text
+from ..io.checkpoint import open_checkpoint
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+def stored_bits(p: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """Raw bits of a parameter as it would be stored in ``dtype`` (flattened numpy unsigned view)."""
+    t = p.detach().to("cpu", dtype).reshape(-1).contiguous()
+    return t.view(_INT_VIEW[t.element_size()]).numpy().view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[t.element_size()])
+
+
+def _neq(a: np.ndarray, b: np.ndarray, itemsize: int) -> np.ndarray:
+    neq = a != b
+    if neq.any():  # +0 and -0 are the same value
+        sign = np.array(1 << (8 * itemsize - 1), dtype=a.dtype)
+        both0 = ((a & ~sign) == 0) & ((b & ~sign) == 0)
+        neq &= ~both0
+    return neq
+
+
+class SparsityTracker(TrainerCallback):
+    """Every ``every`` steps, record the update sparsity relative to the initial checkpoint and to the
+    previous record, as the parameters would be stored (the dtype of the initial checkpoint).
+
+    Memory: one bit per parameter (the changed-since-init mask of the last record, packed), one bit for
+    the ever-changed union, plus the stored values of the entries that differ from init (the rest of the
+    previous record is the initial checkpoint, re-read from disk one tensor at a time). No checkpoint is
+    written.
+    """
+
+    def __init__(self, init_path: str, every: int = 1, model: torch.nn.Module | None = None):
+        self.init = open_checkpoint(init_path)
+        self.every = max(1, int(every))
+        self.records: list[dict] = []
+        self._prev_mask: dict[str, np.ndarray] = {}
+        self._prev_vals: dict[str, np.ndarray] = {}
+        self._ever: dict[str, np.ndarray] = {}
+        self.model = model
+
+    def record(self, model: torch.nn.Module, step: int) -> dict:
+        numel = changed = consec = ever = 0
+        for name, p in model.named_parameters():
+            info = self.init.tensors.get(name)
+            if info is None or tuple(info.shape) != tuple(p.shape):
+                continue
+            dt = _DTYPES.get(info.dtype.torch_name)
+            if dt is None:
+                continue
+            cur = stored_bits(p, dt)
+            init = self.init.read(name)
+            m = _neq(cur, init, info.dtype.itemsize)
+            if name in self._prev_mask:
+                pm = np.unpackbits(self._prev_mask[name], count=cur.size, bitorder="little").view(bool)
+                prev = init.copy()
+                prev[pm] = self._prev_vals[name]
+                consec += int(np.count_nonzero(_neq(cur, prev, info.dtype.itemsize)))
+                e = self._ever[name] | np.packbits(m, bitorder="little")
+            else:
+                consec += int(np.count_nonzero(m))  # the first record is compared with init
+                e = np.packbits(m, bitorder="little")
+            self._ever[name] = e
+            self._prev_mask[name] = np.packbits(m, bitorder="little")
+            self._prev_vals[name] = cur[m]
+            numel += cur.size
+            changed += int(np.count_nonzero(m))
+            ever += int(np.bitwise_count(e).sum())
+        rec = {"step": step, "numel": numel, "changed_vs_init": changed, "sparsity_vs_init": 1 - changed / numel if numel else 1.0,
+               "changed_vs_prev": consec, "sparsity_vs_prev": 1 - consec / numel if numel else 1.0,
+               "ever_changed": ever}
+        self.records.append(rec)
+        return rec
+
+    def ever_outside(self, final_mask) -> int:
+        """How many entries changed at some record but are outside ``final_mask`` (a Subnetwork)."""
+        tot = 0
+        for name, e in self._ever.items():
+            if name in final_mask.shapes:
+                tot += int(np.bitwise_count(e & ~final_mask.packed(name)).sum())
+        return tot
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        model = model or self.model
+        if model is not None and state.global_step % self.every == 0:
+            self.record(model, state.global_step)
+
+
+class TrainLog(TrainerCallback):
+    """Collects every log line (loss, reward, ...) with its step; saved as ``train_log.json``."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self.t0 = time.perf_counter()
+        self.step_times: list[float] = []
+        self._last = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._last is not None:
+            self.step_times.append(time.perf_counter() - self._last)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs:
+            row = {"step": state.global_step}
+            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            self.steps.append(row)
+
+
+class SaveEvery(TrainerCallback):
+    """Write an intermediate checkpoint (in the input's dtype) every ``every`` steps to ``out/step-N``."""
+
+    def __init__(self, out: Path, every: int, dtype: torch.dtype, tokenizer=None, model=None):
+        self.out, self.every, self.dtype, self.tok, self.model = Path(out), int(every), dtype, tokenizer, model
+        self.saved: list[str] = []
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        model = self.model or model
+        if self.every > 0 and model is not None and state.global_step % self.every == 0:
+            from .checkpoints import save_as
+
+            path = self.out / f"step-{state.global_step}"
+            save_as(model, path, self.dtype, self.tok)
+            self.saved.append(str(path))
+
+
+def write_log(path: Path, payload: dict) -> None:
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
