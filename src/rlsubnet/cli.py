@@ -228,6 +228,42 @@ def verify_frozen(
 
 @app.command()
 @clean_errors
+def train(
+    algo: str = typer.Option(..., "--algo", help="sft | grpo | dpo | kto | rloo | orpo | simpo | ppo"),
+    model: str = typer.Option(..., "--model", help="local Hugging Face checkpoint folder"),
+    task: str = typer.Option("add", "--task", help="built-in task: add | word | compare"),
+    out: str = typer.Option(..., "--out", help="output checkpoint folder (written atomically)"),
+    mask_path: Optional[str] = typer.Option(None, "--mask", help="train only this subnetwork (rlsubnet-mask/1)"),
+    steps: int = typer.Option(8, "--steps"),
+    lr: float = typer.Option(1e-5, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    beta: Optional[float] = typer.Option(None, "--beta", help="KL / preference strength (default per algorithm)"),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="gradient clipping (0 = off)"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    save_every: int = typer.Option(0, "--save-every", help="write out/step-N every K steps"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 training weights"),
+    level: int = typer.Option(1, "--level", help="task difficulty"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    num_generations: int = typer.Option(4, "--num-generations"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
+    reward: str = typer.Option("exact", "--reward", help="exact | digits"),
+    track_every: int = typer.Option(0, "--track-every", help="record update sparsity every K steps"),
+) -> None:
+    """Train with a real TRL trainer, optionally only a subnetwork; writes a checkpoint + train_log.json."""
+    from .training.recipes import TrainConfig, run_training
+
+    if reward not in ("exact", "digits"):
+        raise InputError(f"--reward: {reward!r} is not exact or digits.")
+    cfg = TrainConfig(algo=algo, model=model, task=task, out=out, mask=mask_path, steps=steps, lr=lr, seed=seed, beta=beta,
+                      max_grad_norm=max_grad_norm or None, weight_decay=weight_decay, save_every=save_every,
+                      precision=precision, level=level, batch_size=batch_size, num_generations=num_generations,
+                      max_new_tokens=max_new_tokens, reward=reward, track_every=track_every)
+    res = run_training(cfg)
+    Console().print(f"wrote {res.out} ({len(res.step_times)} steps in {res.elapsed_s:.1f} s; train_log.json inside)")
+
+
+@app.command()
+@clean_errors
 def demo(
     out: str = typer.Option("demo-out", "--out", help="output folder"),
 ) -> None:

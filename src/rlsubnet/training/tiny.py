@@ -34,3 +34,29 @@ def save_model(model, path: str | os.PathLike, tokenizer=None) -> str:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return str(path)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII plus <pad> <s> </s> <unk>), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.padding_side = "left"
+    return tok
+
+
+def write_tiny_checkpoint(path, seed: int = 0, dtype: str = "bfloat16", **cfg) -> str:
+    """A tiny Llama with a character tokenizer, saved as a normal HF folder (for tests and demos)."""
+    tok = char_tokenizer()
+    cfg.setdefault("vocab", 128)
+    model = build_tiny_llama(seed=seed, dtype=dtype, **cfg)
+    model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 0, 1, 2
+    return save_model(model, path, tok)

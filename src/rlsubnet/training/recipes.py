@@ -1,0 +1,313 @@
+"""One training job with a real TRL trainer, optionally on a subnetwork only (``rlsubnet train``).
+
+Every algorithm builds its optimizer and scheduler with :func:`build_masked_optimizer` (masked or not),
+so a masked and an unmasked run differ only by the mask. The result is a normal Hugging Face checkpoint
+folder in the dtype of the input checkpoint, plus ``train_log.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io.errors import InputError
+from . import tasks as T
+
+ALGOS = ("sft", "grpo", "dpo", "kto", "rloo", "orpo", "simpo", "ppo")
+DEFAULT_BETA = {"grpo": 0.0, "rloo": 0.0, "dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "ppo": 0.05, "sft": 0.0}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (its hash names the run in the study's cache)."""
+
+    algo: str
+    model: str
+    task: str = "add"
+    out: str = "run"
+    mask: str | None = None
+    steps: int = 8
+    lr: float = 1e-5
+    seed: int = 0
+    beta: float | None = None
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    save_every: int = 0
+    precision: str = "fp32"
+    level: int = 1
+    batch_size: int = 8
+    num_generations: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    epsilon: float = 0.2
+    n_train: int = 256
+    grad_accum: int = 1
+    track_every: int = 0
+    reward: str = "exact"  # "exact" (final answer matches) or "digits" (dense shaping, for tiny models)
+    preference: dict | None = None  # {"prompt": [...], "chosen": [...], "rejected": [...]} to use instead of built-in pairs
+    sft_data: dict | None = None  # {"prompt": [...], "completion": [...]}
+
+    def key(self) -> str:
+        d = dataclasses.asdict(self)
+        d.pop("out")
+        if self.mask:
+            d["mask_digest"] = _file_digest(self.mask)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    out: str
+    config: dict
+    steps: list[dict]
+    step_times: list[float]
+    elapsed_s: float
+    saved: list[str] = field(default_factory=list)
+    tracking: list[dict] = field(default_factory=list)
+    optimizer_state_bytes: int = 0
+
+
+# -- loading ------------------------------------------------------------------------------------------
+def load_model(path: str, precision: str = "fp32", cls=None, **kwargs):
+    """(model, tokenizer, stored dtype) from a local checkpoint folder, never from a hub."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise InputError(f"{path}: not a Hugging Face checkpoint folder (no config.json).")
+    cfg = json.loads((p / "config.json").read_text())
+    stored = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch."), torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
+    if dtype is None:
+        raise InputError(f"--precision: {precision!r} is not fp32 or bf16.")
+    cls = cls or AutoModelForCausalLM
+    model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True, **kwargs)
+    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, stored
+
+
+def _chat(tok) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def format_prompt(tok, text: str):
+    return [{"role": "user", "content": text}] if _chat(tok) else f"Q: {text}\nA:"
+
+
+def format_completion(tok, text: str):
+    return [{"role": "assistant", "content": text}] if _chat(tok) else f" {text}"
+
+
+def corrupt(p: T.Problem, r: random.Random) -> str:
+    """A reference-style solution with a wrong final answer (the rejected side of off-policy pairs)."""
+    wrong = p.answer + r.choice([-3, -2, -1, 1, 2, 3, 10])
+    return p.solution.replace(f"The answer is {p.answer}.", f"The answer is {wrong}.")
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def make_dataset(cfg: TrainConfig, tok):
+    from datasets import Dataset
+
+    probs = T.generate(cfg.task, cfg.n_train, seed=cfg.seed if cfg.algo == "unused" else 0, level=cfg.level, split="train")
+    r = random.Random(cfg.seed)
+    a = cfg.algo
+    if a in ("grpo", "rloo"):
+        return Dataset.from_dict({"prompt": [format_prompt(tok, p.prompt) for p in probs], "answer": [p.answer for p in probs]})
+    if a == "sft":
+        d = cfg.sft_data or {"prompt": [p.prompt for p in probs], "completion": [p.solution for p in probs]}
+        return Dataset.from_dict({"prompt": [format_prompt(tok, x) for x in d["prompt"]],
+                                  "completion": [format_completion(tok, x) for x in d["completion"]]})
+    if a in ("dpo", "orpo", "simpo", "kto"):
+        d = cfg.preference or {"prompt": [p.prompt for p in probs], "chosen": [p.solution for p in probs],
+                               "rejected": [corrupt(p, r) for p in probs]}
+        if a == "kto":
+            n = len(d["prompt"])
+            return Dataset.from_dict({"prompt": [format_prompt(tok, x) for x in d["prompt"] * 2],
+                                      "completion": [format_completion(tok, x) for x in d["chosen"] + d["rejected"]],
+                                      "label": [True] * n + [False] * n})
+        return Dataset.from_dict({"prompt": [format_prompt(tok, x) for x in d["prompt"]],
+                                  "chosen": [format_completion(tok, x) for x in d["chosen"]],
+                                  "rejected": [format_completion(tok, x) for x in d["rejected"]]})
+    if a == "ppo":
+        def enc(p):
+            fp = format_prompt(tok, p.prompt)
+            ids = tok.apply_chat_template(fp, add_generation_prompt=True, tokenize=True) if _chat(tok) else tok(fp)["input_ids"]
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return Dataset.from_dict({"input_ids": [enc(p) for p in probs]})
+    raise InputError(f"--algo: unknown algorithm {a!r} (choose from {', '.join(ALGOS)}).")
+
+
+# -- configs ------------------------------------------------------------------------------------------
+def _common(cfg: TrainConfig, workdir: str) -> dict:
+    import torch
+
+    return dict(
+        output_dir=workdir, max_steps=cfg.steps, learning_rate=cfg.lr, seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0,
+        weight_decay=cfg.weight_decay, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+        gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
+    )
+
+
+def _trainer(cfg: TrainConfig, model, tok, data, workdir: str, stored):
+    """Build the TRL trainer for ``cfg.algo`` with our (masked) optimizer."""
+    import torch
+
+    from .masked import build_masked_optimizer
+
+    beta = DEFAULT_BETA[cfg.algo] if cfg.beta is None else cfg.beta
+    c = _common(cfg, workdir)
+    a = cfg.algo
+    gen = dict(num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+               beta=beta, epsilon=cfg.epsilon, generation_batch_size=cfg.batch_size, shuffle_dataset=True)
+    if a == "ppo":
+        from transformers import AutoModelForSequenceClassification
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+        # TRL's PPO scores with a reward *model*: a scalar head on the same backbone (num_labels=1)
+        reward, _, _ = load_model(cfg.model, cfg.precision, cls=AutoModelForSequenceClassification, num_labels=1)
+        value, _, _ = load_model(cfg.model, cfg.precision, cls=AutoModelForSequenceClassification, num_labels=1)
+        for m in (reward, value):
+            m.config.pad_token_id = tok.pad_token_id
+        c.update(total_episodes=cfg.steps * cfg.batch_size, num_ppo_epochs=1, num_mini_batches=1, response_length=cfg.max_new_tokens,
+                 stop_token="eos", kl_coef=beta, cliprange=cfg.epsilon, temperature=cfg.temperature, num_sample_generations=0,
+                 local_rollout_forward_batch_size=cfg.batch_size)
+        c.pop("max_steps")
+        args = PPOConfig(**c)
+        both = torch.nn.ModuleDict({"policy": model, "value_model": value})
+        opt = build_masked_optimizer(both, args, cfg.mask, cfg.steps, missing="train")
+        ref, _, _ = load_model(cfg.model, cfg.precision)
+        return PPOTrainer(args=args, processing_class=tok, model=model, ref_model=ref, reward_model=reward,
+                          train_dataset=data, value_model=value, optimizers=opt)
+    if a == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**c, max_length=128)
+        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+    if a == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(**c, **gen)
+        return GRPOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+    if a == "rloo":
+        from trl import RLOOConfig, RLOOTrainer
+
+        args = RLOOConfig(**c, **gen)
+        return RLOOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+    if a == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**c, beta=beta, max_length=128)
+        return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+    if a == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(**c, beta=beta, max_length=128)
+        return KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+    if a == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**c, beta=beta, max_length=128, max_completion_length=64)
+        return ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+    if a == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(**c, beta=beta, loss_type="simpo", cpo_alpha=0.0, max_length=128, max_completion_length=64)
+        return CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+    raise InputError(f"--algo: unknown algorithm {a!r} (choose from {', '.join(ALGOS)}).")
+
+
+def optimizer_state_bytes(opt) -> int:
+    inner = getattr(opt, "optimizer", opt)
+    inner = getattr(inner, "optimizer", inner)  # accelerate's wrapper
+    tot = 0
+    for st in inner.state.values():
+        for v in st.values():
+            if hasattr(v, "element_size"):
+                tot += v.numel() * v.element_size()
+    return tot
+
+
+def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train, then write ``cfg.out`` (checkpoint in the input dtype + ``train_log.json``) atomically."""
+    import torch
+    from transformers import set_seed
+
+    from .checkpoints import save_as
+    from .tracking import SaveEvery, SparsityTracker, TrainLog, write_log
+
+    if cfg.algo not in ALGOS:
+        raise InputError(f"--algo: unknown algorithm {cfg.algo!r} (choose from {', '.join(ALGOS)}).")
+    if cfg.steps < 1:
+        raise InputError("--steps: must be at least 1.")
+    if cfg.mask and not os.path.isfile(cfg.mask):
+        raise InputError(f"{cfg.mask}: no such mask file.")
+    set_seed(cfg.seed)
+    model, tok, stored = load_model(cfg.model, cfg.precision)
+    data = make_dataset(cfg, tok)
+    out = Path(cfg.out)
+    work = out.parent / f".{out.name}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        trainer = _trainer(cfg, model, tok, data, str(work / "trainer"), stored)
+        log = TrainLog()
+        trainer.add_callback(log)
+        saver = SaveEvery(work / "intermediate", cfg.save_every, stored, tok, model=model) if cfg.save_every else None
+        if saver:
+            trainer.add_callback(saver)
+        tracker = SparsityTracker(cfg.model, cfg.track_every, model=model) if cfg.track_every else None
+        if tracker:
+            trainer.add_callback(tracker)
+        t0 = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - t0
+        state_bytes = optimizer_state_bytes(trainer.optimizer)
+        final = work / "final"
+        save_as(model, final, stored, tok)
+        saved = []
+        if saver:
+            for s in saver.saved:
+                saved.append(s.replace(str(work / "intermediate"), str(out)))
+        res = TrainResult(str(out), {**dataclasses.asdict(cfg), "key": cfg.key()}, log.steps, log.step_times, elapsed,
+                          saved, tracker.records if tracker else [], state_bytes)
+        write_log(final / "train_log.json", dataclasses.asdict(res))
+        if saver:
+            for s in saver.saved:
+                os.replace(s, final / Path(s).name)
+            res.saved = [str(out / Path(s).name) for s in saver.saved]
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(final, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
