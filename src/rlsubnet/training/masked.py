@@ -4,11 +4,13 @@
 RMSprop, ...) and guarantees that every parameter entry outside the mask stays bit-identical (±0 aside),
 without a second copy of the weights:
 
-1. a gradient hook multiplies each parameter's gradient by its mask *as it is computed*, so gradient
-   clipping and gradient accumulation only ever see the masked gradient (as in the paper: g ← m ⊙ ∇L);
-2. before every step, optimizer state tensors shaped like the parameter (Adam's moments, momentum
-   buffers) are zeroed outside the mask, so a state carried over from another mask cannot move a frozen
-   entry: with zero gradient and zero state these optimizers compute an update of exactly 0;
+1. a post-accumulate-grad hook multiplies each parameter's gradient by its mask in place, right after
+   every backward, so gradient clipping and accumulation only see the masked gradient (as in the paper:
+   g ← m ⊙ ∇L);
+2. on the first step (and after ``load_state_dict``), optimizer state tensors shaped like the parameter
+   (Adam's moments, momentum buffers) are zeroed outside the mask, so a state carried over from another
+   mask cannot move a frozen entry; from then on zero gradients keep that state at exactly zero, and
+   with zero gradient and zero state these optimizers compute an update of exactly 0;
 3. weight decay is taken out of the inner optimizer and applied by the wrapper inside the mask only
    (decoupled, as AdamW does, for AdamW; added to the masked gradient, as Adam/SGD do, otherwise).
 
@@ -40,14 +42,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
         for g in optimizer.param_groups:
             g["masked_weight_decay"] = g.get("weight_decay", 0.0)
             g["weight_decay"] = 0.0
-        self._hooks = [p.register_hook(self._hook(m)) for p, m in self.masks.items() if p.requires_grad]
-        self._step_hooks_pre = {}
-        self._step_hooks_post = {}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(m)) for p, m in self.masks.items() if p.requires_grad]
+        self._state_clean = False  # optimizer state may hold values outside the mask (carried over)
 
     @staticmethod
     def _hook(mask: torch.Tensor):
-        def fn(grad: torch.Tensor) -> torch.Tensor:
-            return grad * mask
+        def fn(p: torch.Tensor) -> None:
+            p.grad.mul_(mask)  # in place, right after accumulation: clipping sees the masked gradient
 
         return fn
 
@@ -84,6 +85,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         self.optimizer.load_state_dict(state_dict)
+        self._state_clean = False
         for g in self.optimizer.param_groups:
             g.setdefault("masked_weight_decay", g.get("weight_decay", 0.0))
             g["weight_decay"] = 0.0
@@ -103,11 +105,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
             wd, lr = g.get("masked_weight_decay", 0.0), g["lr"]
             for p in g["params"]:
                 m = self.masks.get(p)
-                if p.grad is not None and m is not None:
-                    p.grad.mul_(m)  # also covers gradients written without autograd hooks
-                st = self.optimizer.state.get(p)
-                if st and m is not None:
-                    for v in st.values():
+                if not self._state_clean and m is not None:
+                    # once: zero state carried over from another mask; afterwards the zero gradient
+                    # outside the mask keeps Adam's moments and momentum buffers at exactly zero there
+                    st = self.optimizer.state.get(p)
+                    for v in (st or {}).values():
                         if torch.is_tensor(v) and v.shape == p.shape:
                             v.mul_(m)
                 if wd and p.grad is not None:
@@ -120,6 +122,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                         p.mul_(torch.where(m, torch.tensor(1 - lr * wd, dtype=p.dtype, device=p.device), torch.ones((), dtype=p.dtype, device=p.device)))
                     else:
                         p.grad.add_(p * m, alpha=wd)
+        self._state_clean = True
         return self.optimizer.step(closure)
 
     def remove_hooks(self) -> None:
