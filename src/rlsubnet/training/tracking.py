@@ -140,3 +140,23 @@ class SaveEvery(TrainerCallback):
 
 def write_log(path: Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+class StepProgress(TrainerCallback):
+    """A rich progress bar over training steps (which run, which step, time left)."""
+
+    def __init__(self, label: str, total: int, console=None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=console, transient=True)
+        self.task = self.bar.add_task(label, total=total)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.bar.start()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.bar.update(self.task, completed=state.global_step)
+
+    def on_train_end(self, args, state, control, **kw):
+        self.bar.stop()

@@ -1,0 +1,75 @@
+"""Test accuracy of a model on a built-in task (greedy decoding, exact match on the final answer)."""
+
+from __future__ import annotations
+
+from . import tasks as T
+
+
+def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24, batch_size: int = 32, tok=None) -> dict:
+    """Greedy accuracy on ``problems``; returns {"accuracy", "n", "correct", "samples"}."""
+    import torch
+
+    from .recipes import _chat, format_prompt, load_model
+
+    if isinstance(model_or_path, str):
+        model, tok, _ = load_model(model_or_path, "fp32")
+    else:
+        model = model_or_path
+    model.eval()
+    tok.padding_side = "left"
+    correct, samples = 0, []
+    for i in range(0, len(problems), batch_size):
+        batch = problems[i : i + batch_size]
+        if _chat(tok):
+            texts = [tok.apply_chat_template(format_prompt(tok, p.prompt), add_generation_prompt=True, tokenize=False) for p in batch]
+        else:
+            texts = [format_prompt(tok, p.prompt) for p in batch]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not _chat(tok))
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for p, seq in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+            text = tok.decode(seq, skip_special_tokens=True)
+            ok = T.reward(text, p.answer) == 1.0
+            correct += ok
+            if len(samples) < 8:
+                samples.append({"prompt": p.prompt, "completion": text, "answer": p.answer, "correct": bool(ok)})
+    n = len(problems)
+    return {"accuracy": correct / n if n else 0.0, "n": n, "correct": int(correct), "samples": samples}
+
+
+def sample_preferences(model_path: str, problems: list[T.Problem], k: int = 4, temperature: float = 0.7,
+                       max_new_tokens: int = 24, seed: int = 0) -> dict:
+    """In-distribution preference pairs from the model's own samples: a correct completion (chosen)
+    against an incorrect one (rejected) for every prompt where both occur."""
+    import torch
+
+    from .recipes import _chat, format_prompt, load_model
+
+    model, tok, _ = load_model(model_path, "fp32")
+    model.eval()
+    tok.padding_side = "left"
+    torch.manual_seed(seed)
+    out = {"prompt": [], "chosen": [], "rejected": [], "correct_samples": {"prompt": [], "completion": []}}
+    for i in range(0, len(problems), 16):
+        batch = problems[i : i + 16]
+        if _chat(tok):
+            texts = [tok.apply_chat_template(format_prompt(tok, p.prompt), add_generation_prompt=True, tokenize=False) for p in batch]
+        else:
+            texts = [format_prompt(tok, p.prompt) for p in batch]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not _chat(tok))
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                 num_return_sequences=k, pad_token_id=tok.pad_token_id)
+        comps = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for j, p in enumerate(batch):
+            cs = [c.strip() for c in comps[j * k : (j + 1) * k]]
+            good = [c for c in cs if T.reward(c, p.answer) == 1.0 and c]
+            bad = [c for c in cs if T.reward(c, p.answer) == 0.0 and c]
+            if good:
+                out["correct_samples"]["prompt"].append(p.prompt)
+                out["correct_samples"]["completion"].append(good[0])
+            if good and bad:
+                out["prompt"].append(p.prompt)
+                out["chosen"].append(good[0])
+                out["rejected"].append(bad[0])
+    return out
