@@ -1,0 +1,76 @@
+"""The study's wiring on a tiny random model (seconds), and the real SmolLM2 model from its package."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from rlsubnet.study.pipeline import Study
+from rlsubnet.training.tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    model = write_tiny_checkpoint(d / "model", seed=0, dtype="bfloat16", hidden=32, layers=2, heads=2, inter=64)
+    res = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100).run()
+    return d, model, res
+
+
+def test_every_pipeline_runs(tiny_study):
+    d, _, res = tiny_study
+    for rq in ("rq1", "rq2", "rq4", "rq5"):
+        assert rq in res
+    assert [r["algo"] for r in res["rq1"]["rows"]] == ["sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"]
+    for r in res["rq1"]["rows"]:
+        assert 0 <= r["sparsity"] <= 1 and r["rank_mean"] is not None
+    r2 = res["rq2"]["rows"][0]
+    assert {x["atol"] for x in r2["closeness"]} >= {1e-5, 1e-4}
+    assert r2["outside_mask"][0]["equal_fraction"] == 1.0  # θ_sub never moves outside the mask
+    assert len(res["rq4"]["rows"]) == 3 and {r["axis"] for r in res["rq4"]["rows"]} == {"seed", "data", "algorithm"}
+    f = res["rq5"]
+    assert f["steps"] and [s["step"] for s in f["steps"]] == [1, 2]
+    assert f["precision"]["fp32"]["sparsity"] <= f["precision"]["bf16"]["sparsity"]
+    saved = json.loads((d / "out" / "results.json").read_text())
+    assert saved["meta"]["budget"] == "tiny"
+
+
+def test_report_is_self_contained(tiny_study):
+    d, _, _ = tiny_study
+    page = (d / "out" / "report.html").read_text()
+    srcs = re.findall(r"src='([^']*)'", page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<table>" in page and "RQ4" in page and "paper" in page
+    md = (d / "out" / "report.md").read_text()
+    assert "Table 4 analogue" in md and "What this shows" in md
+
+
+def test_rerun_resumes_from_cache(tiny_study, capsys):
+    d, model, res = tiny_study
+    from rich.console import Console
+
+    con = Console(record=True)
+    again = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100, only=("rq1",), console=con).run()
+    text = con.export_text()
+    assert text.count("cached") == 8 and "steps, lr" not in text
+    assert again["rq1"]["rows"] == res["rq1"]["rows"]
+
+
+@pytest.mark.slow
+def test_real_smollm2_generates_and_trains(tmp_path):
+    from rlsubnet.io.gguf import convert_gguf, packaged_smollm2
+    from rlsubnet.training import tasks as T
+    from rlsubnet.training.evaluate import accuracy
+    from rlsubnet.training.recipes import TrainConfig, run_training
+
+    model = convert_gguf(packaged_smollm2(), tmp_path / "smollm2")
+    cfg = json.loads((tmp_path / "smollm2" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 30 and "quantization_config" not in cfg
+    acc = accuracy(model, T.generate("add", 4, split="test"), max_new_tokens=8)
+    assert acc["n"] == 4 and acc["samples"][0]["completion"]
+    r = run_training(TrainConfig(algo="grpo", model=model, out=str(tmp_path / "run"), steps=2, batch_size=4, num_generations=4,
+                                 max_new_tokens=8, n_train=8, lr=1e-5), progress=False)
+    assert len(r.step_times) == 2
+    assert (tmp_path / "run" / "model.safetensors").exists()
