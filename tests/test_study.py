@@ -52,10 +52,10 @@ def test_rerun_resumes_from_cache(tiny_study, capsys):
     from rich.console import Console
 
     con = Console(record=True)
-    again = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100, only=("rq1",), console=con).run()
+    again = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100, console=con).run()
     text = con.export_text()
-    assert text.count("cached") == 8 and "steps, lr" not in text
-    assert again["rq1"]["rows"] == res["rq1"]["rows"]
+    assert text.count("cached") >= 20 and "steps, lr" not in text  # nothing retrained
+    assert again["rq1"]["rows"] == res["rq1"]["rows"] and again["rq4"] == res["rq4"]
 
 
 @pytest.mark.slow

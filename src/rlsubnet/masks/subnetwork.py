@@ -182,6 +182,16 @@ class Subnetwork:
     def densities(self) -> dict[str, float]:
         return {n: self.density(n) for n in self.shapes}
 
+    def digest(self) -> str:
+        """A hash of the mask's content (names, shapes and bits), independent of its metadata."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for n in sorted(self.shapes):
+            h.update(f"{n}|{self.shapes[n]}\n".encode())
+            h.update(self.packed(n).tobytes())
+        return h.hexdigest()[:16]
+
     # -- algebra -------------------------------------------------------------------------------------
     def _check_same(self, other: "Subnetwork", what: str) -> None:
         if self.shapes != other.shapes:

@@ -59,16 +59,10 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d.pop("out")
         if self.mask:
-            d["mask_digest"] = _file_digest(self.mask)
+            from ..masks.subnetwork import Subnetwork
+
+            d["mask"] = Subnetwork.load(self.mask).digest()  # the content, not the path or metadata
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()[:16]
 
 
 @dataclass
