@@ -5,11 +5,22 @@ from __future__ import annotations
 from . import tasks as T
 
 
+def encode_prompts(tok, problems: list[T.Problem]):
+    """Left-padded input ids of the problems' prompts, through the chat template when there is one."""
+    from .recipes import _chat, format_prompt
+
+    if _chat(tok):
+        texts = [tok.apply_chat_template(format_prompt(tok, p.prompt), add_generation_prompt=True, tokenize=False) for p in problems]
+    else:
+        texts = [format_prompt(tok, p.prompt) for p in problems]
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=not _chat(tok))
+
+
 def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24, batch_size: int = 32, tok=None) -> dict:
     """Greedy accuracy on ``problems``; returns {"accuracy", "n", "correct", "samples"}."""
     import torch
 
-    from .recipes import _chat, format_prompt, load_model
+    from .recipes import load_model
 
     if isinstance(model_or_path, str):
         model, tok, _ = load_model(model_or_path, "fp32")
@@ -20,11 +31,7 @@ def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24,
     correct, samples = 0, []
     for i in range(0, len(problems), batch_size):
         batch = problems[i : i + batch_size]
-        if _chat(tok):
-            texts = [tok.apply_chat_template(format_prompt(tok, p.prompt), add_generation_prompt=True, tokenize=False) for p in batch]
-        else:
-            texts = [format_prompt(tok, p.prompt) for p in batch]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not _chat(tok))
+        enc = encode_prompts(tok, batch)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for p, seq in zip(batch, out[:, enc["input_ids"].shape[1]:]):
@@ -43,7 +50,7 @@ def sample_preferences(model_path: str, problems: list[T.Problem], k: int = 4, t
     against an incorrect one (rejected) for every prompt where both occur."""
     import torch
 
-    from .recipes import _chat, format_prompt, load_model
+    from .recipes import load_model
 
     model, tok, _ = load_model(model_path, "fp32")
     model.eval()
@@ -52,11 +59,7 @@ def sample_preferences(model_path: str, problems: list[T.Problem], k: int = 4, t
     out = {"prompt": [], "chosen": [], "rejected": [], "correct_samples": {"prompt": [], "completion": []}}
     for i in range(0, len(problems), 16):
         batch = problems[i : i + 16]
-        if _chat(tok):
-            texts = [tok.apply_chat_template(format_prompt(tok, p.prompt), add_generation_prompt=True, tokenize=False) for p in batch]
-        else:
-            texts = [format_prompt(tok, p.prompt) for p in batch]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not _chat(tok))
+        enc = encode_prompts(tok, batch)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                  num_return_sequences=k, pad_token_id=tok.pad_token_id)
