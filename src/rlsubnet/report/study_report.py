@@ -8,7 +8,6 @@ import html
 from pathlib import Path
 
 from ..io.atomic import write_text
-from ..study import paper as P
 from .fmt import pct
 from .plots import bar_chart, heatmap, line_chart
 
@@ -23,9 +22,17 @@ def _atol(a: list[dict], tol: float):
     return next((x["sparsity"] for x in a if x["atol"] == tol), None)
 
 
+class _Paper:
+    """The published values, as the study put them into ``results["paper"]``."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update({k.upper(): v for k, v in d.items()})
+
+
 def sections(res: dict, figdir: Path) -> list[tuple[str, str, list[Path]]]:
     """(title, markdown body, figures) for every part of the study present in ``res``."""
     meta = res["meta"]
+    P = _Paper(res["paper"])
     out = []
     intro = [f"- model: `{meta['model']}`", f"- budget: {meta['budget']} ({meta['budget_settings']['steps']} steps per run), "
              f"seed {meta['seed']}, task `{meta['task']}` level {meta['level']}, second task `{meta['task2']}`",

@@ -319,6 +319,9 @@ class Study:
             "elapsed_s": time.perf_counter() - t0, "runs": self.n_runs,
             "quantized_note": _quant_note(self.model),
         }
+        from . import paper
+
+        self.results["paper"] = {k.lower(): getattr(paper, k) for k in ("TABLE1", "TABLE2", "TABLE3", "TABLE4", "TABLE5", "TABLE6", "KL", "BF16")}
         write_text(self.out / "results.json", json.dumps(self.results, indent=2, default=str) + "\n")
         from ..report.study_report import write_report
 
