@@ -45,7 +45,7 @@ class Budget:
 BUDGETS = {
     "quick": Budget(steps=10, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=128, n_eval=48, pref_prompts=48,
                     rqs=("rq1", "rq2"), rq1_algos=("grpo", "dpo"), save_every=0),
-    "full": Budget(steps=24, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=100, pref_prompts=96,
+    "full": Budget(steps=16, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=100, pref_prompts=96,
                    rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=4),
     # seconds, for the test suite's tiny random model
     "tiny": Budget(steps=2, batch=4, gens=2, pref_batch=4, max_new_tokens=6, n_train=16, n_eval=8, pref_prompts=8,
