@@ -67,7 +67,6 @@ def test_full_mask_equals_no_mask(tiny, tmp_path, algo):
 def test_bf16_params_and_changing_masks():
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 16).to(torch.bfloat16)
-    start = {n: p.detach().clone() for n, p in lin.named_parameters()}
     masks = [{p: torch.rand(p.shape) < 0.5 for p in lin.parameters()} for _ in range(2)]
     opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=0.1)
     for k, ms in enumerate(masks):  # train with one mask, then keep the optimizer state under another

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..analysis.results import DiffResult, Group
-from ..io.atomic import write_text, write_with
-from .fmt import num, pct, sci, tol
+from ..io.atomic import write_text
+from .fmt import num, pct, tol
 
 
 def _rows(result: DiffResult, by: str) -> list[dict]:
@@ -94,7 +94,7 @@ def diff_csv(result: DiffResult, by: str = "tensor") -> str:
 
 
 def diff_markdown(result: DiffResult, by: str = "module") -> str:
-    lines = [f"# rlsubnet diff", "", f"- base: `{result.base}`", f"- tuned: `{result.tuned}`",
+    lines = ["# rlsubnet diff", "", f"- base: `{result.base}`", f"- tuned: `{result.tuned}`",
              f"- parameters compared: {num(result.numel)} in {len(result.tensors)} tensors", "",
              "| criterion | changed | sparsity |", "|---|---:|---:|",
              f"| bits identical | {num(result.changed)} | {pct(result.sparsity)} |"]

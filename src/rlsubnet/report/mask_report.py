@@ -47,7 +47,7 @@ def print_overlap(r, console: Console | None = None) -> None:
 
 def print_closeness(r, console: Console | None = None) -> None:
     con = console or Console()
-    t = Table(title=f"Closeness of A and B (from the same init): fraction of parameters equal")
+    t = Table(title="Closeness of A and B (from the same init): fraction of parameters equal")
     t.add_column("tolerance")
     t.add_column("all", justify="right")
     if r.inside_mask is not None:

@@ -121,7 +121,9 @@ def corrupt(p: T.Problem, r: random.Random) -> str:
 def make_dataset(cfg: TrainConfig, tok):
     from datasets import Dataset
 
-    probs = T.generate(cfg.task, cfg.n_train, seed=cfg.seed if cfg.algo == "unused" else 0, level=cfg.level, split="train")
+    # the problems are fixed (seed 0); the training seed changes sampling and data order only, which is
+    # what the paper's "different seed" overlap varies
+    probs = T.generate(cfg.task, cfg.n_train, seed=0, level=cfg.level, split="train")
     r = random.Random(cfg.seed)
     a = cfg.algo
     if a in ("grpo", "rloo"):
@@ -166,7 +168,7 @@ def _common(cfg: TrainConfig, workdir: str) -> dict:
     )
 
 
-def _trainer(cfg: TrainConfig, model, tok, data, workdir: str, stored):
+def _trainer(cfg: TrainConfig, model, tok, data, workdir: str):
     """Build the TRL trainer for ``cfg.algo`` with our (masked) optimizer."""
     import torch
 
@@ -277,7 +279,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        trainer = _trainer(cfg, model, tok, data, str(work / "trainer"), stored)
+        trainer = _trainer(cfg, model, tok, data, str(work / "trainer"))
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # logs go to train_log.json; the progress bar shows steps
@@ -299,17 +301,12 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
         save_as(model, final, stored, tok)
         if cfg.fp32_copy:
             save_as(model, final / "fp32", torch.float32, tok)
-        saved = []
-        if saver:
-            for s in saver.saved:
-                saved.append(s.replace(str(work / "intermediate"), str(out)))
+        saved = [str(out / Path(s).name) for s in saver.saved] if saver else []
         res = TrainResult(str(out), {**dataclasses.asdict(cfg), "key": cfg.key()}, log.steps, log.step_times, elapsed,
                           saved, tracker.records if tracker else [], state_bytes)
         write_log(final / "train_log.json", dataclasses.asdict(res))
-        if saver:
-            for s in saver.saved:
-                os.replace(s, final / Path(s).name)
-            res.saved = [str(out / Path(s).name) for s in saver.saved]
+        for s in saver.saved if saver else []:
+            os.replace(s, final / Path(s).name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(final, out)
