@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..analysis.diff import DEFAULT_ATOL, check_tolerances
-from ..analysis.engine import Job, stream
+from ..analysis.engine import Job, map_chunks
 from ..analysis.probes import atol_exceed, differing
 from ..io.align import align
 from ..io.checkpoint import open_checkpoint
@@ -97,15 +97,16 @@ def closeness(init: str, a: str, b: str, mask: str | Subnetwork | None = None, a
                 res["nin"] = int(np.count_nonzero(bits))
             return res
 
-        for job, _, r in stream(jobs, fn, threads=threads, desc="closeness", progress=progress):
+        for job, results in map_chunks(jobs, fn, workers=threads, desc="closeness", progress=progress):
             s = acc[job.name]
-            s["ex"] += r["ex"]
-            s["ab2"] += r["ab2"]
-            s["ai2"] += r["ai2"]
-            if m is not None:
-                s["in"] += r["in"]
-                s["out"] += r["out"]
-                s["nin"] += r["nin"]
+            for r in results:
+                s["ex"] += r["ex"]
+                s["ab2"] += r["ab2"]
+                s["ai2"] += r["ai2"]
+                if m is not None:
+                    s["in"] += r["in"]
+                    s["out"] += r["out"]
+                    s["nin"] += r["nin"]
     numel = sum(p.numel for p in pairs)
     tensors = []
     for p in pairs:
@@ -174,9 +175,10 @@ def changes_by_mask(init: str, trained: str, mask: str | Subnetwork, threads: in
             inside = bits[idx]
             return int(idx.size - np.count_nonzero(inside)), int(np.count_nonzero(inside)), int(np.count_nonzero(bits))
 
-        for job, _, r in stream(jobs, fn, threads=threads, desc="verify", progress=progress):
-            for i in range(3):
-                acc[job.name][i] += r[i]
+        for job, results in map_chunks(jobs, fn, workers=threads, desc="verify", progress=progress):
+            for r in results:
+                for i in range(3):
+                    acc[job.name][i] += r[i]
     rows = [{"name": p.name, "numel": p.numel, "trainable": acc[p.name][2], "frozen_moved": acc[p.name][0],
              "trainable_changed": acc[p.name][1]} for p in pairs]
     numel = sum(p.numel for p in pairs)
