@@ -20,9 +20,6 @@ from ..io.dtypes import DType, dot, is_zero_bits, sumsq, ulp_exponent, widen, wi
 ULP_EDGES = np.array([1, 2, 3, 5, 9, 17, 33, 65, 129, 257], dtype=np.float64)
 ULP_LABELS = ["0", "<1", "1", "2", "3-4", "5-8", "9-16", "17-32", "33-64", "65-128", "129-256", ">256", "non-finite"]
 
-CRITERIA = ("bitwise", "atol", "bf16rel")
-
-
 def parse_criterion(text: str) -> tuple[str, float]:
     """``bitwise`` | ``atol:1e-5`` | ``bf16rel:1e-3`` → (kind, value). Raises ValueError."""
     kind, _, val = text.partition(":")

@@ -106,10 +106,6 @@ class Checkpoint:
             raise InputError(f"{info.file}: file is truncated while reading tensor '{name}'.")
         return out
 
-    def read_all(self, name: str) -> np.ndarray:
-        """The whole tensor's raw bits, shaped."""
-        return self.read(name).reshape(self.tensors[name].shape)
-
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
