@@ -11,6 +11,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from safetensors.torch import load_file
 
 from rlsubnet.masks import Subnetwork
 from rlsubnet.training.recipes import TrainConfig, run_training
-from rlsubnet.training.tiny import write_tiny_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny import write_tiny_checkpoint  # noqa: E402  (the tests' tiny-model helper)
 
 
 def main() -> None:

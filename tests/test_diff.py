@@ -74,8 +74,8 @@ def test_random_pairs_match_brute_force(tmp_path, dtype, rng):
         tuned[n] = torch.where(keep, t, (t.double() + noise).to(dtype))
     save_folder(tmp_path / "a", base)
     save_folder(tmp_path / "b", tuned, shards=2)
-    for chunk, threads in [(1 << 20, 1), (64, 2), (8, 3)]:
-        r = rlsubnet.diff(tmp_path / "a", tmp_path / "b", chunk=chunk, threads=threads)
+    for chunk, workers in [(1 << 20, 1), (64, 2), (8, 3)]:
+        r = rlsubnet.diff(tmp_path / "a", tmp_path / "b", chunk=chunk, workers=workers)
         tot_ch, tot_atol, tot_rel = 0, np.zeros(len(TOLS), int), 0
         for t in r.tensors:
             ch, atol, rel = reference_counts(base[t.name], tuned[t.name], TOLS)

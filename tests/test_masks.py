@@ -12,7 +12,8 @@ import torch
 
 import rlsubnet
 from rlsubnet.io import InputError
-from rlsubnet.masks import Subnetwork, changes_by_mask, closeness, overlap, overlap_stats
+from rlsubnet.masks import Subnetwork, closeness, overlap, overlap_stats
+from rlsubnet.training.verify import verify_frozen as changes_by_mask
 
 from conftest import bump_ulps, save_folder
 

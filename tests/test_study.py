@@ -8,7 +8,7 @@ import re
 import pytest
 
 from rlsubnet.study.pipeline import Study
-from rlsubnet.training.tiny import write_tiny_checkpoint
+from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

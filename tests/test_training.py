@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from rlsubnet.masks import Subnetwork
 from rlsubnet.training.masked import MaskedOptimizer
 from rlsubnet.training.recipes import ALGOS, TrainConfig, run_training
-from rlsubnet.training.tiny import write_tiny_checkpoint
+from tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,68 @@ import typer
 from rich.console import Console
 
 from .io.errors import InputError
+from .io.guard import check_outputs
+from .report.fmt import safe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="What did this finetuning run change, and how? (arXiv 2505.11711)")
 err = Console(stderr=True)
 
 
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess in the tests
+    raise Terminated()
+
+
 def clean_errors(fn: Callable) -> Callable:
-    """Turn a user's mistake into one sentence on stderr and exit code 2."""
+    """Turn a user's mistake into one sentence on stderr and exit code 2; say what an interruption left."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .io.atomic import written
+        from .report.fmt import safe
+
+        before = set(written())
         try:
             return fn(*args, **kwargs)
         except InputError as e:
-            err.print(f"[red]error:[/red] {e.message}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {safe(e.message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/red]: nothing was written.")
-            raise typer.Exit(130)
+        except OSError as e:  # an input or output path the checks could not foresee (vanished, unreadable)
+            where = e.filename or "a file"
+            err.print(f"[red]error:[/red] {safe(where)}: {safe(e.strerror or e)}.", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except (KeyboardInterrupt, Terminated) as e:
+            done = [w for w in written() if w not in before]
+            what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+            if done:
+                err.print(f"[red]{what}[/red]: wrote {', '.join(safe(w) for w in done)} completely; nothing else was written "
+                          "(no partial file was left behind).", highlight=False, soft_wrap=True)
+            else:
+                err.print(f"[red]{what}[/red]: nothing was written.")
+            raise typer.Exit(130 if isinstance(e, KeyboardInterrupt) else 143)
 
     return wrapper
+
+
+def _inputs(*paths) -> list:
+    """The local paths a command reads: a checkpoint given as an index file protects its whole folder."""
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        out.append(p)
+        if str(p).endswith(".index.json"):
+            out.append(str(Path(p).parent))
+    return out
+
+
+def _check_workers(workers: Optional[int]) -> None:
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers: {workers} must be at least 1.")
 
 
 def split_floats(values: Optional[List[str]], what: str) -> Optional[List[str]]:
@@ -63,7 +104,7 @@ def diff(
     mask_out: Optional[str] = typer.Option(None, "--mask-out", help="also write the changed-mask (rlsubnet-mask/1) to MASK"),
     criterion: str = typer.Option("bitwise", "--criterion", help="mask criterion: bitwise | atol:TOL | bf16rel:ETA"),
     rank: bool = typer.Option(False, "--rank", help="also compute the rank of every update matrix"),
-    threads: Optional[int] = typer.Option(None, "--workers", "--threads", help="parallel workers (default: CPU count)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count, at most one per tensor)"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no table, no progress bar"),
 ) -> None:
@@ -73,9 +114,12 @@ def diff(
 
     if by not in ("tensor", "layer", "module"):
         raise InputError(f"--by: {by!r} is not one of tensor, layer, module.")
+    _check_workers(workers)
+    check_outputs({"--json": json_out, "--csv": csv_out, "--markdown": md_out, "--mask-out": mask_out, "--plot": plot},
+                  _inputs(base, tuned))
     tols = split_floats(atol, "--atol")
     kwargs = {} if tols is None else {"atol": tols}
-    result = run_diff(base, tuned, eta=eta, common_slice=common_slice, threads=threads, cache_dir=cache_dir,
+    result = run_diff(base, tuned, eta=eta, common_slice=common_slice, workers=workers, cache_dir=cache_dir,
                       mask_criterion=criterion if mask_out else None, progress=not quiet, rank=rank, **kwargs)
     con = _out_console(json_out == "-")
     if not quiet:
@@ -96,17 +140,17 @@ def diff(
         write_text(md_out, diff_markdown(result, by))
     if plot:
         for p in diff_plots(result, plot):
-            con.print(f"wrote {p}")
+            con.print(f"wrote {safe(p)}")
         if result.rank is not None:
             from .report.rank_report import rank_plot
 
-            con.print(f"wrote {rank_plot(result.rank, plot)}")
+            con.print(f"wrote {safe(rank_plot(result.rank, plot))}")
     if mask_out:
         from .masks import Subnetwork
 
         sub = Subnetwork.from_diff(result, criterion=criterion)
         sub.save(mask_out)
-        con.print(f"wrote mask {mask_out} (density {sub.density():.4%})")
+        con.print(f"wrote mask {safe(mask_out)} (density {sub.density():.4%})")
 
 
 @app.command()
@@ -116,16 +160,18 @@ def mask(
     tuned: str = typer.Argument(..., help="finetuned checkpoint"),
     out: str = typer.Option(..., "-o", "--out", help="mask file to write (rlsubnet-mask/1)"),
     criterion: str = typer.Option("bitwise", "--criterion", help="bitwise | atol:TOL | bf16rel:ETA"),
-    threads: Optional[int] = typer.Option(None, "--workers", "--threads", help="parallel workers (default: CPU count)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count, at most one per tensor)"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write the set of updated parameters (the subnetwork of Conjecture 1) as a mask file."""
     from .masks import Subnetwork
 
-    sub = Subnetwork.from_checkpoints(base, tuned, criterion=criterion, threads=threads, cache_dir=cache_dir, progress=not quiet)
+    _check_workers(workers)
+    check_outputs({"-o": out}, _inputs(base, tuned))
+    sub = Subnetwork.from_checkpoints(base, tuned, criterion=criterion, workers=workers, cache_dir=cache_dir, progress=not quiet)
     sub.save(out)
-    Console().print(f"wrote {out}: {sub.count():,} of {sub.numel():,} parameters ({sub.density():.4%}) by criterion {criterion}")
+    Console().print(f"wrote {safe(out)}: {sub.count():,} of {sub.numel():,} parameters ({sub.density():.4%}) by criterion {criterion}")
 
 
 @app.command()
@@ -142,6 +188,7 @@ def overlap(
 
     if len(masks) < 2:
         raise InputError("overlap: give at least two mask files.")
+    check_outputs({"--json": json_out, "--plot": plot}, masks)
     r = run_overlap(masks)
     print_overlap(r, _out_console(json_out == "-"))
     if json_out:
@@ -163,7 +210,9 @@ def closeness(
     b: str = typer.Argument(..., help="second finetuned checkpoint (e.g. θ_sub)"),
     mask_path: Optional[str] = typer.Option(None, "--mask", help="also report inside/outside this mask"),
     atol: Optional[List[str]] = typer.Option(None, "--atol", help="tolerances; default 0,1e-8,1e-7,1e-6,1e-5,1e-4"),
-    json_out: Optional[str] = typer.Option(None, "--json"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write JSON to PATH (- for stdout)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """How close two models finetuned from one init are: fraction equal at each tolerance."""
@@ -171,9 +220,11 @@ def closeness(
     from .report.diff_report import write_json_to
     from .report.mask_report import print_closeness
 
+    _check_workers(workers)
+    check_outputs({"--json": json_out}, _inputs(init, a, b, mask_path))
     tols = split_floats(atol, "--atol")
     kw = {} if tols is None else {"atol": tols}
-    r = run(init, a, b, mask=mask_path, progress=not quiet, **kw)
+    r = run(init, a, b, mask=mask_path, progress=not quiet, workers=workers, cache_dir=cache_dir, **kw)
     print_closeness(r, _out_console(json_out == "-"))
     if json_out:
         write_json_to(r.to_json(), json_out)
@@ -196,6 +247,7 @@ def rank(
     from .report.diff_report import write_json_to
     from .report.rank_report import print_rank, rank_plot
 
+    check_outputs({"--json": json_out, "--plot": plot}, _inputs(base, tuned))
     r = run(base, tuned, rtol=rtol, precision=precision, cache_dir=cache_dir, progress=not quiet)
     print_rank(r, _out_console(json_out == "-"))
     if json_out:
@@ -210,14 +262,20 @@ def verify_frozen(
     init: str = typer.Argument(..., help="checkpoint training started from"),
     trained: str = typer.Argument(..., help="checkpoint after masked training"),
     mask_path: str = typer.Argument(..., help="the mask that was trained"),
-    json_out: Optional[str] = typer.Option(None, "--json"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write JSON to PATH (- for stdout)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Check a finished masked run from its files: frozen entries must be bit-identical (exit 1 if not)."""
-    from .masks import changes_by_mask
+    """Check a finished masked run from its files: frozen entries must be bit-identical, and every entry
+    must have been checked (exit 1 if a frozen entry moved or something could not be checked)."""
     from .report.diff_report import write_json_to
     from .report.mask_report import print_frozen
+    from .training.verify import verify_frozen as run
 
-    r = changes_by_mask(init, trained, mask_path)
+    _check_workers(workers)
+    check_outputs({"--json": json_out}, _inputs(init, trained, mask_path))
+    r = run(init, trained, mask_path, workers=workers, cache_dir=cache_dir, progress=not quiet)
     print_frozen(r, _out_console(json_out == "-"))
     if json_out:
         write_json_to(r.to_json(), json_out)
@@ -258,7 +316,7 @@ def train(
                       precision=precision, level=level, batch_size=batch_size, num_generations=num_generations,
                       max_new_tokens=max_new_tokens, reward=reward, track_every=track_every)
     res = run_training(cfg)
-    Console().print(f"wrote {res.out} ({len(res.step_times)} steps in {res.elapsed_s:.1f} s; train_log.json inside)")
+    Console().print(f"wrote {safe(res.out)} ({len(res.step_times)} steps in {res.elapsed_s:.1f} s; train_log.json inside)")
 
 
 @app.command()
@@ -276,6 +334,7 @@ def study(
     """Run the paper's study end to end and write report.html, report.md and results.json."""
     from .study.pipeline import Study
 
+    check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
     Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level).run()
 
@@ -289,10 +348,13 @@ def demo(
     from .study.pipeline import Study
 
     Study(out, budget="quick").run()
-    Console().print(f"open {Path(out) / 'report.html'} in a browser")
+    Console().print(f"open {safe(Path(out) / 'report.html')} in a browser")
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..io.align import Pair, align
+from ..io.align import Pair, align, tie_notes
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.errors import InputError
 from .engine import DEFAULT_CHUNK, Job, map_chunks
@@ -47,7 +47,7 @@ def diff(
     atol: Sequence[float] = DEFAULT_ATOL,
     eta: float = DEFAULT_ETA,
     common_slice: bool = False,
-    threads: int | None = None,
+    workers: int | None = None,
     chunk: int = DEFAULT_CHUNK,
     mask_criterion: str | None = None,
     cache_dir: str | None = None,
@@ -76,7 +76,7 @@ def diff(
     cb, ct = _as_checkpoint(base, cache_dir), _as_checkpoint(tuned, cache_dir)
     try:
         pairs, skipped = align(cb, ct, common_slice=common_slice)
-        jobs = [Job(p.name, [(cb, p.name), (ct, p.name)], p.numel, payload=p) for p in pairs]
+        jobs = [Job(p.name, [(cb, p.src_a), (ct, p.src_b)], p.numel, payload=p) for p in pairs]
         stats: dict[str, ChunkStats] = {p.name: ChunkStats(atol_changed=np.zeros(tols.size, np.int64)) for p in pairs}
         masks: dict[str, np.ndarray] | None = None
         if crit is not None:
@@ -87,7 +87,7 @@ def diff(
             st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit)
             return st, (np.packbits(m, bitorder="little") if m is not None else None)
 
-        for job, results in map_chunks(jobs, fn, workers=threads, chunk=chunk, desc="diff", progress=progress):
+        for job, results in map_chunks(jobs, fn, workers=workers, chunk=chunk, desc="diff", progress=progress):
             pos8 = 0
             for st, packed in results:
                 stats[job.name].add(st)
@@ -95,13 +95,15 @@ def diff(
                     masks[job.name][pos8 : pos8 + packed.size] = packed
                     pos8 += packed.size
         result = _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta)
+        if masks is not None:
+            masks = {p.name: masks[p.name] for p in pairs if not p.buffer}  # buffers are not parameters
         result.mask_bits = masks
         if masks is not None:
             result.fingerprints = {"base": cb.fingerprint(), "tuned": ct.fingerprint()}
         if rank:
             from .rank import rank_pairs
 
-            result.rank = rank_pairs(cb, ct, pairs, rtol=rank_rtol, progress=progress)
+            result.rank = rank_pairs(cb, ct, [p for p in pairs if not p.buffer], rtol=rank_rtol, progress=progress)
     finally:
         if not isinstance(base, Checkpoint):
             cb.close()
@@ -113,12 +115,12 @@ def diff(
 
 def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult:
     pos = {float(t): i for i, t in enumerate(tols)}
-    tensors = []
+    tensors, buffers = [], []
     for p in pairs:
         s = stats[p.name]
         if s.atol_changed.size == 0:
             s.atol_changed = np.zeros(tols.size, np.int64)
-        tensors.append(
+        (buffers if p.buffer else tensors).append(
             TensorDiff(
                 name=p.name,
                 shape=list(p.shape),
@@ -128,9 +130,10 @@ def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult
                 atol=[{"atol": t, "changed": int(s.atol_changed[pos[t]])} for t in tols_user],
                 bf16_rel_changed=s.rel_changed,
                 ulp_hist={lab: int(c) for lab, c in zip(ULP_LABELS, s.ulp_hist)},
-                max_abs_delta=s.max_abs if s.nonfinite == 0 else math.inf,
-                l2_delta=math.sqrt(s.sumsq_delta) if s.nonfinite == 0 else math.inf,
-                l2_base=math.sqrt(s.sumsq_base) if math.isfinite(s.sumsq_base) else math.inf,
+                max_abs_delta=s.max_abs if s.nonfinite == 0 else math.nan,
+                l2_delta=math.sqrt(s.sumsq_delta) if s.nonfinite == 0 else math.nan,
+                l2_base=math.sqrt(s.sumsq_base) if math.isfinite(s.sumsq_base) else math.nan,
+                nonfinite=s.nonfinite,
                 layer=layer_index(p.name),
                 kind=module_kind(p.name),
                 tuned_dtype=p.b.dtype.torch_name,
@@ -145,7 +148,12 @@ def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult
         atol_tot.append({"atol": t, "changed": c, "sparsity": 1 - c / numel if numel else 1.0})
     rel = sum(t.bf16_rel_changed for t in tensors)
     hist = {lab: sum(t.ulp_hist[lab] for t in tensors) for lab in ULP_LABELS}
-    notes = []
+    notes = tie_notes(pairs)
+    if buffers:
+        notes.append(f"{len(buffers)} stored non-parameter buffers (e.g. {buffers[0].name}) are reported under 'buffers' and not counted in any sparsity")
+    nonfinite = sum(t.nonfinite for t in tensors)
+    if nonfinite:
+        notes.append(f"{nonfinite} changed entries have a non-finite value or difference: their max |Δ| and L2 are null in JSON")
     mixed = sorted({(t.dtype, t.tuned_dtype) for t in tensors if t.dtype != t.tuned_dtype})
     for a, b in mixed:
         notes.append(f"tensors stored as {a} in base and {b} in tuned were compared by value after exact widening to float64")
@@ -161,6 +169,7 @@ def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult
         ulp_hist=hist,
         tensors=tensors,
         skipped=[{"name": s.name, "reason": s.reason} for s in skipped],
+        buffers=buffers,
         by_layer=group(tensors, lambda t: "-" if t.layer is None else str(t.layer), tols_user),
         by_module=group(tensors, lambda t: t.kind, tols_user),
         paper_layerwise_density=float(np.mean(paper)) if paper else None,

@@ -16,6 +16,7 @@ import numpy as np
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ..io.checkpoint import Checkpoint, iter_chunks
+from ..io.errors import InputError
 
 DEFAULT_CHUNK = 1 << 18  # elements per chunk (cache-sized buffers) (a multiple of 8, so packed mask bits concatenate)
 
@@ -34,7 +35,7 @@ class Job:
         return sum(ck.tensors[n].dtype.itemsize for ck, n in self.sources) * self.numel
 
 
-def default_threads() -> int:
+def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -54,26 +55,41 @@ def make_progress(enabled: bool = True) -> Progress:
 # -- process-parallel map over whole tensors ----------------------------------------------------------
 # The probes are many short numpy calls; threads contend for the GIL on them, so tensor-level work is
 # spread over forked worker processes instead (each reads its own chunks with pread; only small results
-# travel back). ``_TASK`` is set in the parent right before forking and inherited by the workers.
-_TASK: tuple | None = None
+# travel back). The task reaches the workers as the initializer's arguments, which ``fork`` hands over by
+# copying memory (nothing is pickled); only the workers keep it, in their own copy of this module.
+_WORKER_TASK: tuple | None = None  # set in worker processes only
 
 
-def _tune_malloc() -> None:
-    """Keep freed chunk buffers in the heap (no mmap/munmap and page faults per temporary array)."""
+def _worker_init(task: tuple, parent: int) -> None:
+    """In each worker: die with the parent, keep freed chunk buffers in the heap, hold the task."""
+    global _WORKER_TASK
+    import signal
+
+    _WORKER_TASK = task
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts the pool down
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: killed when the parent dies, however it dies
+        # no mmap/munmap (and page faults) per temporary array; these are our own processes
         libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 28)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError):  # not Linux/glibc
         pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
-def _run_task(i: int):
-    jobs, fn, chunk = _TASK  # type: ignore[misc]
+def _run(task: tuple, i: int):
+    jobs, fn, chunk = task
     job = jobs[i]
     return i, [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources]) for start, count in iter_chunks(job.numel, chunk)]
+
+
+def _run_in_worker(i: int):
+    return _run(_WORKER_TASK, i)  # type: ignore[arg-type]
 
 
 def map_chunks(
@@ -86,38 +102,42 @@ def map_chunks(
 ) -> Iterator[tuple[Job, list]]:
     """Yield ``(job, [fn(job, start, raws) for each chunk])`` per job, jobs spread over processes.
 
-    ``workers`` processes (default: CPU count) each take whole tensors, largest first. With one worker,
-    or where ``fork`` is unavailable, everything runs in this process.
+    ``workers`` processes (default: CPU count, never more than there are jobs) each take whole tensors,
+    largest first. With one worker, or where ``fork`` is unavailable, everything runs in this process.
+    On the first error (or an interruption) the pending jobs are cancelled and the workers stopped.
     """
-    global _TASK
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if chunk <= 0 or chunk % 8:
         raise ValueError("chunk must be a positive multiple of 8")
-    _tune_malloc()
-    workers = workers or default_threads()
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise InputError(f"--workers: {workers!r} must be a positive integer.")
+    workers = min(workers or default_workers(), max(1, len(jobs)))
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].nbytes)
     total = sum(j.nbytes for j in jobs)
+    task = (jobs, fn, chunk)
     with make_progress(progress) as bar:
-        task = bar.add_task(desc, total=total)
-        if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
-            _TASK = (jobs, fn, chunk)
-            try:
-                for i in order:
-                    _, res = _run_task(i)
-                    bar.advance(task, jobs[i].nbytes)
-                    yield jobs[i], res
-            finally:
-                _TASK = None
+        bar_task = bar.add_task(desc, total=total)
+        if workers <= 1 or "fork" not in mp.get_all_start_methods():
+            for i in order:
+                _, res = _run(task, i)
+                bar.advance(bar_task, jobs[i].nbytes)
+                yield jobs[i], res
             return
-        _TASK = (jobs, fn, chunk)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
+                                   initializer=_worker_init, initargs=(task, os.getpid()))
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-                futs = [pool.submit(_run_task, i) for i in order]
-                for f in as_completed(futs):
-                    i, res = f.result()
-                    bar.advance(task, jobs[i].nbytes)
-                    yield jobs[i], res
+            futs = [pool.submit(_run_in_worker, i) for i in order]
+            for f in as_completed(futs):
+                i, res = f.result()
+                bar.advance(bar_task, jobs[i].nbytes)
+                yield jobs[i], res
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in list(getattr(pool, "_processes", {}).values()):
+                if p.is_alive():
+                    p.kill()
+            raise
         finally:
-            _TASK = None
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -14,7 +14,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..io.dtypes import DType, dot, is_zero_bits, sumsq, ulp_exponent, widen, widen32
+from ..io.bits import changed_index
+from ..io.dtypes import DType, dot, sumsq, ulp_exponent, widen, widen32
 
 # Buckets of |Δ| / ULP(w0): "0" (unchanged), "<1", "1" = [1,2), "2" = [2,3), "3-4" = [3,5), ...
 ULP_EDGES = np.array([1, 2, 3, 5, 9, 17, 33, 65, 129, 257], dtype=np.float64)
@@ -66,17 +67,8 @@ def differing(ra: np.ndarray, rb: np.ndarray, da: DType, db: DType) -> tuple[np.
     dtypes: the exactly widened values differ (two NaNs count as equal).
     """
     if da.name == db.name:
-        idx = np.flatnonzero(ra != rb)
-        if idx.size == 0:
-            e = np.zeros(0, np.float64)
-            return idx, e, e
-        sa, sb = ra[idx], rb[idx]
-        if da.is_float:
-            both_zero = is_zero_bits(sa, da) & is_zero_bits(sb, db)
-            if both_zero.any():
-                keep = ~both_zero
-                idx, sa, sb = idx[keep], sa[keep], sb[keep]
-        return idx, widen(sa, da), widen(sb, db)
+        idx = changed_index(ra, rb, da.is_float)
+        return idx, widen(ra[idx], da), widen(rb[idx], db)
     fa, fb = widen(ra, da), widen(rb, db)
     with np.errstate(invalid="ignore"):
         neq = (fa != fb) & ~(np.isnan(fa) & np.isnan(fb))
@@ -205,13 +197,8 @@ def probe_chunk(
             st.sumsq_base = sumsq(ra, da)
     mask = np.zeros(ra.size, dtype=bool) if mask_criterion is not None else None
     if da.name == db.name and da.name in _FAST16 and (mask_criterion is None or mask_criterion[0] == "bitwise"):
-        idx = np.flatnonzero(ra != rb)
-        if idx.size:
-            sa, sb = ra[idx], rb[idx]
-            zero = ((sa | sb) & np.uint16(0x7FFF)) == 0
-            if zero.any():
-                keep = ~zero
-                idx, sa, sb = idx[keep], sa[keep], sb[keep]
+        idx = changed_index(ra, rb)
+        sa, sb = ra[idx], rb[idx]
         n = idx.size
         st.changed = int(n)
         st.ulp_hist[0] = st.numel - n

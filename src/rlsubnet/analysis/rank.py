@@ -14,6 +14,7 @@ from ..io.align import Pair, align
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.dtypes import widen
 from ..io.errors import InputError
+from ..io.jsonout import dumps
 from .naming import layer_index, module_kind
 
 
@@ -50,9 +51,7 @@ class RankResult:
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=indent)
+        return dumps(self.to_dict(), indent=indent)
 
 
 def _included(p: Pair) -> bool:
@@ -92,17 +91,21 @@ def rank_pairs(
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     eps = float(torch.finfo(tdt).eps)
     rows: list[MatrixRank] = []
-    excluded = []
-    todo = [p for p in pairs if _included(p)]
-    excluded = [p.name for p in pairs if not _included(p)]
+    todo = [p for p in pairs if _included(p) and not p.buffer]
+    excluded: list[str] = [p.name for p in pairs if not _included(p) or p.buffer]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("rank", total=len(todo))
         for p in todo:
             n = p.numel
-            a = widen(cb.read(p.name, 0, n), p.a.dtype)
-            b = widen(ct.read(p.name, 0, n), p.b.dtype)
-            np.subtract(b, a, out=b)
+            a = widen(cb.read(p.src_a, 0, n), p.a.dtype)
+            b = widen(ct.read(p.src_b, 0, n), p.b.dtype)
+            with np.errstate(invalid="ignore", over="ignore"):
+                np.subtract(b, a, out=b)
             del a
+            if not np.isfinite(b).all():
+                excluded.append(f"{p.name} (its update has non-finite entries, so it has no rank)")
+                bar.advance(task)
+                continue
             delta = torch.from_numpy(b.reshape(p.shape)).to(device=dev, dtype=tdt)
             del b
             sv = torch.linalg.svdvals(delta)

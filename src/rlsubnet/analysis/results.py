@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..io.jsonout import dumps
+
 
 def _sparsity(changed: int, numel: int) -> float:
     return 1.0 - changed / numel if numel else 1.0
@@ -30,6 +32,7 @@ class TensorDiff:
     kind: str
     tuned_dtype: str
     sliced: bool = False
+    nonfinite: int = 0  # changed entries whose value or difference is not finite (then max/L2 are NaN → null)
 
     @property
     def sparsity(self) -> float:
@@ -83,6 +86,7 @@ class DiffResult:
     ulp_hist: dict[str, int]
     tensors: list[TensorDiff]
     skipped: list[dict]
+    buffers: list[TensorDiff] = field(default_factory=list)  # stored non-parameter buffers, not counted
     by_layer: list[Group] = field(default_factory=list)
     by_module: list[Group] = field(default_factory=list)
     paper_layerwise_density: float | None = None
@@ -101,10 +105,12 @@ class DiffResult:
         return _sparsity(self.bf16_rel_changed, self.numel)
 
     def atol_sparsity(self, tol: float) -> float:
+        """Sparsity at absolute tolerance ``tol`` (one of the tolerances the diff computed)."""
         for a in self.atol:
             if a["atol"] == tol:
                 return a["sparsity"]
-        raise KeyError(tol)
+        computed = ", ".join(f"{a['atol']:g}" for a in self.atol)
+        raise ValueError(f"tolerance {tol!r} was not computed by this diff (computed: {computed}); pass it in atol=[...]")
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {
@@ -121,6 +127,7 @@ class DiffResult:
             },
             "tensors": [t.to_dict() for t in self.tensors],
             "skipped": list(self.skipped),
+            "buffers": [t.to_dict() for t in self.buffers],
             "by_layer": [g.to_dict() for g in self.by_layer],
             "by_module": [g.to_dict() for g in self.by_module],
             "notes": list(self.notes),
@@ -131,4 +138,4 @@ class DiffResult:
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return dumps(self.to_dict(), indent=indent)

@@ -1,9 +1,26 @@
 """Finding, validating and reading checkpoints in bounded memory.
 
-A :class:`Checkpoint` is a validated table of tensors (name → :class:`TensorInfo`) over one or more files.
-Safetensors files are read with ``os.pread`` into small buffers, so reading a chunk never maps or loads
-more than that chunk, whatever the size of a tensor or a shard. ``.bin`` files are unpickled only with
+Two objects, as in mergekit's ``ShardedTensorIndex`` and its loader: a :class:`CheckpointIndex` is data
+(names, dtypes, shapes, byte offsets, files, config), and a :class:`Checkpoint` is a reader over one
+index (open file descriptors, ``pread``). ``.bin`` files are unpickled only with
 ``torch.load(weights_only=True)`` and memory-mapped where the file format allows it.
+
+**Why the safetensors header is parsed here and not by the safetensors library.** The engine reads flat
+element ranges ``[start, start+count)`` of a tensor straight into a preallocated numpy buffer with one
+``os.preadv`` per chunk (no mmap, so resident memory stays at the chunk size whatever the shard size, and
+forked workers share nothing but the file descriptor), and it handles bf16 as raw ``uint16`` without
+torch. ``safe_open(...).get_slice`` slices along dimensions, needs a framework tensor type for bf16, and
+maps the whole file. So the header (a few KB of JSON) is parsed by hand, with checks at least as strict
+as the library's own: the 8-byte length and its 100 MB limit, a JSON object without duplicate keys,
+known dtypes, non-negative integer shapes whose size matches the byte range, and byte ranges that are
+contiguous from 0 and cover the data exactly (no gap, no overlap, no trailing bytes). Mask files, which
+are small and read whole, use ``safe_open`` itself.
+
+Nothing outside what the user named is read: index entries are plain relative names inside the
+checkpoint folder, resolved through symbolic links only as far as the folder itself (or, for a Hugging
+Face cache snapshot, the repository's ``blobs`` folder); every file must be a regular file (a FIFO or a
+device is refused before it is opened), and a cache reference's revision must name a snapshot of that
+repository.
 """
 
 from __future__ import annotations
@@ -12,8 +29,8 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
-import threading
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -63,8 +80,8 @@ class TensorInfo:
 
 
 @dataclass
-class Checkpoint:
-    """A validated checkpoint: its tensors, its config, and the tied names it holds."""
+class CheckpointIndex:
+    """What a checkpoint holds and where: plain data, no open files."""
 
     path: str  # as the user named it
     root: Path  # the folder (or the file's folder)
@@ -72,18 +89,31 @@ class Checkpoint:
     files: list[str]
     tensors: dict[str, TensorInfo]
     config: dict | None = None
-    aliases: dict[str, str] = field(default_factory=dict)  # tied name -> name it is tied to
-    _fds: dict[str, int] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    shared_head: bool = False  # a .bin stores its head in the embedding's storage (how torch saves ties)
+
+
+class Checkpoint:
+    """A reader over one :class:`CheckpointIndex`: open file descriptors and ``pread``."""
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+        self._fds: dict[str, int] = {}
+
+    # the index's fields, for convenience
+    path = property(lambda self: self.index.path)
+    root = property(lambda self: self.index.root)
+    format = property(lambda self: self.index.format)
+    files = property(lambda self: self.index.files)
+    tensors = property(lambda self: self.index.tensors)
+    config = property(lambda self: self.index.config)
 
     # -- reading -------------------------------------------------------------------------------------
     def _fd(self, file: str) -> int:
-        with self._lock:
-            fd = self._fds.get(file)
-            if fd is None:
-                fd = os.open(file, os.O_RDONLY)
-                self._fds[file] = fd
-            return fd
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+            self._fds[file] = fd
+        return fd
 
     def read(self, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
         """Raw storage bits of elements ``[start, start+count)`` of the row-major flattened tensor."""
@@ -92,13 +122,9 @@ class Checkpoint:
             count = info.numel - start
         raw_t = info.dtype.raw
         if info.obj is not None:
-            import torch
+            from .bits import torch_raw
 
-            flat = info.obj.reshape(-1)[start : start + count]
-            int_view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[info.dtype.itemsize]
-            if flat.dtype == torch.bool:
-                flat = flat.to(torch.uint8)
-            return flat.contiguous().view(int_view).numpy().view(raw_t).copy()
+            return torch_raw(info.obj.reshape(-1)[start : start + count]).copy()
         out = np.empty(count, dtype=raw_t)
         nbytes = count * info.dtype.itemsize
         got = os.preadv(self._fd(info.file), [memoryview(out).cast("B")], info.offset + start * info.dtype.itemsize)
@@ -106,11 +132,21 @@ class Checkpoint:
             raise InputError(f"{info.file}: file is truncated while reading tensor '{name}'.")
         return out
 
+    def same_bits(self, a: str, b: str, chunk: int = 1 << 20) -> bool:
+        """True when stored tensors ``a`` and ``b`` have the same dtype, shape and bits."""
+        ia, ib = self.tensors[a], self.tensors[b]
+        if ia.dtype != ib.dtype or ia.shape != ib.shape:
+            return False
+        return all(np.array_equal(self.read(a, s, c), self.read(b, s, c)) for s, c in iter_chunks(ia.numel, chunk))
+
+    def ties_head(self) -> bool:
+        """Whether this model ties its output head to its input embedding, by transformers' own rule."""
+        return self.index.shared_head or tie_word_embeddings(self.config)
+
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -138,6 +174,25 @@ class Checkpoint:
         return "sha256:" + h.hexdigest()[:32]
 
 
+def tie_word_embeddings(config: dict | None) -> bool:
+    """``tie_word_embeddings`` as transformers reads it: the config's value, else its model type's default."""
+    if not config:
+        return False
+    for c in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else None):
+        if c and "tie_word_embeddings" in c:
+            return c["tie_word_embeddings"] is True
+    mt = config.get("model_type")
+    if not isinstance(mt, str):
+        return False
+    try:
+        from transformers import CONFIG_MAPPING, PretrainedConfig
+
+        cls = CONFIG_MAPPING[mt] if mt in CONFIG_MAPPING else PretrainedConfig
+        return bool(getattr(cls(), "tie_word_embeddings", False))
+    except Exception:  # a config class that cannot be built without arguments: no tie assumed
+        return False
+
+
 # -- safetensors --------------------------------------------------------------------------------------
 def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header; returns its tensors and metadata.
@@ -145,6 +200,7 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
     Checks the header length, the JSON, every dtype name and shape, that every tensor's byte range has
     the size its shape and dtype imply, lies inside the file and overlaps no other tensor.
     """
+    require_regular(path)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
@@ -152,13 +208,17 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             if len(head) < 8:
                 raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER:
+                raise InputError(f"{path}: corrupt safetensors file (header length {n} exceeds the limit of {MAX_HEADER} bytes).")
+            if 8 + n > size:
                 raise InputError(f"{path}: corrupt or truncated safetensors file (header length {n} exceeds the file).")
             raw = fh.read(n)
     except OSError as e:
         raise InputError(f"{path}: cannot read file ({e.strerror}).") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise InputError(f"{path}: corrupt safetensors header (key {printable_key(e.key)} appears twice).") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InputError(f"{path}: corrupt safetensors file (its header is not valid JSON).") from None
     if not isinstance(header, dict):
@@ -197,11 +257,36 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             )
         ranges.append((b, e, name))
         tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + b)
-    ranges = sorted(r for r in ranges if r[1] > r[0])
-    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
-        if b1 < e0:
-            raise InputError(f"{path}: corrupt safetensors header (tensors '{n0}' and '{n1}' overlap).")
+    # as the safetensors library requires: byte ranges contiguous from 0, covering the data exactly
+    end, prev = 0, None
+    for b, e, name in sorted(ranges):
+        if b < end:
+            raise InputError(f"{path}: corrupt safetensors header (tensors '{prev}' and '{name}' overlap).")
+        if b > end:
+            raise InputError(f"{path}: corrupt safetensors header (a gap of {b - end} bytes before tensor '{name}').")
+        end, prev = e, name
+    if end != data_len:
+        raise InputError(f"{path}: corrupt safetensors file ({data_len - end} bytes after the last tensor's data).")
     return tensors, meta
+
+
+class _Duplicate(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list) -> dict:
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _Duplicate(k)
+        d[k] = v
+    return d
+
+
+def printable_key(k: str) -> str:
+    return repr(k[:80])
 
 
 # -- .bin ---------------------------------------------------------------------------------------------
@@ -211,6 +296,7 @@ def _load_bin(path: str) -> dict[str, TensorInfo]:
 
     import torch
 
+    require_regular(path)
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -236,31 +322,58 @@ def _load_bin(path: str) -> dict[str, TensorInfo]:
     return out
 
 
-def _bin_aliases(tensors: dict[str, TensorInfo]) -> dict[str, str]:
-    """Names in a .bin that share storage (same data, shape and stride) with an earlier name."""
-    seen: dict[tuple, str] = {}
-    aliases = {}
-    for name in sorted(tensors, key=lambda n: (n in HEAD_NAMES, n)):
-        t = tensors[name].obj
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-    return aliases
+def _bin_shared_head(tensors: dict[str, TensorInfo]) -> bool:
+    """True when a .bin stores its head in the same storage as its embedding (torch's way of saving ties)."""
+    for h in HEAD_NAMES:
+        for e in EMBED_NAMES:
+            if h in tensors and e in tensors:
+                a, b = tensors[h].obj, tensors[e].obj
+                if a.numel() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and \
+                        a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride():
+                    return True
+    return False
 
 
 # -- resolving a user's path ---------------------------------------------------------------------------
+def require_regular(path: str | os.PathLike) -> None:
+    """Refuse anything but a regular file (a FIFO would block forever, a device never ends)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read file ({e.strerror}).") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket cannot be a checkpoint).")
+
+
+def _allowed_roots(root: Path) -> list[Path]:
+    """Where files of the folder ``root`` may really live: the folder, and for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/REV``) the repository's ``blobs`` folder it links into."""
+    real = Path(os.path.realpath(root))
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _within(path: str, roots: list[Path]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(real == r or r in real.parents for r in roots)
+
+
 def _inside(root: Path, rel: str, index_path: Path) -> str:
-    """Join an index entry to its folder, refusing absolute paths and any escape from the folder."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+    """Join an index entry to its folder, refusing absolute paths and any escape from the folder
+    (including through symbolic links)."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\0" in rel:
         raise InputError(f"{index_path}: index entry {rel!r} is not a file name inside the checkpoint folder.")
     norm = os.path.normpath(rel)
-    if norm.startswith("..") or norm == ".":
+    if norm == "." or norm == ".." or norm.startswith("../"):
         raise InputError(f"{index_path}: index entry {rel!r} points outside the checkpoint folder.")
     full = root / norm
-    if not full.is_file():
+    if not os.path.lexists(full):
         raise InputError(f"{index_path}: index entry {rel!r} names a file that does not exist.")
+    if not _within(str(full), _allowed_roots(root)):
+        raise InputError(f"{index_path}: index entry {rel!r} links to a file outside the checkpoint folder.")
+    require_regular(full)
     return str(full)
 
 
@@ -285,21 +398,41 @@ def hf_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.path.expanduser(home)) / "hub"
 
 
+_REV_RE = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")
+
+
 def resolve_hf_cache(ref: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Resolve ``org/name[@revision]`` to its snapshot folder in the local cache, never downloading."""
+    """Resolve ``org/name[@revision]`` to its snapshot folder in the local cache, never downloading.
+
+    The revision is a branch or tag (looked up in ``refs/``) or a commit hash; it may not climb out of
+    the repository (``..``), and the snapshot it names must be a folder under ``snapshots/``.
+    """
     repo, _, rev = ref.partition("@")
+    rev = rev or "main"
+    if not _REV_RE.match(rev) or any(part in (".", "..") for part in rev.split("/")):
+        raise InputError(f"{ref}: revision {rev!r} is not a branch, tag or commit name.")
     root = hf_cache_dir(cache_dir) / ("models--" + repo.replace("/", "--"))
     if not root.is_dir():
         raise InputError(f"{ref}: no such path, and not in the Hugging Face cache at {root.parent} (rlsubnet never downloads).")
-    rev = rev or "main"
     ref_file = root / "refs" / rev
-    snap = root / "snapshots" / (ref_file.read_text().strip() if ref_file.is_file() else rev)
+    commit = rev
+    if ref_file.is_file():
+        try:
+            commit = ref_file.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            raise InputError(f"{ref_file}: not a readable reference (expected a commit hash in UTF-8).") from None
+        if not re.fullmatch(r"[\w.\-]+", commit) or commit in (".", ".."):
+            raise InputError(f"{ref_file}: does not hold a commit hash.")
+    snaps_dir = root / "snapshots"
+    snap = snaps_dir / commit
     if not snap.is_dir():
-        snaps = sorted((root / "snapshots").glob("*")) if (root / "snapshots").is_dir() else []
+        snaps = sorted(snaps_dir.glob("*")) if snaps_dir.is_dir() else []
         if len(snaps) == 1 and not ref_file.is_file() and rev == "main":
             snap = snaps[0]
         else:
             raise InputError(f"{ref}: revision '{rev}' is not in the Hugging Face cache at {root}.")
+    if not _within(str(snap), [Path(os.path.realpath(snaps_dir))]):
+        raise InputError(f"{ref}: snapshot '{commit}' links outside the cache folder {root}.")
     return snap
 
 
@@ -348,6 +481,10 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
             kind, wm, files = "safetensors", None, st
         if wm is not None:
             files = sorted(set(wm.values()))
+        roots = _allowed_roots(root)
+        for f in files:
+            if not _within(f, roots):
+                raise InputError(f"{f}: links to a file outside the checkpoint folder {shown}; refusing to read it.")
     else:
         root = p.parent
         name = p.name
@@ -361,15 +498,16 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
             kind, wm, files = "bin", None, [str(p)]
         else:
             raise InputError(f"{shown}: not a checkpoint file (expected .safetensors, .bin or an index .json).")
+        require_regular(p)
 
     tensors: dict[str, TensorInfo] = {}
-    aliases: dict[str, str] = {}
+    shared_head = False
     for f in files:
         if f.endswith(".safetensors"):
             ts, _ = read_safetensors_header(f)
         else:
             ts = _load_bin(f)
-            aliases.update(_bin_aliases(ts))
+            shared_head = shared_head or _bin_shared_head(ts)
         for name, info in ts.items():
             if wm is not None and wm.get(name, f) != f:
                 continue  # the index says this tensor lives in another shard
@@ -383,12 +521,7 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
     if not tensors:
         raise InputError(f"{shown}: checkpoint holds no tensors.")
     config = _load_config(root)
-    if config and config.get("tie_word_embeddings") is True:
-        emb = next((e for e in EMBED_NAMES if e in tensors), None)
-        for h in HEAD_NAMES:
-            if h in tensors and emb and h not in aliases:
-                aliases[h] = emb
-    return Checkpoint(shown, root, kind, files, tensors, config, aliases)
+    return Checkpoint(CheckpointIndex(shown, root, kind, files, tensors, config, shared_head))
 
 
 def iter_chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:

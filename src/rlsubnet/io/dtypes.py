@@ -112,13 +112,6 @@ def ulp_exponent(raw: np.ndarray, dtype: DType) -> np.ndarray:
     return np.maximum(e, 1) - dtype.exponent_bias - dtype.mantissa_bits
 
 
-def is_zero_bits(raw: np.ndarray, dtype: DType) -> np.ndarray:
-    """True where the bits encode +0 or -0 (floats) or 0 (integers)."""
-    if dtype.is_float:
-        return (raw & raw.dtype.type(~dtype.sign_mask & ((1 << (8 * dtype.itemsize)) - 1))) == 0
-    return raw == 0
-
-
 def dot(x: np.ndarray) -> float:
     """Σ x² without BLAS: OpenBLAS may spin extra threads per call, which starves parallel workers."""
     return float(np.einsum("i,i->", x, x))

@@ -1,10 +1,10 @@
 """The subnetwork as data: masks, their file format, set algebra, overlap and closeness."""
 
-from .closeness import ClosenessResult, FrozenCheck, changes_by_mask, closeness
+from .closeness import ClosenessResult, closeness
 from .overlap import OverlapResult, PairOverlap, consensus, overlap, overlap_stats
 from .subnetwork import FORMAT, Subnetwork, load_masks
 
 __all__ = [
-    "FORMAT", "ClosenessResult", "FrozenCheck", "OverlapResult", "PairOverlap", "Subnetwork", "changes_by_mask",
+    "FORMAT", "ClosenessResult", "OverlapResult", "PairOverlap", "Subnetwork",
     "closeness", "consensus", "load_masks", "overlap", "overlap_stats",
 ]

@@ -3,12 +3,13 @@ moved relative to a mask (the frozen-entry check of masked training)."""
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..io.jsonout import dumps
 from ..analysis.diff import DEFAULT_ATOL, check_tolerances
 from ..analysis.engine import Job, map_chunks
 from ..analysis.probes import atol_exceed, differing
@@ -41,7 +42,7 @@ class ClosenessResult:
         return asdict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return dumps(self.to_dict(), indent=indent)
 
 
 def _eq_list(tols, exceed, numel):
@@ -57,23 +58,25 @@ def _check_mask(mask: Subnetwork, pairs, what: str) -> None:
         raise InputError(f"{mask.path}: mask has no entry for parameter '{missing[0]}'.")
 
 
-def closeness(init: str, a: str, b: str, mask: str | Subnetwork | None = None, atol=DEFAULT_ATOL,
-              threads: int | None = None, progress: bool = False) -> ClosenessResult:
+def closeness(init: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLike,
+              mask: str | os.PathLike | Subnetwork | None = None, atol=DEFAULT_ATOL,
+              workers: int | None = None, progress: bool = False, cache_dir: str | None = None) -> ClosenessResult:
     """Fraction of parameters where A and B are equal at each tolerance (|A−B| ≤ tol; 0 = same bits)."""
     tols_user = check_tolerances(atol)
     tols = np.unique(np.array(tols_user))
     pos = [int(np.searchsorted(tols, t)) for t in tols_user]
-    m = Subnetwork.load(mask) if isinstance(mask, str) else mask
-    with open_checkpoint(init) as ci, open_checkpoint(a) as ca, open_checkpoint(b) as cb:
+    m = mask if mask is None or isinstance(mask, Subnetwork) else Subnetwork.load(mask)
+    init, a, b = str(init), str(a), str(b)
+    with open_checkpoint(init, cache_dir) as ci, open_checkpoint(a, cache_dir) as ca, open_checkpoint(b, cache_dir) as cb:
         pairs_ab, skipped = align(ca, cb)
         pairs_ia, skipped_i = align(ci, ca)
-        init_names = {p.name for p in pairs_ia if not p.sliced}
-        pairs = [p for p in pairs_ab if p.name in init_names and not p.sliced]
+        init_src = {p.name: p.src_a for p in pairs_ia if not p.sliced}
+        pairs = [p for p in pairs_ab if p.name in init_src and not p.sliced and not p.buffer]
         if not pairs:
             raise InputError(f"{init}, {a} and {b}: the three checkpoints have no tensor in common.")
         if m is not None:
             _check_mask(m, pairs, "the checkpoints'")
-        jobs = [Job(p.name, [(ci, p.name), (ca, p.name), (cb, p.name)], p.numel, payload=p) for p in pairs]
+        jobs = [Job(p.name, [(ci, init_src[p.name]), (ca, p.src_a), (cb, p.src_b)], p.numel, payload=p) for p in pairs]
         acc = {p.name: {"ex": np.zeros(tols.size, np.int64), "in": np.zeros(tols.size, np.int64),
                         "out": np.zeros(tols.size, np.int64), "nin": 0, "ab2": 0.0, "ai2": 0.0} for p in pairs}
 
@@ -86,7 +89,7 @@ def closeness(init: str, a: str, b: str, mask: str | Subnetwork | None = None, a
             k = atol_exceed(absd, fa, fb, tols)
             ex = np.bincount(k, minlength=tols.size + 1)[::-1].cumsum()[::-1][1:]
             res = {"ex": ex, "ab2": dot(absd) if absd.size else 0.0}
-            di, fi, fa2 = differing(ri, ra, ci.tensors[p.name].dtype, p.a.dtype)
+            di, fi, fa2 = differing(ri, ra, ci.tensors[init_src[p.name]].dtype, p.a.dtype)
             dd = fa2 - fi
             res["ai2"] = dot(dd) if dd.size else 0.0
             if m is not None:
@@ -97,7 +100,7 @@ def closeness(init: str, a: str, b: str, mask: str | Subnetwork | None = None, a
                 res["nin"] = int(np.count_nonzero(bits))
             return res
 
-        for job, results in map_chunks(jobs, fn, workers=threads, desc="closeness", progress=progress):
+        for job, results in map_chunks(jobs, fn, workers=workers, desc="closeness", progress=progress):
             s = acc[job.name]
             for r in results:
                 s["ex"] += r["ex"]
@@ -128,60 +131,3 @@ def closeness(init: str, a: str, b: str, mask: str | Subnetwork | None = None, a
         res.inside_mask = _eq_list(tols_user, [tin[j] for j in pos], nin)
         res.outside_mask = _eq_list(tols_user, [tot[j] - tin[j] for j in pos], numel - nin)
     return res
-
-
-@dataclass
-class FrozenCheck:
-    """Where a trained model moved relative to a mask: frozen entries must not move."""
-
-    init: str
-    trained: str
-    mask: str | None
-    numel: int
-    trainable: int
-    frozen: int
-    frozen_moved: int
-    trainable_changed: int
-    tensors: list[dict]
-
-    @property
-    def ok(self) -> bool:
-        return self.frozen_moved == 0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["ok"] = self.ok
-        return d
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-
-def changes_by_mask(init: str, trained: str, mask: str | Subnetwork, threads: int | None = None,
-                    progress: bool = False) -> FrozenCheck:
-    """Count entries outside the mask whose bits moved, and entries inside it that changed."""
-    m = Subnetwork.load(mask) if isinstance(mask, str) else mask
-    with open_checkpoint(init) as ci, open_checkpoint(trained) as ct:
-        pairs, _ = align(ci, ct)
-        pairs = [p for p in pairs if not p.sliced]
-        _check_mask(m, pairs, "the checkpoints'")
-        jobs = [Job(p.name, [(ci, p.name), (ct, p.name)], p.numel, payload=p) for p in pairs]
-        acc = {p.name: [0, 0, 0] for p in pairs}  # frozen_moved, trainable_changed, trainable
-
-        def fn(job, start, raws):
-            p = job.payload
-            idx, _, _ = differing(raws[0], raws[1], p.a.dtype, p.b.dtype)
-            bits = m.bits(p.name, start, raws[0].size)
-            inside = bits[idx]
-            return int(idx.size - np.count_nonzero(inside)), int(np.count_nonzero(inside)), int(np.count_nonzero(bits))
-
-        for job, results in map_chunks(jobs, fn, workers=threads, desc="verify", progress=progress):
-            for r in results:
-                for i in range(3):
-                    acc[job.name][i] += r[i]
-    rows = [{"name": p.name, "numel": p.numel, "trainable": acc[p.name][2], "frozen_moved": acc[p.name][0],
-             "trainable_changed": acc[p.name][1]} for p in pairs]
-    numel = sum(p.numel for p in pairs)
-    trainable = sum(r["trainable"] for r in rows)
-    return FrozenCheck(init, trained, m.path, numel, trainable, numel - trainable,
-                       sum(r["frozen_moved"] for r in rows), sum(r["trainable_changed"] for r in rows), rows)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..io.jsonout import dumps
 from ..analysis.naming import layer_index, module_kind
 from .subnetwork import Subnetwork, popcount
 
@@ -34,13 +35,13 @@ def overlap_stats(x: int, a: int, b: int, n: int) -> dict:
         "count_a": a,
         "count_b": b,
         "numel": n,
-        "o1": x / a if a else 0.0,
-        "o2": x / b if b else 0.0,
+        "o1": x / a if a else math.nan,  # undefined for an empty mask: null in JSON
+        "o2": x / b if b else math.nan,
         "o1_random": q,
         "o2_random": p,
-        "jaccard": x / union if union else 0.0,
+        "jaccard": x / union if union else math.nan,
         "jaccard_random": p * q / jr_den if jr_den else 0.0,
-        "ratio": x / mean if mean else float("nan"),
+        "ratio": x / mean if mean else math.nan,
         "z": (x - mean) / math.sqrt(var) if var > 0 else 0.0,
     }
 
@@ -79,7 +80,7 @@ class OverlapResult:
         return {"masks": self.masks, "pairs": [asdict(p) for p in self.pairs], "consensus": self.consensus}
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return dumps(self.to_dict(), indent=indent)
 
 
 def pair_overlap(A: Subnetwork, B: Subnetwork, ia: int = 0, ib: int = 1) -> PairOverlap:

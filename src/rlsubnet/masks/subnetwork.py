@@ -9,7 +9,7 @@ File format ``rlsubnet-mask/1`` (a safetensors file):
   (``bitwise``, ``atol:1e-05``, ``bf16rel:0.001``, or how the mask was made, e.g. ``random-global``);
   ``base`` and ``tuned`` (the checkpoint paths) with ``base_fingerprint`` and ``tuned_fingerprint``
   (content fingerprints, see :meth:`rlsubnet.io.Checkpoint.fingerprint`); ``counts`` = JSON
-  ``{name: ones}``.
+  ``{name: ones}`` (informational: readers recompute counts from the bits).
 
 One bit per parameter on disk; :meth:`Subnetwork.bool_tensor` hands one byte per parameter to training.
 """
@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from ..io.atomic import write_with
-from ..io.checkpoint import Checkpoint, read_safetensors_header
+from ..io.checkpoint import require_regular
 from ..io.errors import InputError
 
 FORMAT = "rlsubnet-mask/1"
@@ -50,7 +50,7 @@ class Subnetwork:
     """
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], bits: dict[str, np.ndarray] | None = None,
-                 meta: dict[str, str] | None = None, path: str | None = None, source: Checkpoint | None = None):
+                 meta: dict[str, str] | None = None, path: str | None = None, source: str | None = None):
         self.shapes = {k: tuple(int(x) for x in v) for k, v in shapes.items()}
         self._bits: dict[str, np.ndarray] = dict(bits or {})
         self.meta = dict(meta or {})
@@ -61,34 +61,43 @@ class Subnetwork:
     # -- construction --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Subnetwork":
-        """Open a mask file; validates its format, shapes and sizes before use."""
-        p = str(path)
-        if not os.path.isfile(p):
+        """Open a mask file with ``safe_open``; validates its format, shapes and sizes before use.
+
+        Counts are always recomputed from the bits (the ``counts`` metadata is informational and not
+        trusted); a padding bit that is set, a shape that is not a list of non-negative integers, or a
+        tensor whose size does not match its shape is refused. Nothing larger than the file is allocated.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        p = os.fspath(path)
+        if not os.path.exists(p):
             raise InputError(f"{p}: no such mask file.")
-        tensors, meta = read_safetensors_header(p)
+        require_regular(p)
+        try:
+            with safe_open(p, framework="numpy") as f:
+                meta = f.metadata() or {}
+                stored = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise InputError(f"{p}: not a valid mask file ({msg}).") from None
         if meta.get("format") != FORMAT:
             raise InputError(f"{p}: not an rlsubnet mask (metadata format is {meta.get('format')!r}, expected {FORMAT!r}).")
         try:
             shapes = json.loads(meta.get("shapes", ""))
-            assert isinstance(shapes, dict)
-            shapes = {k: tuple(int(x) for x in v) for k, v in shapes.items()}
-        except (ValueError, AssertionError, TypeError):
+        except (ValueError, RecursionError):
             raise InputError(f"{p}: corrupt mask file (the 'shapes' metadata is not valid JSON).") from None
-        if set(shapes) != set(tensors):
+        if not isinstance(shapes, dict) or not all(
+            isinstance(v, list) and all(type(x) is int and 0 <= x < 2**48 for x in v) for v in shapes.values()
+        ):
+            raise InputError(f"{p}: corrupt mask file (the 'shapes' metadata must map names to lists of non-negative integers).")
+        shapes = {k: tuple(v) for k, v in shapes.items()}
+        if set(shapes) != set(stored):
             raise InputError(f"{p}: corrupt mask file (its 'shapes' metadata and its tensors name different parameters).")
-        for name, info in tensors.items():
+        for name, (dt, shape) in stored.items():
             need = (prod(shapes[name]) + 7) // 8
-            if info.dtype.name != "U8" or len(info.shape) != 1 or info.shape[0] != need:
+            if dt not in ("U8", "uint8") or len(shape) != 1 or shape[0] != need:
                 raise InputError(f"{p}: corrupt mask file (tensor '{name}' should be {need} packed uint8 bytes).")
-        ck = Checkpoint(p, os.path.dirname(p) or ".", "mask", [p], tensors)  # type: ignore[arg-type]
-        counts = meta.get("counts")
-        sub = cls(shapes, meta=meta, path=p, source=ck)
-        if counts:
-            try:
-                sub._counts = {k: int(v) for k, v in json.loads(counts).items()}
-            except (ValueError, AttributeError, TypeError):
-                raise InputError(f"{p}: corrupt mask file (the 'counts' metadata is not valid JSON).") from None
-        return sub
+        return cls(shapes, meta=meta, path=p, source=p)
 
     @classmethod
     def from_diff(cls, result, criterion: str = "bitwise") -> "Subnetwork":
@@ -144,7 +153,13 @@ class Subnetwork:
         if b is None:
             if self._source is None or name not in self.shapes:
                 raise KeyError(name)
-            b = self._source.read(name)
+            from safetensors import safe_open
+
+            with safe_open(self._source, framework="numpy") as f:
+                b = np.ascontiguousarray(f.get_tensor(name), dtype=np.uint8)
+            n = self.numel(name)
+            if n % 8 and b.size and b[-1] >> (n % 8):
+                raise InputError(f"{self.path}: corrupt mask file (padding bits after the last entry of '{name}' are set).")
             self._bits[name] = b
         return b
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..analysis.results import DiffResult, Group
 from ..io.atomic import write_text
-from .fmt import num, pct, tol
+from .fmt import num, pct, safe, tol
 
 
 def _rows(result: DiffResult, by: str) -> list[dict]:
@@ -35,7 +35,7 @@ def _rows(result: DiffResult, by: str) -> list[dict]:
 def print_diff(result: DiffResult, by: str = "module", console: Console | None = None, limit: int = 60) -> None:
     """The readable summary: headline, tolerance sweep, grouped table, ULP histogram, skipped tensors."""
     con = console or Console()
-    con.print(f"[bold]rlsubnet diff[/bold]  base={result.base}  tuned={result.tuned}")
+    con.print(f"[bold]rlsubnet diff[/bold]  base={safe(result.base)}  tuned={safe(result.tuned)}")
     head = Table(title="Update sparsity (1 − changed/numel, pooled over all parameters)", show_lines=False)
     head.add_column("criterion")
     head.add_column("changed", justify="right")
@@ -53,7 +53,7 @@ def print_diff(result: DiffResult, by: str = "module", console: Console | None =
     for c in cols:
         t.add_column(c.replace("sparsity@", "|Δ|≤").replace("bf16_rel_sparsity", "bf16-rel"), justify="left" if c == by else "right")
     for r in rows[:limit]:
-        t.add_row(*[str(r[c]) if c == by else num(r[c]) if c == "numel" else pct(r[c]) for c in cols])
+        t.add_row(*[safe(r[c]) if c == by else num(r[c]) if c == "numel" else pct(r[c]) for c in cols])
     if len(rows) > limit:
         t.caption = f"{len(rows) - limit} more rows in --csv/--json"
     con.print(t)
@@ -67,9 +67,11 @@ def print_diff(result: DiffResult, by: str = "module", console: Console | None =
             h.add_row(lab, num(c), pct(c / ch))
     con.print(h)
     for s in result.skipped:
-        con.print(f"[yellow]skipped[/yellow] {s['name']}: {s['reason']}")
+        con.print(f"[yellow]skipped[/yellow] {safe(s['name'])}: {safe(s['reason'])}")
+    for b in result.buffers:
+        con.print(f"[dim]buffer (not a parameter, not counted)[/dim] {safe(b.name)}: {num(b.changed)} of {num(b.numel)} changed")
     for n in result.notes:
-        con.print(f"[cyan]note[/cyan] {n}")
+        con.print(f"[cyan]note[/cyan] {safe(n)}")
     con.print(f"[dim]{result.elapsed_s:.2f} s[/dim]")
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .fmt import num, pct, tol
+from .fmt import num, pct, safe, tol
 
 
 def verdict(p) -> str:
     """A plain sentence: is the overlap above chance, and by how much."""
+    if p.ratio is None or p.ratio != p.ratio:
+        return "undefined (a mask is empty, so there is no random expectation to compare with)"
     if p.z > 3:
         return f"above chance: {p.ratio:.2f}x the random expectation (z = {p.z:.1f})"
     if p.z < -3:
@@ -20,7 +22,7 @@ def verdict(p) -> str:
 def print_overlap(r, console: Console | None = None) -> None:
     con = console or Console()
     for i, m in enumerate(r.masks):
-        con.print(f"mask {i}: {m['path']}  density {pct(m['density'])}")
+        con.print(f"mask {i}: {safe(m['path'])}  density {pct(m['density'])}")
     t = Table(title="Subnetwork overlap (o1 = |A∩B|/|A|, o2 = |A∩B|/|B|) against random")
     for c in ("a", "b", "o1", "o1 random", "o2", "o2 random", "Jaccard", "Jaccard random", "ratio", "z"):
         t.add_column(c, justify="right")
@@ -64,9 +66,18 @@ def print_closeness(r, console: Console | None = None) -> None:
 
 def print_frozen(r, console: Console | None = None) -> None:
     con = console or Console()
-    status = "[green]OK[/green]" if r.ok else "[red]FROZEN ENTRIES MOVED[/red]"
+    if r.ok:
+        status = "[green]OK[/green]"
+    elif r.frozen_moved:
+        status = "[red]FROZEN ENTRIES MOVED[/red]"
+    else:
+        status = "[red]NOT VERIFIED[/red]"
     con.print(f"{status}: {num(r.frozen_moved)} of {num(r.frozen)} frozen entries moved; "
               f"{num(r.trainable_changed)} of {num(r.trainable)} trainable entries changed.")
     for t in r.tensors:
         if t["frozen_moved"]:
-            con.print(f"  {t['name']}: {num(t['frozen_moved'])} frozen entries moved")
+            con.print(f"  {safe(t['name'])}: {num(t['frozen_moved'])} frozen entries moved")
+    for u in r.unchecked:
+        con.print(f"  [yellow]not checked[/yellow] {safe(u['name'])}: {safe(u['reason'])}")
+    if r.buffers:
+        con.print(f"  [dim]{len(r.buffers)} stored non-parameter buffers were not checked (e.g. {safe(r.buffers[0])})[/dim]")

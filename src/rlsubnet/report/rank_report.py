@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .fmt import pct
+from .fmt import pct, safe
 
 
 def print_rank(r, console: Console | None = None, limit: int = 40) -> None:
@@ -16,7 +16,7 @@ def print_rank(r, console: Console | None = None, limit: int = 40) -> None:
     for c in ("matrix", "shape", "rank", "rank/min(m,n)", "stable rank", "effective rank"):
         t.add_column(c, justify="left" if c == "matrix" else "right")
     for m in r.matrices[:limit]:
-        t.add_row(m.name, "×".join(map(str, m.shape)), str(m.rank), pct(m.rank_ratio, 1), f"{m.stable_rank:.2f}", f"{m.effective_rank:.1f}")
+        t.add_row(safe(m.name), "×".join(map(str, m.shape)), str(m.rank), pct(m.rank_ratio, 1), f"{m.stable_rank:.2f}", f"{m.effective_rank:.1f}")
     if len(r.matrices) > limit:
         t.caption = f"{len(r.matrices) - limit} more matrices in --json"
     con.print(t)

@@ -18,6 +18,7 @@ from rich.console import Console
 from ..analysis import diff as run_diff
 from ..io.atomic import write_text
 from ..io.errors import InputError
+from ..io.jsonout import dumps
 from ..masks import Subnetwork, closeness
 from ..masks.overlap import pair_overlap
 from ..training import tasks as T
@@ -92,7 +93,7 @@ class Study:
         if p.exists():
             return json.loads(p.read_text())
         val = fn()
-        write_text(p, json.dumps(val))
+        write_text(p, dumps(val, indent=None))
         return val
 
     def config(self, algo: str, **kw) -> TrainConfig:
@@ -322,7 +323,7 @@ class Study:
         from . import paper
 
         self.results["paper"] = {k.lower(): getattr(paper, k) for k in ("TABLE1", "TABLE2", "TABLE3", "TABLE4", "TABLE5", "TABLE6", "KL", "BF16")}
-        write_text(self.out / "results.json", json.dumps(self.results, indent=2, default=str) + "\n")
+        write_text(self.out / "results.json", dumps(self.results, indent=2, default=str) + "\n")
         from ..report.study_report import write_report
 
         paths = write_report(self.results, self.out)

@@ -20,6 +20,7 @@ Memory: one byte per parameter for the boolean masks.
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
@@ -32,8 +33,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
     """An optimizer that trains only the entries inside ``masks`` (``{parameter: bool tensor}``)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, masks: dict[torch.nn.Parameter, torch.Tensor]):
-        # no super().__init__: state and param_groups are the inner optimizer's own objects
+        # state and param_groups stay the inner optimizer's own objects (forwarded by the properties
+        # below); the base class still sets up its hooks and step patching, so register_step_pre_hook
+        # and friends work on the wrapper
         self.optimizer = optimizer
+        self._wrapping = True
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self._wrapping = False
         self.masks = {p: m.to(device=p.device, dtype=torch.bool) for p, m in masks.items()}
         for p, m in self.masks.items():
             if m.shape != p.shape:
@@ -59,7 +65,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     @param_groups.setter
     def param_groups(self, value):
-        self.optimizer.param_groups = value
+        if not self.__dict__.get("_wrapping"):  # the base class's __init__ must not replace the inner's
+            self.optimizer.param_groups = value
 
     @property
     def state(self):  # type: ignore[override]
@@ -67,7 +74,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     @state.setter
     def state(self, value):
-        self.optimizer.state = value
+        if not self.__dict__.get("_wrapping"):  # the base class's __init__ must not replace the inner's
+            self.optimizer.state = value
 
     @property
     def defaults(self):  # type: ignore[override]
@@ -75,7 +83,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     @defaults.setter
     def defaults(self, value):
-        self.optimizer.defaults = value
+        if not self.__dict__.get("_wrapping"):  # the base class's __init__ must not replace the inner's
+            self.optimizer.defaults = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -91,6 +100,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
             g["weight_decay"] = 0.0
 
     def add_param_group(self, param_group) -> None:
+        if self.__dict__.get("_wrapping"):
+            return  # the base class's __init__ re-adding the inner optimizer's own groups
         raise NotImplementedError("add parameters before wrapping the optimizer in MaskedOptimizer")
 
     def __repr__(self) -> str:
@@ -131,7 +142,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._hooks = []
 
 
-def masks_for_model(model: torch.nn.Module, subnetwork: Subnetwork | str, missing: str = "error",
+def masks_for_model(model: torch.nn.Module, subnetwork: Subnetwork | str | os.PathLike, missing: str = "error",
                     strip_prefixes: Iterable[str] = ("policy.", "module.", "_orig_mod.")) -> dict:
     """``{parameter: bool mask}`` for a model's named parameters, matched by name to a mask file.
 
@@ -139,7 +150,7 @@ def masks_for_model(model: torch.nn.Module, subnetwork: Subnetwork | str, missin
     as ``policy.*``). Parameters that the mask does not name are an error (``missing="error"``), fully
     trainable (``"train"``, e.g. a value head) or fully frozen (``"freeze"``).
     """
-    sub = Subnetwork.load(subnetwork) if isinstance(subnetwork, str) else subnetwork
+    sub = subnetwork if isinstance(subnetwork, Subnetwork) else Subnetwork.load(subnetwork)
     out = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -170,15 +181,29 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
     return [n for n in names if "bias" not in n]
 
 
-def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork | str | None,
-                           num_training_steps: int, missing: str = "error"):
+def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork | str | os.PathLike | None,
+                           num_training_steps: int | None = None, missing: str = "error"):
     """The (optimizer, scheduler) pair a Trainer would build from ``args``, with the mask applied.
 
     Pass the result as ``optimizers=(opt, sched)`` to any TRL trainer or transformers' ``Trainer``.
     With ``subnetwork=None`` the plain optimizer is returned (wrapped with a full mask it would be the same).
+
+    ``num_training_steps`` sizes the learning-rate schedule. When it is ``None`` it is taken from
+    ``args.max_steps``; with an epoch-based config (``max_steps = -1``) the scheduler is returned as
+    ``None`` and the trainer builds it itself once it knows the number of steps (transformers'
+    ``Trainer.create_scheduler``), so the schedule is never sized for zero steps. An explicit value that
+    is not a positive integer is refused.
     """
     from transformers import Trainer, get_scheduler
 
+    if num_training_steps is None:
+        steps = getattr(args, "max_steps", -1)
+        num_training_steps = steps if isinstance(steps, int) and steps > 0 else None
+    elif not isinstance(num_training_steps, int) or num_training_steps <= 0:
+        raise ValueError(
+            f"num_training_steps={num_training_steps!r}: the schedule needs a positive number of steps; pass None "
+            "to let the trainer size it (needed with an epoch-based config, where max_steps is -1)"
+        )
     decay = set(decay_parameter_names(model))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
@@ -190,6 +215,8 @@ def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork 
     opt = opt_cls(groups, **opt_kwargs)
     if subnetwork is not None:
         opt = MaskedOptimizer(opt, masks_for_model(model, subnetwork, missing=missing))
+    if num_training_steps is None:
+        return opt, None
     sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),
                           num_training_steps=num_training_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
     return opt, sched

@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import math
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -254,31 +256,130 @@ def optimizer_state_bytes(opt) -> int:
     return tot
 
 
+MAX_LEVEL = 9
+
+
+def _finite(x, what: str, lo: float = 0.0, strict: bool = False) -> None:
+    if x is None:
+        return
+    if not isinstance(x, (int, float)) or not math.isfinite(x) or x < lo or (strict and x == lo):
+        cmp = ">" if strict else "\u2265"
+        raise InputError(f"{what}: {x!r} is not a finite number {cmp} {lo:g}.")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Refuse options that cannot give a meaningful run, before anything is loaded or written."""
+    if cfg.algo not in ALGOS:
+        raise InputError(f"--algo: unknown algorithm {cfg.algo!r} (choose from {', '.join(ALGOS)}).")
+    if cfg.task not in T.TASKS:
+        raise InputError(f"--task: unknown task {cfg.task!r} (choose from {', '.join(T.TASKS)}).")
+    for what, v, lo in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
+                        ("--save-every", cfg.save_every, 0), ("--track-every", cfg.track_every, 0), ("--seed", cfg.seed, 0),
+                        ("grad_accum", cfg.grad_accum, 1), ("n_train", cfg.n_train, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise InputError(f"{what}: {v!r} must be an integer \u2265 {lo}.")
+    if not (1 <= cfg.level <= MAX_LEVEL):
+        raise InputError(f"--level: {cfg.level!r} must be between 1 and {MAX_LEVEL}.")
+    _finite(cfg.lr, "--lr", strict=True)
+    _finite(cfg.weight_decay, "--weight-decay")
+    _finite(cfg.beta, "--beta")
+    _finite(cfg.max_grad_norm, "--max-grad-norm")
+    _finite(cfg.temperature, "temperature", strict=True)
+    _finite(cfg.epsilon, "epsilon")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise InputError(f"--precision: {cfg.precision!r} is not fp32 or bf16.")
+    if cfg.reward not in T.REWARDS:
+        raise InputError(f"--reward: {cfg.reward!r} is not one of {', '.join(T.REWARDS)}.")
+    if cfg.algo in ("grpo", "rloo"):
+        if cfg.num_generations < 2:
+            raise InputError(f"--num-generations: {cfg.num_generations} must be at least 2 for {cfg.algo} (advantages compare generations).")
+        if cfg.batch_size % cfg.num_generations:
+            raise InputError(f"--batch-size: {cfg.batch_size} is not a multiple of --num-generations {cfg.num_generations}.")
+
+
+def check_model_folder(path: str) -> None:
+    """The model folder must be a local checkpoint rlsubnet can read safely (no unsafe pickles) with a usable config."""
+    from ..io.checkpoint import open_checkpoint
+
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{path}: --model must be a local Hugging Face checkpoint folder.")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{path}: not a Hugging Face checkpoint folder (no config.json).")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise InputError(f"{cfg_path}: not valid JSON.") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise InputError(f"{cfg_path}: has no 'model_type', so transformers cannot tell which model it is.")
+    open_checkpoint(path).close()  # validates every weight file (safe unpickling, headers, index)
+
+
+def _busy(out: Path) -> int | None:
+    """The pid of another live ``train`` writing ``out``, if any."""
+    from ..io.atomic import _pid_alive
+
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)\.[0-9a-f]{{8}}\.work$")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return None
+    for n in names:
+        m = pat.match(n)
+        if m and int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1))):
+            return int(m.group(1))
+    return None
+
+
+def _nonfinite_params(model) -> str | None:
+    import torch
+
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            return name
+    return None
+
+
 def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = None) -> TrainResult:
-    """Train, then write ``cfg.out`` (checkpoint in the input dtype + ``train_log.json``) atomically."""
+    """Train, then write ``cfg.out`` (checkpoint in the input dtype + ``train_log.json``) atomically.
+
+    ``cfg.out`` is replaced only if it does not exist, is an empty folder, or was written by rlsubnet
+    (it holds :data:`rlsubnet.io.guard.MARKER`); it may not be, hold or lie inside the model or the mask.
+    The run trains in a private work folder next to ``cfg.out`` and swaps it into place in one step.
+    """
     import torch
     from transformers import set_seed
 
+    from ..io.atomic import clean_stale, record_written, replace_dir, temp_name
+    from ..io.guard import check_outputs, check_replaceable, write_marker
     from .checkpoints import save_as
     from .tracking import SaveEvery, SparsityTracker, StepProgress, TrainLog, write_log
 
-    if cfg.algo not in ALGOS:
-        raise InputError(f"--algo: unknown algorithm {cfg.algo!r} (choose from {', '.join(ALGOS)}).")
-    if cfg.steps < 1:
-        raise InputError("--steps: must be at least 1.")
+    validate_config(cfg)
     if cfg.mask and not os.path.isfile(cfg.mask):
         raise InputError(f"{cfg.mask}: no such mask file.")
+    out = Path(os.path.abspath(os.path.expanduser(cfg.out)))
+    check_outputs({"--out": out}, [cfg.model, cfg.mask], folder_outputs=["--out"])
+    check_replaceable(out)
+    check_model_folder(cfg.model)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot create the output's parent folder ({e.strerror}).") from None
+    clean_stale(out.parent, out.name)
+    other = _busy(out)
+    if other:
+        raise InputError(f"{out}: another rlsubnet train (pid {other}) is writing this folder; wait for it or choose another --out.")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     set_seed(cfg.seed)
-    model, tok, stored = load_model(cfg.model, cfg.precision)
-    data = make_dataset(cfg, tok)
-    out = Path(cfg.out)
-    work = out.parent / f".{out.name}.work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = temp_name(out, "work")
+    work.mkdir()
     try:
+        model, tok, stored = load_model(cfg.model, cfg.precision)
+        data = make_dataset(cfg, tok)
         trainer = _trainer(cfg, model, tok, data, str(work / "trainer"))
         from transformers.trainer_callback import PrinterCallback
 
@@ -292,24 +393,29 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
         if tracker:
             trainer.add_callback(tracker)
         if progress:
-            trainer.add_callback(StepProgress(label or f"{cfg.algo} {Path(cfg.out).name}", cfg.steps))
+            trainer.add_callback(StepProgress(label or f"{cfg.algo} {out.name}", cfg.steps))
         t0 = time.perf_counter()
         trainer.train()
         elapsed = time.perf_counter() - t0
+        bad = _nonfinite_params(model)
+        if bad:
+            raise InputError(f"{cfg.model}: training diverged (parameter '{bad}' is not finite; check --lr, --beta, "
+                             f"--weight-decay); nothing was written to {cfg.out}.")
         state_bytes = optimizer_state_bytes(trainer.optimizer)
         final = work / "final"
         save_as(model, final, stored, tok)
         if cfg.fp32_copy:
             save_as(model, final / "fp32", torch.float32, tok)
         saved = [str(out / Path(s).name) for s in saver.saved] if saver else []
-        res = TrainResult(str(out), {**dataclasses.asdict(cfg), "key": cfg.key()}, log.steps, log.step_times, elapsed,
+        res = TrainResult(str(cfg.out), {**dataclasses.asdict(cfg), "key": cfg.key()}, log.steps, log.step_times, elapsed,
                           saved, tracker.records if tracker else [], state_bytes)
         write_log(final / "train_log.json", dataclasses.asdict(res))
         for s in saver.saved if saver else []:
             os.replace(s, final / Path(s).name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(final, out)
+        write_marker(final, "train", algo=cfg.algo, model=str(cfg.model))
+        check_replaceable(out)  # again: something may have appeared there during the run
+        replace_dir(final, out)
+        record_written(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return res

@@ -11,25 +11,11 @@ import torch
 from transformers import TrainerCallback
 
 from ..io.atomic import write_text
+from ..io.bits import changed, stored_raw
 from ..io.checkpoint import open_checkpoint
+from ..io.jsonout import dumps
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
-
-
-def stored_bits(p: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """Raw bits of a parameter as it would be stored in ``dtype`` (flattened numpy unsigned view)."""
-    t = p.detach().to("cpu", dtype).reshape(-1).contiguous()
-    return t.view(_INT_VIEW[t.element_size()]).numpy().view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[t.element_size()])
-
-
-def _neq(a: np.ndarray, b: np.ndarray, itemsize: int) -> np.ndarray:
-    neq = a != b
-    if neq.any():  # +0 and -0 are the same value
-        sign = np.array(1 << (8 * itemsize - 1), dtype=a.dtype)
-        both0 = ((a & ~sign) == 0) & ((b & ~sign) == 0)
-        neq &= ~both0
-    return neq
 
 
 class SparsityTracker(TrainerCallback):
@@ -52,7 +38,7 @@ class SparsityTracker(TrainerCallback):
         self.model = model
 
     def record(self, model: torch.nn.Module, step: int) -> dict:
-        numel = changed = consec = ever = 0
+        numel = n_changed = consec = ever = 0
         for name, p in model.named_parameters():
             info = self.init.tensors.get(name)
             if info is None or tuple(info.shape) != tuple(p.shape):
@@ -60,14 +46,14 @@ class SparsityTracker(TrainerCallback):
             dt = _DTYPES.get(info.dtype.torch_name)
             if dt is None:
                 continue
-            cur = stored_bits(p, dt)
+            cur = stored_raw(p, dt)
             init = self.init.read(name)
-            m = _neq(cur, init, info.dtype.itemsize)
+            m = changed(cur, init, info.dtype.is_float)
             if name in self._prev_mask:
                 pm = np.unpackbits(self._prev_mask[name], count=cur.size, bitorder="little").view(bool)
                 prev = init.copy()
                 prev[pm] = self._prev_vals[name]
-                consec += int(np.count_nonzero(_neq(cur, prev, info.dtype.itemsize)))
+                consec += int(np.count_nonzero(changed(cur, prev, info.dtype.is_float)))
                 e = self._ever[name] | np.packbits(m, bitorder="little")
             else:
                 consec += int(np.count_nonzero(m))  # the first record is compared with init
@@ -76,9 +62,9 @@ class SparsityTracker(TrainerCallback):
             self._prev_mask[name] = np.packbits(m, bitorder="little")
             self._prev_vals[name] = cur[m]
             numel += cur.size
-            changed += int(np.count_nonzero(m))
+            n_changed += int(np.count_nonzero(m))
             ever += int(np.bitwise_count(e).sum())
-        rec = {"step": step, "numel": numel, "changed_vs_init": changed, "sparsity_vs_init": 1 - changed / numel if numel else 1.0,
+        rec = {"step": step, "numel": numel, "changed_vs_init": n_changed, "sparsity_vs_init": 1 - n_changed / numel if numel else 1.0,
                "changed_vs_prev": consec, "sparsity_vs_prev": 1 - consec / numel if numel else 1.0,
                "ever_changed": ever}
         self.records.append(rec)
@@ -139,7 +125,7 @@ class SaveEvery(TrainerCallback):
 
 
 def write_log(path: Path, payload: dict) -> None:
-    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_text(path, dumps(payload, indent=2, default=str) + "\n")
 
 
 class StepProgress(TrainerCallback):

@@ -27,7 +27,7 @@ def build_tiny_llama(seed: int = 0, dtype: str = "bfloat16", **cfg):
 
 def save_model(model, path: str | os.PathLike, tokenizer=None) -> str:
     """``save_pretrained`` into a fresh folder, atomically."""
-    from ..io.atomic import atomic_dir
+    from rlsubnet.io.atomic import atomic_dir
 
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
