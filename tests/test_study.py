@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from rlsubnet.report.study_report import write_report
 from rlsubnet.study.pipeline import Study
 from tiny import write_tiny_checkpoint
 
@@ -16,6 +17,7 @@ def tiny_study(tmp_path_factory):
     d = tmp_path_factory.mktemp("study")
     model = write_tiny_checkpoint(d / "model", seed=0, dtype="bfloat16", hidden=32, layers=2, heads=2, inter=64)
     res = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100).run()
+    write_report(res, d / "out")
     return d, model, res
 
 

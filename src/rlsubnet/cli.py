@@ -11,7 +11,7 @@ from rich.console import Console
 
 from .io.errors import InputError
 from .io.guard import check_outputs
-from .report.fmt import safe
+from .io.display import safe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="What did this finetuning run change, and how? (arXiv 2505.11711)")
@@ -32,7 +32,7 @@ def clean_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .io.atomic import written
-        from .report.fmt import safe
+        from .io.display import safe
 
         before = set(written())
         try:
@@ -336,7 +336,8 @@ def study(
 
     check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
-    Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level).run()
+    results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level).run()
+    _write_report(results, out)
 
 
 @app.command()
@@ -347,8 +348,16 @@ def demo(
     """The built-in default job: the quick study on SmolLM2-135M-Instruct (GRPO, DPO, a subnetwork rerun, report)."""
     from .study.pipeline import Study
 
-    Study(out, budget="quick").run()
+    check_outputs({"--out": out}, [])
+    _write_report(Study(out, budget="quick").run(), out)
     Console().print(f"open {safe(Path(out) / 'report.html')} in a browser")
+
+
+def _write_report(results: dict, out: str) -> None:
+    from .report.study_report import write_report
+
+    paths = write_report(results, out)
+    Console().print("wrote " + ", ".join(safe(p) for p in paths))
 
 
 def main() -> None:

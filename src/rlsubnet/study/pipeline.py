@@ -19,6 +19,7 @@ from ..analysis import diff as run_diff
 from ..io.atomic import write_text
 from ..io.errors import InputError
 from ..io.jsonout import dumps
+from ..io.display import safe
 from ..masks import Subnetwork, closeness
 from ..masks.overlap import pair_overlap
 from ..training import tasks as T
@@ -91,7 +92,10 @@ class Study:
     def _cached(self, key: str, fn):
         p = self.out / "cache" / f"{key}.json"
         if p.exists():
-            return json.loads(p.read_text())
+            try:
+                return json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError):
+                self.con.print(f"[yellow]cache entry {safe(p)} is unreadable; recomputing it[/yellow]")
         val = fn()
         write_text(p, dumps(val, indent=None))
         return val
@@ -119,11 +123,16 @@ class Study:
         cfg = replace(cfg, out=str(d))
         self.n_runs += 1
         if (d / "train_log.json").exists():
-            self.con.print(f"[dim]run {name}: cached ({d})[/dim]")
+            self.con.print(f"[dim]run {name}: cached ({safe(d)})[/dim]")
         else:
             self.con.print(f"[bold]run {name}[/bold]: {cfg.algo}, {cfg.steps} steps, lr {cfg.lr:g}" + (", masked" if cfg.mask else ""))
             run_training(cfg, progress=True, label=name)
-        log = json.loads((d / "train_log.json").read_text())
+        try:
+            log = json.loads((d / "train_log.json").read_text(encoding="utf-8"))
+            assert isinstance(log, dict) and {"elapsed_s", "steps", "step_times"} <= set(log)
+        except (OSError, UnicodeDecodeError, ValueError, AssertionError):
+            raise InputError(f"{d / 'train_log.json'}: the cached run's log is corrupt or truncated; remove the folder {d} "
+                             "to train that run again.") from None
         self.results["runs"][name] = {"dir": str(d), "algo": cfg.algo, "elapsed_s": log["elapsed_s"], "mask": cfg.mask,
                                       "loss": [s.get("loss") for s in log["steps"] if "loss" in s],
                                       "reward": [s.get("reward") for s in log["steps"] if "reward" in s],
@@ -311,7 +320,7 @@ class Study:
         self.model = self.model_arg or default_model()
         if not (Path(self.model) / "config.json").exists():
             raise InputError(f"{self.model}: not a Hugging Face checkpoint folder (no config.json).")
-        self.con.print(f"[bold]rlsubnet study[/bold] budget={self.budget} model={self.model} rqs={','.join(self.rqs)}")
+        self.con.print(f"[bold]rlsubnet study[/bold] budget={self.budget} model={safe(self.model)} rqs={','.join(self.rqs)}")
         for rq in self.rqs:
             getattr(self, rq)()
         self.results["meta"] = {
@@ -324,11 +333,8 @@ class Study:
 
         self.results["paper"] = {k.lower(): getattr(paper, k) for k in ("TABLE1", "TABLE2", "TABLE3", "TABLE4", "TABLE5", "TABLE6", "KL", "BF16")}
         write_text(self.out / "results.json", dumps(self.results, indent=2, default=str) + "\n")
-        from ..report.study_report import write_report
-
-        paths = write_report(self.results, self.out)
-        self.con.print(f"wrote {self.out / 'results.json'}, " + ", ".join(str(p) for p in paths))
-        return self.results
+        self.con.print(f"wrote {safe(self.out / 'results.json')}")
+        return self.results  # rendering is the report layer's job (the CLI calls write_report)
 
 
 def _quant_note(model: str) -> str | None:

@@ -86,16 +86,19 @@ def load_model(path: str, precision: str = "fp32", cls=None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
-    if not (p / "config.json").is_file():
-        raise InputError(f"{path}: not a Hugging Face checkpoint folder (no config.json).")
-    cfg = json.loads((p / "config.json").read_text())
+    check_model_folder(path)
+    cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
     stored = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch."), torch.float32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
     if dtype is None:
         raise InputError(f"--precision: {precision!r} is not fp32 or bf16.")
     cls = cls or AutoModelForCausalLM
-    model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True, **kwargs)
-    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    try:
+        model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True, **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # transformers' many ways to refuse a folder
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: transformers cannot load this model or its tokenizer ({first}).") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok, stored
@@ -362,7 +365,6 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     out = Path(os.path.abspath(os.path.expanduser(cfg.out)))
     check_outputs({"--out": out}, [cfg.model, cfg.mask], folder_outputs=["--out"])
     check_replaceable(out)
-    check_model_folder(cfg.model)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1,0 +1,405 @@
+"""Issue 8: nothing lost, nothing misread. One regression test (or more) per defect found by the review.
+
+Each test names the defect it covers; each failed on the main branch before this change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import rlsubnet
+from rlsubnet.io import InputError, open_checkpoint
+from rlsubnet.io.atomic import write_text
+from rlsubnet.io.guard import MARKER, check_outputs
+from rlsubnet.masks import Subnetwork, closeness, overlap
+from rlsubnet.training.verify import verify_frozen
+
+from conftest import bump_ulps, save_folder
+
+EXE = [sys.executable, "-m", "rlsubnet.cli"]
+
+
+def run(*args, cwd=None, timeout=300):
+    return subprocess.run([*EXE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def clean_error(r, needle=None):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    if needle:
+        assert needle in r.stderr, r.stderr
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes: to prove nothing was modified or removed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def pair(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.self_attn.v_proj.weight": torch.randn(8, 8, generator=g).bfloat16() for i in range(3)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    bump_ulps(tuned["model.layers.1.self_attn.v_proj.weight"], torch.arange(5), 1)
+    return save_folder(tmp_path / "a", base), save_folder(tmp_path / "b", tuned)
+
+
+# -- data loss: train --out -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tiny import write_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("model")
+    return Path(write_tiny_checkpoint(d / "model", seed=0, dtype="bfloat16", hidden=32, layers=2, heads=2, inter=64))
+
+
+TRAIN = ["train", "--algo", "sft", "--steps", "1", "--batch-size", "2", "--lr", "1e-3"]
+
+
+def test_train_out_dot_does_not_empty_the_working_directory(tmp_path, tiny_model):
+    """Defect: `--out .` emptied the working directory (model and unrelated files) and crashed."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    import shutil
+
+    shutil.copytree(tiny_model, work / "model")
+    before = snapshot(work)
+    r = run(*TRAIN, "--model", "model", "--out", ".", cwd=work)
+    clean_error(r, "refusing")
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("where", ["parent", "same", "inside"])
+def test_train_out_never_lands_on_the_model(tmp_path, tiny_model, where):
+    """Defect: `--out` = the model's parent deleted the model; `--out` = `--model` overwrote it."""
+    import shutil
+
+    holder = tmp_path / "holder"
+    shutil.copytree(tiny_model, holder / "model")
+    before = snapshot(holder)
+    out = {"parent": holder, "same": holder / "model", "inside": holder / "model" / "sub"}[where]
+    r = run(*TRAIN, "--model", holder / "model", "--out", out)
+    clean_error(r, "refusing")
+    assert snapshot(holder) == before
+
+
+def test_train_out_refuses_unrelated_folder_and_file(tmp_path, tiny_model):
+    """Defect: an existing unrelated folder was silently wiped."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("precious")
+    clean_error(run(*TRAIN, "--model", tiny_model, "--out", other), "not written by rlsubnet")
+    assert (other / "keep.txt").read_text() == "precious"
+    f = tmp_path / "file"
+    f.write_text("x")
+    clean_error(run(*TRAIN, "--model", tiny_model, "--out", f), "not a folder")
+    assert f.read_text() == "x"
+
+
+def test_train_replaces_its_own_output_atomically_and_cleans_after_kill(tmp_path, tiny_model):
+    """Defects: non-atomic replacement (a kill left config + log but no weights, previous result gone);
+    `.NAME.work` leftovers never cleaned; two runs with one --out collided with a traceback; SIGTERM
+    was not handled like SIGINT."""
+    out = tmp_path / "run"
+    r = run(*TRAIN, "--model", tiny_model, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert (out / MARKER).is_file() and (out / "model.safetensors").is_file()
+    first = snapshot(out)
+    # a second run, killed with SIGKILL mid-way: the first result stays whole
+    p = subprocess.Popen([*EXE, *TRAIN, "--steps", "100000", "--model", str(tiny_model), "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list(tmp_path.glob(".run.*.work")) and time.time() - t0 < 120:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".run.*.work")), "the run never started"
+    # meanwhile, a third run with the same --out is refused in one sentence
+    clean_error(run(*TRAIN, "--model", tiny_model, "--out", out), "another rlsubnet train")
+    p.kill()
+    p.wait(timeout=60)
+    assert snapshot(out) == first
+    # SIGTERM: handled like Ctrl-C, the run says nothing was written and leaves no temporary behind
+    p = subprocess.Popen([*EXE, *TRAIN, "--steps", "100000", "--model", str(tiny_model), "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while len(list(tmp_path.glob(".run.*.work"))) < 2 and time.time() - t0 < 120:
+        time.sleep(0.2)
+    time.sleep(3)  # inside trainer.train()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "terminated" in err and "nothing was written" in err and "Traceback" not in err
+    assert snapshot(out) == first
+    # the next run cleans the SIGKILL leftover and replaces the old result as a whole
+    r = run(*TRAIN, "--model", tiny_model, "--out", out, "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]
+    assert json.loads((out / "train_log.json").read_text())["config"]["seed"] == 1
+
+
+def test_replace_dir_swaps_in_one_step(tmp_path):
+    from rlsubnet.io.atomic import exchange, replace_dir
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("new")
+    (b / "y").write_text("old")
+    if not exchange(a, b):
+        pytest.skip("renameat2 unavailable")
+    assert (b / "x").exists() and (a / "y").exists()
+    replace_dir(b, a)
+    assert (a / "x").read_text() == "new" and not b.exists()
+
+
+# -- data loss: every output option against every input ----------------------------------------------------
+def test_outputs_never_overwrite_inputs(pair, tmp_path):
+    """Defect: `diff A B --json A` replaced checkpoint A with JSON (exit 0); same for every output option."""
+    a, b = pair
+    before = {p: snapshot(p) for p in (a, b)}
+    for opt in ("--json", "--csv", "--markdown", "--mask-out"):
+        clean_error(run("diff", a, b, opt, a, "-q"), "refusing")
+        clean_error(run("diff", a, b, opt, b / "model.safetensors", "-q"), "refusing")
+    clean_error(run("diff", a, b, "--plot", a, "-q"), "refusing")
+    clean_error(run("mask", a, b, "-o", b / "model.safetensors", "-q"), "refusing")
+    m = tmp_path / "m.safetensors"
+    assert run("mask", a, b, "-o", m, "-q").returncode == 0
+    mb = m.read_bytes()
+    clean_error(run("overlap", m, m, "--json", m), "refusing")
+    clean_error(run("closeness", a, a, b, "--json", b, "-q"), "refusing")
+    clean_error(run("verify-frozen", a, b, m, "--json", m, "-q"), "refusing")
+    clean_error(run("rank", a, b, "--json", a / "model.safetensors", "-q"), "refusing")
+    assert {p: snapshot(p) for p in (a, b)} == before and m.read_bytes() == mb
+
+
+def test_check_outputs_rules(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "model.safetensors").write_bytes(b"x")
+    check_outputs({"--json": tmp_path / "out.json"}, [tmp_path / "ck"])  # a sibling is fine
+    with pytest.raises(InputError, match="same output"):
+        check_outputs({"--json": tmp_path / "o", "--csv": tmp_path / "o"}, [])
+    with pytest.raises(InputError, match="would contain"):
+        check_outputs({"--out": tmp_path}, [tmp_path / "ck"], folder_outputs=["--out"])
+    os.symlink(tmp_path / "ck" / "model.safetensors", tmp_path / "link.json")
+    with pytest.raises(InputError, match="refusing"):  # through a symbolic link, too
+        check_outputs({"--json": tmp_path / "link.json"}, [tmp_path / "ck"])
+
+
+# -- wrong answers: tied heads ------------------------------------------------------------------------------
+def _lm(seed=0, vocab=20, hidden=8):
+    g = torch.Generator().manual_seed(seed)
+    return {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g).bfloat16(),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(hidden, hidden, generator=g).bfloat16()}
+
+
+def test_tied_on_one_side_untied_on_the_other(tmp_path):
+    """Defect: a head tied on one side and untied on the other was skipped as "counted once": 0 changed."""
+    base = _lm()
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["lm_head.weight"] = base["model.embed_tokens.weight"].clone()
+    bump_ulps(tuned["lm_head.weight"], torch.arange(6), 1)  # the untied head moved in 6 entries
+    save_folder(tmp_path / "a", base, config={"model_type": "llama", "tie_word_embeddings": True})
+    save_folder(tmp_path / "b", tuned, config={"model_type": "llama", "tie_word_embeddings": False})
+    r = rlsubnet.diff(tmp_path / "a", tmp_path / "b")
+    assert r.changed == 6
+    assert any("lm_head" in n for n in r.notes)
+    # and verify-frozen sees the frozen head entries that moved
+    mask = Subnetwork.full({t.name: tuple(t.shape) for t in r.tensors}, value=False)
+    mask.save(tmp_path / "none.safetensors")
+    v = verify_frozen(tmp_path / "a", tmp_path / "b", tmp_path / "none.safetensors")
+    assert v.frozen_moved == 6 and not v.ok
+
+
+def test_config_says_tied_but_stored_head_differs(tmp_path):
+    """Defect: config says tied while the stored head differs from the embedding: head skipped."""
+    base = _lm()
+    base["lm_head.weight"] = base["model.embed_tokens.weight"].clone()
+    bump_ulps(base["lm_head.weight"], torch.arange(3), 2)  # not actually tied
+    tuned = {k: v.clone() for k, v in base.items()}
+    bump_ulps(tuned["lm_head.weight"], torch.arange(10, 14), 1)
+    for n, sd in (("a", base), ("b", tuned)):
+        save_folder(tmp_path / n, sd, config={"model_type": "llama", "tie_word_embeddings": True})
+    r = rlsubnet.diff(tmp_path / "a", tmp_path / "b")
+    assert r.changed == 4 and "lm_head.weight" in {t.name for t in r.tensors}
+
+
+def test_gpt2_default_tie_counts_head_once(tmp_path):
+    """Defect: a GPT-2 config without `tie_word_embeddings` (tied by default) storing a head copy was
+    double-counted."""
+    g = torch.Generator().manual_seed(1)
+    base = {"transformer.wte.weight": torch.randn(20, 8, generator=g).bfloat16(),
+            "transformer.h.0.mlp.c_fc.weight": torch.randn(8, 8, generator=g).bfloat16()}
+    tuned = {k: v.clone() for k, v in base.items()}
+    bump_ulps(tuned["transformer.wte.weight"], torch.arange(5), 1)
+    base["lm_head.weight"] = base["transformer.wte.weight"].clone()
+    tuned["lm_head.weight"] = tuned["transformer.wte.weight"].clone()
+    for n, sd in (("a", base), ("b", tuned)):
+        save_folder(tmp_path / n, sd, config={"model_type": "gpt2"})
+    r = rlsubnet.diff(tmp_path / "a", tmp_path / "b")
+    assert r.changed == 5 and r.numel == 20 * 8 + 64
+    assert any(s["name"] == "lm_head.weight" and "counted once" in s["reason"] for s in r.skipped)
+
+
+def test_buffers_reported_apart(tmp_path):
+    """Defect: stored buffers (attn.bias, masked_bias, inv_freq) were counted as parameters."""
+    g = torch.Generator().manual_seed(2)
+    sd = {"transformer.h.0.attn.c_attn.weight": torch.randn(8, 24, generator=g),
+          "transformer.h.0.attn.c_attn.bias": torch.zeros(24),
+          "transformer.h.0.attn.bias": torch.tril(torch.ones(1, 1, 16, 16)),
+          "transformer.h.0.attn.masked_bias": torch.tensor(-1e4),
+          "model.layers.0.self_attn.rotary_emb.inv_freq": torch.rand(4, generator=g)}
+    tuned = {k: v.clone() for k, v in sd.items()}
+    tuned["transformer.h.0.attn.c_attn.weight"][0, :3] += 1
+    save_folder(tmp_path / "a", sd)
+    save_folder(tmp_path / "b", tuned)
+    r = rlsubnet.diff(tmp_path / "a", tmp_path / "b")
+    assert r.numel == 8 * 24 + 24 and r.changed == 3
+    assert {b.name for b in r.buffers} == {"transformer.h.0.attn.bias", "transformer.h.0.attn.masked_bias",
+                                           "model.layers.0.self_attn.rotary_emb.inv_freq"}
+    assert json.loads(r.to_json())["buffers"][0]["numel"] > 0
+
+
+# -- wrong answers: masks ------------------------------------------------------------------------------------
+def _hostile_mask(path: Path, bits: dict, shapes: dict, counts=None, extra_meta=None):
+    meta = {"format": "rlsubnet-mask/1", "shapes": json.dumps(shapes), "criterion": "bitwise"}
+    if counts is not None:
+        meta["counts"] = json.dumps(counts)
+    meta.update(extra_meta or {})
+    save_file({k: torch.from_numpy(np.asarray(v, np.uint8)) for k, v in bits.items()}, str(path), metadata=meta)
+    return path
+
+
+def test_mask_counts_are_recomputed_from_bits(tmp_path):
+    """Defect: `counts` metadata trusted: negative or huge counts gave negative or absurd densities."""
+    a = _hostile_mask(tmp_path / "a.safetensors", {"w": [0b1111, 0]}, {"w": [16]}, counts={"w": -5})
+    b = _hostile_mask(tmp_path / "b.safetensors", {"w": [0b0011, 0]}, {"w": [16]}, counts={"w": 10**15})
+    r = overlap([a, b])
+    assert r.masks[0]["density"] == 4 / 16 and r.masks[1]["density"] == 2 / 16
+    assert r.pairs[0].intersection == 2 and r.pairs[0].o1 == 0.5
+
+
+def test_mask_padding_bits_refused(tmp_path):
+    """Defect: set padding bits were counted as parameters."""
+    m = _hostile_mask(tmp_path / "p.safetensors", {"w": [0xFF, 0xFF]}, {"w": [10]})  # 10 entries, 6 padding bits set
+    with pytest.raises(InputError, match="padding bits"):
+        Subnetwork.load(m).count()
+    clean_error(run("overlap", m, m), "padding bits")
+
+
+def test_mask_shapes_cannot_claim_more_than_the_file(tmp_path):
+    """Defect: a 4 KB mask whose shapes claim 2^36 parameters made `overlap` allocate 8 GB."""
+    m = _hostile_mask(tmp_path / "h.safetensors", {"w": np.zeros(4000, np.uint8)}, {"w": [2**18, 2**18]})
+    with pytest.raises(InputError, match="packed uint8 bytes"):
+        Subnetwork.load(m)
+    m = _hostile_mask(tmp_path / "n.safetensors", {"w": [0]}, {"w": [-8, -1]})
+    with pytest.raises(InputError, match="non-negative integers"):
+        Subnetwork.load(m)
+
+
+def test_verify_frozen_fails_on_what_it_could_not_check(tmp_path):
+    """Defect: verify-frozen silently skipped tensors whose shapes differ and said OK."""
+    base = _lm()
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.layers.0.mlp.up_proj.weight"] = torch.zeros(4, 8).bfloat16()  # reshaped
+    save_folder(tmp_path / "a", base)
+    save_folder(tmp_path / "b", tuned)
+    Subnetwork.full({k: tuple(v.shape) for k, v in base.items()}).save(tmp_path / "m.safetensors")
+    v = verify_frozen(tmp_path / "a", tmp_path / "b", tmp_path / "m.safetensors")
+    assert not v.ok and v.frozen_moved == 0
+    assert v.unchecked[0]["name"] == "model.layers.0.mlp.up_proj.weight"
+    r = run("verify-frozen", tmp_path / "a", tmp_path / "b", tmp_path / "m.safetensors", "-q")
+    assert r.returncode == 1 and "not checked" in r.stdout and "NOT VERIFIED" in r.stdout
+
+
+# -- strict JSON ---------------------------------------------------------------------------------------------
+def _strict(text: str):
+    def bad(c):
+        raise ValueError(f"non-JSON constant {c}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def test_json_output_is_strict(tmp_path):
+    """Defect: --json held NaN/Infinity (non-finite weights in diff, empty mask in overlap, A == INIT in
+    closeness)."""
+    base = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]).bfloat16()}
+    tuned = {"w": torch.tensor([1.0, float("nan"), float("inf"), 4.5]).bfloat16()}
+    save_folder(tmp_path / "a", base)
+    save_folder(tmp_path / "b", tuned)
+    r = run("diff", tmp_path / "a", tmp_path / "b", "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    d = _strict(r.stdout)
+    assert d["tensors"][0]["max_abs_delta"] is None and d["tensors"][0]["nonfinite"] == 2
+    Subnetwork.full({"w": (4,)}, value=False).save(tmp_path / "e.safetensors")
+    Subnetwork.full({"w": (4,)}).save(tmp_path / "f.safetensors")
+    r = run("overlap", tmp_path / "e.safetensors", tmp_path / "f.safetensors", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    p = _strict(r.stdout)["pairs"][0]
+    assert p["o1"] is None and p["ratio"] is None
+    r = run("closeness", tmp_path / "a", tmp_path / "a", tmp_path / "b", "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    assert _strict(r.stdout)["rel_l2"] is None
+
+
+def test_atol_sparsity_names_the_missing_tolerance(pair):
+    """Defect: `DiffResult.atol_sparsity(tol)` raised a bare KeyError for a tolerance not computed."""
+    r = rlsubnet.diff(*pair, atol=[0, 1e-5])
+    with pytest.raises(ValueError, match="was not computed"):
+        r.atol_sparsity(1e-3)
+
+
+# -- names are data ----------------------------------------------------------------------------------------
+def test_markup_and_escape_sequences_in_names(tmp_path):
+    """Defect: Rich markup in a file or tensor name crashed with MarkupError or named the wrong file;
+    escape sequences in names reached the terminal raw."""
+    evil = "[/bold]evil\x1b[31m"
+    g = torch.Generator().manual_seed(0)
+    base = {evil: torch.randn(4, 4, generator=g).bfloat16()}
+    tuned = {evil: base[evil].clone()}
+    bump_ulps(tuned[evil], torch.arange(2), 1)
+    d = tmp_path / "[red]dir"
+    (d / "[").mkdir(parents=True)
+    save_file(base, str(d / "[/red]x.safetensors"))  # folder "[" holding "red]x.safetensors"
+    save_file(tuned, str(d / "y.safetensors"))
+    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
+    r = subprocess.run([*EXE, "diff", str(d / "[/red]x.safetensors"), str(d / "y.safetensors"), "--by", "tensor"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "evil\x1b[31m" not in r.stdout  # the raw escape sequence never reaches the terminal
+    assert "[/red]x.safetensors" in r.stdout and "[/bold]evil\\x1b[31m" in r.stdout
+    r = run("diff", d / "[/red]missing.safetensors", d / "y.safetensors")
+    clean_error(r, "[/red]missing.safetensors")
+
+
+def test_outputs_honour_the_umask(pair, tmp_path):
+    """Defect: outputs were created 0600 and --out folders 0700 whatever the umask."""
+    old = os.umask(0o002)
+    try:
+        write_text(tmp_path / "f.txt", "x")
+        from rlsubnet.io.atomic import atomic_dir
+
+        with atomic_dir(tmp_path / "d") as t:
+            (t / "x").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "f.txt").st_mode) == 0o664
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o775
+    a, b = pair
+    r = subprocess.run(["sh", "-c", "umask 022 && exec \"$@\"", "sh", *EXE, "diff", str(a), str(b), "--json",
+                        str(tmp_path / "j.json"), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "j.json").st_mode) == 0o644
