@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 
 from rlsubnet.masks import Subnetwork
 from rlsubnet.training.recipes import TrainConfig, run_training
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import write_tiny_checkpoint  # noqa: E402  (the tests' tiny-model helper)
+from tiny import write_tiny_checkpoint
 
 
 def main() -> None:

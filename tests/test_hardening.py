@@ -6,7 +6,6 @@ Each test names the defect it covers; each failed on the main branch before this
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import stat
@@ -25,7 +24,7 @@ import rlsubnet
 from rlsubnet.io import InputError, open_checkpoint
 from rlsubnet.io.atomic import write_text
 from rlsubnet.io.guard import MARKER, check_outputs
-from rlsubnet.masks import Subnetwork, closeness, overlap
+from rlsubnet.masks import Subnetwork, overlap
 from rlsubnet.training.verify import verify_frozen
 
 from conftest import bump_ulps, save_folder
@@ -403,3 +402,369 @@ def test_outputs_honour_the_umask(pair, tmp_path):
                         str(tmp_path / "j.json"), "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(os.stat(tmp_path / "j.json").st_mode) == 0o644
+
+
+# -- reading outside what was named -------------------------------------------------------------------------
+def test_symlinked_index_entries_cannot_escape(tmp_path):
+    """Defect: an index entry that is a symlink (or goes through a symlinked subfolder) was followed outside."""
+    outside = tmp_path / "outside"
+    save_folder(outside, {"w": torch.zeros(4)})
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    os.symlink(outside / "model.safetensors", ck / "shard.safetensors")
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "shard.safetensors"}}))
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        open_checkpoint(ck)
+    ck2 = tmp_path / "ck2"
+    ck2.mkdir()
+    os.symlink(outside, ck2 / "sub")
+    (ck2 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "sub/model.safetensors"}}))
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        open_checkpoint(ck2)
+    ck3 = tmp_path / "ck3"
+    ck3.mkdir()
+    os.symlink(outside / "model.safetensors", ck3 / "model.safetensors")
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        open_checkpoint(ck3)
+    # a name that merely starts with two dots is inside the folder
+    ck4 = tmp_path / "ck4"
+    save_file({"w": torch.zeros(4)}, str((ck4.mkdir() or ck4) / "..a.safetensors"))
+    (ck4 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "..a.safetensors"}}))
+    assert list(open_checkpoint(ck4).tensors) == ["w"]
+
+
+def _hf_repo(cache: Path, name: str, sd: dict, commit: str = "a" * 40) -> Path:
+    """A Hugging Face cache repository laid out as huggingface_hub writes it (snapshot files link to blobs)."""
+    repo = cache / f"models--org--{name}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(sd, str(repo / "blobs" / "deadbeef"))
+    os.symlink("../../blobs/deadbeef", repo / "snapshots" / commit / "model.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo
+
+
+def test_hf_cache_blobs_allowed_escapes_refused(tmp_path):
+    """Defect: `org/name@../../x` or a refs file holding `../../x` escaped the cache; a non-UTF-8 refs file
+    gave a traceback. Snapshots that link to ../../blobs are how the cache works and stay allowed."""
+    cache = tmp_path / "hub"
+    base = {"w": torch.arange(8.0)}
+    tuned = {"w": torch.arange(8.0) + torch.tensor([0, 0, 1.0, 0, 0, 0, 0, 0])}
+    _hf_repo(cache, "base", base)
+    repo = _hf_repo(cache, "tuned", tuned)
+    assert rlsubnet.diff("org/base", "org/tuned", cache_dir=str(cache)).changed == 1
+    victim = tmp_path / "victim"
+    save_folder(victim, base)
+    with pytest.raises(InputError, match="not a branch, tag or commit"):
+        open_checkpoint("org/base@../../../victim", cache_dir=str(cache))
+    (repo / "refs" / "evil").write_text("../../../victim")
+    with pytest.raises(InputError, match="does not hold a commit hash"):
+        open_checkpoint("org/tuned@evil", cache_dir=str(cache))
+    (repo / "refs" / "bad").write_bytes(b"\xff\xfe\x00")
+    r = run("diff", "org/tuned@bad", "org/base", "--cache-dir", cache)
+    clean_error(r, "not a readable reference")
+    # closeness and verify-frozen take --cache-dir too
+    r = run("closeness", "org/base", "org/base", "org/tuned", "--cache-dir", cache, "-q")
+    assert r.returncode == 0, r.stderr
+    Subnetwork.full({"w": (8,)}).save(tmp_path / "m.safetensors")
+    r = run("verify-frozen", "org/base", "org/tuned", tmp_path / "m.safetensors", "--cache-dir", cache, "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    """Defect: a FIFO passed as a checkpoint hung forever."""
+    f = tmp_path / "model.safetensors"
+    os.mkfifo(f)
+    r = run("diff", f, f, timeout=60)
+    clean_error(r, "not a regular file")
+    d = tmp_path / "d"
+    d.mkdir()
+    os.mkfifo(d / "model.safetensors")
+    clean_error(run("diff", d, d, timeout=60), "not a regular file")
+    os.mkfifo(tmp_path / "m.safetensors")
+    clean_error(run("overlap", tmp_path / "m.safetensors", tmp_path / "m.safetensors", timeout=60), "not a regular file")
+
+
+# -- the safetensors header, as strict as the library ------------------------------------------------------
+def _raw_file(path: Path, header: dict | bytes, data: bytes = b"", n: int | None = None) -> Path:
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h) if n is None else n) + h + data)
+    return path
+
+
+def test_header_checks_match_the_library(tmp_path):
+    """Defects: duplicate keys accepted (last wins); a header over the size limit reported as "exceeds the
+    file"; non-contiguous offsets accepted."""
+    from rlsubnet.io.checkpoint import read_safetensors_header
+
+    dup = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    with pytest.raises(InputError, match="appears twice"):
+        read_safetensors_header(str(_raw_file(tmp_path / "dup.safetensors", dup, b"\0" * 4)))
+    with pytest.raises(InputError, match="exceeds the limit"):
+        read_safetensors_header(str(_raw_file(tmp_path / "big.safetensors", b"{}", n=200 * 1024 * 1024)))
+    gap = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    with pytest.raises(InputError, match="gap"):
+        read_safetensors_header(str(_raw_file(tmp_path / "gap.safetensors", gap, b"\0" * 8)))
+    tail = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    with pytest.raises(InputError, match="after the last tensor"):
+        read_safetensors_header(str(_raw_file(tmp_path / "tail.safetensors", tail, b"\0" * 12)))
+
+
+# -- processes --------------------------------------------------------------------------------------------
+def test_workers_validated_and_capped(pair):
+    """Defect: `--workers 1000` forked 1000 processes for 3 tensors; `--workers -1` was accepted."""
+    from rlsubnet.analysis.engine import Job, map_chunks
+
+    a, b = pair
+    clean_error(run("diff", a, b, "--workers", "-1"), "--workers")
+    clean_error(run("mask", a, b, "-o", a.parent / "m.safetensors", "--workers", "0"), "--workers")
+    with open_checkpoint(a) as ck:
+        jobs = [Job(n, [(ck, n)], ck.tensors[n].numel) for n in ck.tensors]
+        pids = {res[0] for _, res in map_chunks(jobs, lambda job, s, raws: os.getpid(), workers=1000, progress=False)}
+    assert 1 <= len(pids) <= 3
+
+
+WORKER_SCRIPT = r"""
+import os, sys, time
+from rlsubnet.io import open_checkpoint
+from rlsubnet.analysis.engine import Job, map_chunks
+ck = open_checkpoint(sys.argv[1])
+jobs = [Job(n, [(ck, n)], ck.tensors[n].numel) for n in ck.tensors]
+def slow(job, start, raws):
+    if job.name.endswith("1.self_attn.v_proj.weight"):
+        raise RuntimeError("boom")
+    time.sleep(600)
+print("started", flush=True)
+for _ in map_chunks(jobs, slow, workers=2, progress=False):
+    pass
+"""
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_gone(pids, timeout=30.0) -> bool:
+    import psutil
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_workers_die_with_their_parent(pair, tmp_path):
+    """Defect: when only the parent was killed (SIGKILL, e.g. by the OOM killer), forked workers lived on."""
+    a, _ = pair
+    script = WORKER_SCRIPT.replace('raise RuntimeError("boom")', "time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", script, str(a)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "started"
+    t0 = time.time()
+    while len(_children(p.pid)) < 2 and time.time() - t0 < 30:
+        time.sleep(0.2)
+    kids = _children(p.pid)
+    assert len(kids) >= 2
+    p.kill()
+    p.wait()
+    assert _wait_gone(kids), "workers outlived their parent"
+
+
+def test_first_error_cancels_pending_work(pair):
+    """Defect: pending work was not cancelled on the first error (the pool waited for every sleeping job)."""
+    a, _ = pair
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(a)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "boom" in r.stderr
+    assert time.time() - t0 < 60
+
+
+def test_stale_temporaries_are_cleaned(tmp_path):
+    """Defect: after a kill, `.NAME.*.tmp` files stayed behind and nothing cleaned them."""
+    dead = 2**22 + 12345  # above the default pid_max of small systems; checked to be free below
+    while True:
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+    stale = tmp_path / f".out.json.{dead}.0123abcd.tmp"
+    stale.write_text("half")
+    alive = tmp_path / f".out.json.{os.getpid()}.0123abcd.tmp"
+    alive.write_text("someone is writing")
+    foreign = tmp_path / ".out.json.tmp"
+    foreign.write_text("not ours")
+    write_text(tmp_path / "out.json", "{}")
+    assert not stale.exists() and alive.exists() and foreign.exists()
+
+
+@pytest.mark.parametrize("dest,needle", [("folder", "it is a folder"), ("under-file", "is a file, not a folder"),
+                                         ("too-long", "too long")])
+def test_bad_destinations_one_sentence(pair, tmp_path, dest, needle):
+    """Defect: output destinations that are a folder, under a file or too long gave tracebacks."""
+    a, b = pair
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    path = {"folder": tmp_path / "folder", "under-file": tmp_path / "file" / "x.json",
+            "too-long": tmp_path / ("x" * 300 + ".json")}[dest]
+    clean_error(run("diff", a, b, "--json", path, "-q"), needle)
+
+
+def test_full_disk_and_readonly_are_one_sentence(tmp_path):
+    """The errors a root user cannot provoke on a tmp folder, checked on the conversion itself."""
+    import errno
+
+    from rlsubnet.io.atomic import _os_error
+
+    for code, needle in [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only"), (errno.EACCES, "permission denied")]:
+        e = _os_error(tmp_path / "x.json", OSError(code, os.strerror(code)))
+        assert needle in e.message and str(tmp_path / "x.json") in e.message
+    if Path("/dev/full").exists():
+        r = run("diff", "nope-a", "nope-b", "--json", "/dev/full/x")
+        clean_error(r)
+
+
+# -- train options ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts,needle", [
+    (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--weight-decay", "nan"], "--weight-decay"), (["--beta", "nan"], "--beta"),
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-2"], "--batch-size"),
+    (["--level", "0"], "--level"), (["--level", "-1"], "--level"), (["--level", "1000"], "--level"),
+    (["--algo", "grpo", "--num-generations", "0"], "--num-generations"),
+    (["--algo", "grpo", "--num-generations", "1"], "--num-generations"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--algo", "grpo", "--batch-size", "6", "--num-generations", "4"], "not a multiple"),
+])
+def test_train_options_validated(tiny_model, tmp_path, opts, needle):
+    """Defect: unvalidated train options gave tracebacks, or an all-NaN checkpoint with exit 0."""
+    from rlsubnet.training.recipes import TrainConfig, run_training
+
+    kw = {"algo": "sft", "model": str(tiny_model), "out": str(tmp_path / "o")}
+    names = {"--lr": "lr", "--weight-decay": "weight_decay", "--beta": "beta", "--batch-size": "batch_size",
+             "--level": "level", "--num-generations": "num_generations", "--max-new-tokens": "max_new_tokens", "--algo": "algo"}
+    for k, v in zip(opts[::2], opts[1::2]):
+        kw[names[k]] = v if k == "--algo" else (float(v) if k in ("--lr", "--weight-decay", "--beta") else int(v))
+    with pytest.raises(InputError, match=needle):
+        run_training(TrainConfig(**kw), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_cli_bad_models_one_sentence(tmp_path, tiny_model):
+    """Defects: a config.json that is not JSON or lacks model_type, and a malicious .bin given to
+    `train --model` (safely refused, but with a traceback)."""
+    import shutil
+
+    bad = tmp_path / "notjson"
+    shutil.copytree(tiny_model, bad)
+    (bad / "config.json").write_text("{nope")
+    clean_error(run(*TRAIN, "--model", bad, "--out", tmp_path / "o"), "not valid JSON")
+    nomt = tmp_path / "nomt"
+    shutil.copytree(tiny_model, nomt)
+    cfg = json.loads((nomt / "config.json").read_text())
+    cfg.pop("model_type")
+    (nomt / "config.json").write_text(json.dumps(cfg))
+    clean_error(run(*TRAIN, "--model", nomt, "--out", tmp_path / "o"), "model_type")
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_model, evil)
+    (evil / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"w": Evil()}, evil / "pytorch_model.bin")
+    clean_error(run(*TRAIN, "--model", evil, "--out", tmp_path / "o"), "refused to unpickle")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
+
+
+def test_divergence_is_not_saved():
+    """Defect: a run whose weights became NaN was written with exit 0; the guard finds the parameter."""
+    from rlsubnet.training.recipes import _nonfinite_params
+
+    m = torch.nn.Linear(3, 3)
+    assert _nonfinite_params(m) is None
+    with torch.no_grad():
+        m.bias[1] = float("nan")
+    assert _nonfinite_params(m) == "bias"
+
+
+def test_epoch_based_schedule_is_sized_by_the_trainer(tmp_path, tiny_model):
+    """Defect: `build_masked_optimizer(..., num_training_steps=args.max_steps)` with an epoch-based config
+    (max_steps = -1) built a schedule whose learning rate was 0 at every step: nothing changed."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from rlsubnet.training.masked import build_masked_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    names = [n for n, _ in model.named_parameters()]
+    mask = Subnetwork.from_bool({n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()})
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), num_train_epochs=1, per_device_train_batch_size=2,
+                             learning_rate=1e-2, lr_scheduler_type="linear", report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    assert args.max_steps == -1
+    with pytest.raises(ValueError, match="positive number of steps"):
+        build_masked_optimizer(model, args, mask, num_training_steps=args.max_steps)
+    opt, sched = build_masked_optimizer(model, args, mask)
+    assert sched is None
+    ids = torch.randint(3, 100, (8, 12))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched)).train()
+    moved = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
+    assert moved > 0.5 * sum(p.numel() for p in before.values()), names[:2]
+
+
+def test_masked_optimizer_hooks_work():
+    """Defect: MaskedOptimizer did not initialise its base class, so register_step_pre_hook failed."""
+    from rlsubnet.training.masked import MaskedOptimizer
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = MaskedOptimizer(torch.optim.AdamW([p], lr=0.1, weight_decay=0.0), {p: torch.tensor([True, False, True, False])})
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    (p * torch.arange(4.0)).sum().backward()
+    opt.step()
+    assert seen == ["pre", "post"]
+    assert p[1] == 1 and p[3] == 1 and p[2] != 1
+    assert opt.param_groups is opt.optimizer.param_groups and opt.state is opt.optimizer.state
+
+
+# -- the rest of the traceback list ------------------------------------------------------------------------
+def test_rank_with_nonfinite_update(tmp_path):
+    """Defect: `rank` on an update with NaN/Inf gave a traceback."""
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(6, 6, generator=g),
+            "model.layers.0.mlp.down_proj.weight": torch.randn(6, 6, generator=g)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.layers.0.mlp.up_proj.weight"][0, 0] = float("inf")
+    tuned["model.layers.0.mlp.down_proj.weight"][0, 0] += 1
+    save_folder(tmp_path / "a", base)
+    save_folder(tmp_path / "b", tuned)
+    r = run("rank", tmp_path / "a", tmp_path / "b", "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    d = _strict(r.stdout)
+    assert [m["name"] for m in d["matrices"]] == ["model.layers.0.mlp.down_proj.weight"]
+    assert any("non-finite" in e for e in d["excluded"])
+
+
+def test_truncated_cached_train_log_in_study(tmp_path, tiny_model):
+    """Defect: a truncated cached `train_log.json` in a study gave a traceback."""
+    from rlsubnet.study.pipeline import Study
+    from rlsubnet.training.recipes import TrainConfig
+
+    st = Study(str(tmp_path / "study"), model=str(tiny_model), budget="tiny")
+    cfg = TrainConfig(algo="sft", model=str(tiny_model))
+    d = tmp_path / "study" / "runs" / f"x-{cfg.key()}"
+    d.mkdir(parents=True)
+    (d / "train_log.json").write_text('{"elapsed_s": 1.0, "ste')
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        st.train("x", cfg)

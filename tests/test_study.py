@@ -9,6 +9,7 @@ import pytest
 
 from rlsubnet.report.study_report import write_report
 from rlsubnet.study.pipeline import Study
+
 from tiny import write_tiny_checkpoint
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from rlsubnet.masks import Subnetwork
 from rlsubnet.training.masked import MaskedOptimizer
 from rlsubnet.training.recipes import ALGOS, TrainConfig, run_training
+
 from tiny import write_tiny_checkpoint
 
 
@@ -69,7 +70,7 @@ def test_bf16_params_and_changing_masks():
     lin = torch.nn.Linear(16, 16).to(torch.bfloat16)
     masks = [{p: torch.rand(p.shape) < 0.5 for p in lin.parameters()} for _ in range(2)]
     opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=0.1)
-    for k, ms in enumerate(masks):  # train with one mask, then keep the optimizer state under another
+    for ms in masks:  # train with one mask, then keep the optimizer state under another
         mo = MaskedOptimizer(opt, ms)
         before = {n: p.detach().clone() for n, p in lin.named_parameters()}
         for _ in range(3):

@@ -38,7 +38,7 @@ def save_model(model, path: str | os.PathLike, tokenizer=None) -> str:
 
 def char_tokenizer():
     """A character-level fast tokenizer (printable ASCII plus <pad> <s> </s> <unk>), built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]

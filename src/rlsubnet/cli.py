@@ -9,9 +9,9 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 
+from .io.display import safe
 from .io.errors import InputError
 from .io.guard import check_outputs
-from .io.display import safe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="What did this finetuning run change, and how? (arXiv 2505.11711)")
@@ -39,11 +39,11 @@ def clean_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except InputError as e:
             err.print(f"[red]error:[/red] {safe(e.message)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except OSError as e:  # an input or output path the checks could not foresee (vanished, unreadable)
             where = e.filename or "a file"
             err.print(f"[red]error:[/red] {safe(where)}: {safe(e.strerror or e)}.", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except (KeyboardInterrupt, Terminated) as e:
             done = [w for w in written() if w not in before]
             what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
@@ -52,7 +52,7 @@ def clean_errors(fn: Callable) -> Callable:
                           "(no partial file was left behind).", highlight=False, soft_wrap=True)
             else:
                 err.print(f"[red]{what}[/red]: nothing was written.")
-            raise typer.Exit(130 if isinstance(e, KeyboardInterrupt) else 143)
+            raise typer.Exit(130 if isinstance(e, KeyboardInterrupt) else 143) from None
 
     return wrapper
 

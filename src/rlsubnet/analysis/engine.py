@@ -127,17 +127,21 @@ def map_chunks(
             return
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
                                    initializer=_worker_init, initargs=(task, os.getpid()))
+        ok = False
         try:
             futs = [pool.submit(_run_in_worker, i) for i in order]
             for f in as_completed(futs):
                 i, res = f.result()
                 bar.advance(bar_task, jobs[i].nbytes)
                 yield jobs[i], res
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            for p in list(getattr(pool, "_processes", {}).values()):
-                if p.is_alive():
-                    p.kill()
-            raise
+            ok = True
         finally:
+            if not ok:  # an error, an interruption or an abandoned generator: stop now, not after the queue
+                procs = list((getattr(pool, "_processes", None) or {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+                for p in procs:
+                    p.join(timeout=10)
             pool.shutdown(wait=True, cancel_futures=True)

@@ -48,7 +48,7 @@ class ChunkStats:
     sumsq_base: float = 0.0
     nonfinite: int = 0
 
-    def add(self, o: "ChunkStats") -> None:
+    def add(self, o: ChunkStats) -> None:
         self.numel += o.numel
         self.changed += o.changed
         self.atol_changed = self.atol_changed + o.atol_changed if self.atol_changed.size else o.atol_changed.copy()

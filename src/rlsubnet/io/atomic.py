@@ -109,6 +109,11 @@ def _prepare(dest: str | os.PathLike, want_dir: bool) -> Path:
         raise InputError(f"{dest}: cannot write output (it is a folder).")
     if want_dir and dest.exists() and not dest.is_dir():
         raise InputError(f"{dest}: cannot write output folder (a file of that name exists).")
+    for anc in dest.parents:  # the nearest existing ancestor must be a folder
+        if os.path.lexists(anc):
+            if not anc.is_dir():
+                raise _os_error(dest, OSError(errno.ENOTDIR, "not a folder"))
+            break
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from typing import Any, Iterator
@@ -148,7 +148,7 @@ class Checkpoint:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -223,7 +223,8 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
         raise InputError(f"{path}: corrupt safetensors file (its header is not valid JSON).") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors file (its header is not a JSON object).")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise InputError(f"{path}: corrupt safetensors file (__metadata__ must map strings to strings).")
     data_start = 8 + n

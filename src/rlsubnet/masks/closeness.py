@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..io.jsonout import dumps
 from ..analysis.diff import DEFAULT_ATOL, check_tolerances
 from ..analysis.engine import Job, map_chunks
 from ..analysis.probes import atol_exceed, differing
@@ -17,6 +16,7 @@ from ..io.align import align
 from ..io.checkpoint import open_checkpoint
 from ..io.dtypes import dot
 from ..io.errors import InputError
+from ..io.jsonout import dumps
 from .subnetwork import Subnetwork
 
 

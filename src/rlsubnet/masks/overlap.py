@@ -11,15 +11,14 @@ For masks A and B over the same N parameters with |A| = a, |B| = b and |A∩B| =
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..io.jsonout import dumps
 from ..analysis.naming import layer_index, module_kind
+from ..io.jsonout import dumps
 from .subnetwork import Subnetwork, popcount
 
 

@@ -60,7 +60,7 @@ class Subnetwork:
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Subnetwork":
+    def load(cls, path: str | os.PathLike) -> Subnetwork:
         """Open a mask file with ``safe_open``; validates its format, shapes and sizes before use.
 
         Counts are always recomputed from the bits (the ``counts`` metadata is informational and not
@@ -100,7 +100,7 @@ class Subnetwork:
         return cls(shapes, meta=meta, path=p, source=p)
 
     @classmethod
-    def from_diff(cls, result, criterion: str = "bitwise") -> "Subnetwork":
+    def from_diff(cls, result, criterion: str = "bitwise") -> Subnetwork:
         """The mask a diff collected (``diff(..., mask_criterion=...)``)."""
         if result.mask_bits is None:
             raise ValueError("the diff was run without mask_criterion")
@@ -111,7 +111,7 @@ class Subnetwork:
         return cls(shapes, result.mask_bits, meta)
 
     @classmethod
-    def from_checkpoints(cls, base: str, tuned: str, criterion: str = "bitwise", **kw) -> "Subnetwork":
+    def from_checkpoints(cls, base: str, tuned: str, criterion: str = "bitwise", **kw) -> Subnetwork:
         """Build the mask of updated parameters (Conjecture 1) from two checkpoints in one pass."""
         from ..analysis.diff import diff
 
@@ -119,7 +119,7 @@ class Subnetwork:
         return cls.from_diff(res, criterion)
 
     @classmethod
-    def full(cls, shapes: dict[str, tuple[int, ...]], value: bool = True) -> "Subnetwork":
+    def full(cls, shapes: dict[str, tuple[int, ...]], value: bool = True) -> Subnetwork:
         bits = {}
         for n, s in shapes.items():
             numel = prod(s)
@@ -128,7 +128,7 @@ class Subnetwork:
         return cls(shapes, bits, {"criterion": "full" if value else "empty"})
 
     @classmethod
-    def from_bool(cls, masks: dict[str, "np.ndarray | object"], meta: dict | None = None) -> "Subnetwork":
+    def from_bool(cls, masks: dict[str, np.ndarray | object], meta: dict | None = None) -> Subnetwork:
         """From boolean arrays (numpy or torch) keyed by parameter name."""
         shapes, bits = {}, {}
         for n, m in masks.items():
@@ -207,28 +207,28 @@ class Subnetwork:
         return h.hexdigest()[:16]
 
     # -- algebra -------------------------------------------------------------------------------------
-    def _check_same(self, other: "Subnetwork", what: str) -> None:
+    def _check_same(self, other: Subnetwork, what: str) -> None:
         if self.shapes != other.shapes:
             a, b = set(self.shapes), set(other.shapes)
             diff = sorted(a ^ b)
             detail = f"parameter '{diff[0]}' is in only one" if diff else "some parameter shapes differ"
             raise InputError(f"{self.path or 'mask'} and {other.path or 'mask'}: cannot {what} masks over different parameters ({detail}).")
 
-    def _combine(self, other: "Subnetwork", op, label: str) -> "Subnetwork":
+    def _combine(self, other: Subnetwork, op, label: str) -> Subnetwork:
         self._check_same(other, label)
         bits = {n: op(self.packed(n), other.packed(n)) for n in self.shapes}
         return Subnetwork(self.shapes, bits, {"criterion": f"{label}({self.meta.get('criterion', '?')},{other.meta.get('criterion', '?')})"})
 
-    def __or__(self, other: "Subnetwork") -> "Subnetwork":
+    def __or__(self, other: Subnetwork) -> Subnetwork:
         return self._combine(other, np.bitwise_or, "union")
 
-    def __and__(self, other: "Subnetwork") -> "Subnetwork":
+    def __and__(self, other: Subnetwork) -> Subnetwork:
         return self._combine(other, np.bitwise_and, "intersection")
 
-    def __sub__(self, other: "Subnetwork") -> "Subnetwork":
+    def __sub__(self, other: Subnetwork) -> Subnetwork:
         return self._combine(other, lambda a, b: a & ~b, "difference")
 
-    def __invert__(self) -> "Subnetwork":
+    def __invert__(self) -> Subnetwork:
         bits = {n: _clear_padding(~self.packed(n), self.numel(n)) for n in self.shapes}
         return Subnetwork(self.shapes, bits, {"criterion": f"complement({self.meta.get('criterion', '?')})"})
 
@@ -237,7 +237,7 @@ class Subnetwork:
             return False
         return all(np.array_equal(self.packed(n), other.packed(n)) for n in self.shapes)
 
-    def random_like(self, seed: int = 0, per_tensor: bool = False) -> "Subnetwork":
+    def random_like(self, seed: int = 0, per_tensor: bool = False) -> Subnetwork:
         """A uniformly random mask with exactly the same number of ones, globally or per tensor."""
         rng = np.random.default_rng(seed)
         names = self.names

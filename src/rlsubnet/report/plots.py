@@ -9,9 +9,9 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ..io.atomic import write_with  # noqa: E402
+from ..io.atomic import write_with
 
 
 def _save(fig, path: Path) -> Path:

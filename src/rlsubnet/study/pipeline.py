@@ -17,9 +17,9 @@ from rich.console import Console
 
 from ..analysis import diff as run_diff
 from ..io.atomic import write_text
+from ..io.display import safe
 from ..io.errors import InputError
 from ..io.jsonout import dumps
-from ..io.display import safe
 from ..masks import Subnetwork, closeness
 from ..masks.overlap import pair_overlap
 from ..training import tasks as T

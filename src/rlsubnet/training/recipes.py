@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import math
+import os
 import random
 import re
 import shutil
