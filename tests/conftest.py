@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,21 @@ def reference_counts(a: torch.Tensor, b: torch.Tensor, tols, eta=1e-3):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+EXE = [sys.executable, "-m", "rlsubnet.cli"]
+
+
+def run(*args, cwd=None, timeout=300):
+    """The command line in a subprocess, as a user runs it."""
+    return subprocess.run([*EXE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Two bf16 checkpoint folders that differ in exactly 5 entries of one tensor."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.self_attn.v_proj.weight": torch.randn(8, 8, generator=g).bfloat16() for i in range(3)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    bump_ulps(tuned["model.layers.1.self_attn.v_proj.weight"], torch.arange(5), 1)
+    return save_folder(tmp_path / "a", base), save_folder(tmp_path / "b", tuned)

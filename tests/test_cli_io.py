@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,22 +13,7 @@ import torch
 from rlsubnet.io import InputError, open_checkpoint
 from rlsubnet.io.checkpoint import read_safetensors_header
 
-from conftest import bump_ulps, save_folder
-
-EXE = [sys.executable, "-m", "rlsubnet.cli"]
-
-
-def run(*args, cwd=None):
-    return subprocess.run([*EXE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-@pytest.fixture
-def pair(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    base = {f"model.layers.{i}.self_attn.v_proj.weight": torch.randn(8, 8, generator=g).bfloat16() for i in range(3)}
-    tuned = {k: v.clone() for k, v in base.items()}
-    bump_ulps(tuned["model.layers.1.self_attn.v_proj.weight"], torch.arange(5), 1)
-    return save_folder(tmp_path / "a", base), save_folder(tmp_path / "b", tuned)
+from conftest import run, save_folder
 
 
 def test_diff_cli_outputs(pair, tmp_path):

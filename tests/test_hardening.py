@@ -27,13 +27,7 @@ from rlsubnet.io.guard import MARKER, check_outputs
 from rlsubnet.masks import Subnetwork, overlap
 from rlsubnet.training.verify import verify_frozen
 
-from conftest import bump_ulps, save_folder
-
-EXE = [sys.executable, "-m", "rlsubnet.cli"]
-
-
-def run(*args, cwd=None, timeout=300):
-    return subprocess.run([*EXE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+from conftest import EXE, bump_ulps, run, save_folder
 
 
 def clean_error(r, needle=None):
@@ -48,13 +42,6 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def pair(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    base = {f"model.layers.{i}.self_attn.v_proj.weight": torch.randn(8, 8, generator=g).bfloat16() for i in range(3)}
-    tuned = {k: v.clone() for k, v in base.items()}
-    bump_ulps(tuned["model.layers.1.self_attn.v_proj.weight"], torch.arange(5), 1)
-    return save_folder(tmp_path / "a", base), save_folder(tmp_path / "b", tuned)
 
 
 # -- data loss: train --out -------------------------------------------------------------------------------

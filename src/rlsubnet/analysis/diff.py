@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import defaultdict
 from typing import Iterable, Sequence
@@ -37,13 +38,13 @@ def check_tolerances(atol: Iterable[float | str], what: str = "--atol") -> list[
     return out
 
 
-def _as_checkpoint(x: str | Checkpoint, cache_dir) -> Checkpoint:
+def _as_checkpoint(x: str | os.PathLike | Checkpoint, cache_dir) -> Checkpoint:
     return x if isinstance(x, Checkpoint) else open_checkpoint(x, cache_dir=cache_dir)
 
 
 def diff(
-    base: str | Checkpoint,
-    tuned: str | Checkpoint,
+    base: str | os.PathLike | Checkpoint,
+    tuned: str | os.PathLike | Checkpoint,
     atol: Sequence[float] = DEFAULT_ATOL,
     eta: float = DEFAULT_ETA,
     common_slice: bool = False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -132,8 +133,8 @@ def rank_pairs(
 
 
 def rank(
-    base: str,
-    tuned: str,
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
     rtol: float | None = None,
     precision: str = "float32",
     cache_dir: str | None = None,

@@ -133,7 +133,7 @@ def consensus(masks: list[Subnetwork], chunk: int = 1 << 22) -> dict:
 
 def overlap(paths_or_masks: list, consensus_for: int = 3) -> OverlapResult:
     """Pairwise overlaps of every pair of masks, plus consensus when there are ``consensus_for`` or more."""
-    masks = [m if isinstance(m, Subnetwork) else Subnetwork.load(m) for m in paths_or_masks]
+    masks = [m if isinstance(m, Subnetwork) else Subnetwork.load(m) for m in paths_or_masks]  # str or PathLike
     for m in masks[1:]:
         masks[0]._check_same(m, "compare")
     pairs = [pair_overlap(masks[i], masks[j], i, j) for i in range(len(masks)) for j in range(i + 1, len(masks))]

@@ -111,7 +111,7 @@ class Subnetwork:
         return cls(shapes, result.mask_bits, meta)
 
     @classmethod
-    def from_checkpoints(cls, base: str, tuned: str, criterion: str = "bitwise", **kw) -> Subnetwork:
+    def from_checkpoints(cls, base: str | os.PathLike, tuned: str | os.PathLike, criterion: str = "bitwise", **kw) -> Subnetwork:
         """Build the mask of updated parameters (Conjecture 1) from two checkpoints in one pass."""
         from ..analysis.diff import diff
 
