@@ -319,6 +319,101 @@ def train(
     Console().print(f"wrote {safe(res.out)} ({len(res.step_times)} steps in {res.elapsed_s:.1f} s; train_log.json inside)")
 
 
+patch_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="Store and ship only what changed: rlsubnet-patch/1 files.")
+app.add_typer(patch_app, name="patch")
+
+
+@patch_app.command("create")
+@clean_errors
+def patch_create(
+    base: str = typer.Argument(..., help="base checkpoint"),
+    tuned: str = typer.Argument(..., help="finetuned checkpoint with the same tensors"),
+    out: str = typer.Option(..., "-o", "--out", help="patch file to write"),
+    level: int = typer.Option(3, "--level", help="zstd level (1-22)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write the patch that turns BASE into TUNED, streaming, and print its size breakdown."""
+    from .deltas import create
+    from .report.fmt import num
+
+    if not 1 <= level <= 22:
+        raise InputError(f"--level: {level} must be between 1 and 22.")
+    check_outputs({"-o": out}, _inputs(base, tuned))
+    st = create(base, tuned, out, level=level, cache_dir=cache_dir, progress=not quiet)
+    con = Console()
+    con.print(f"wrote {safe(out)}: {num(st.total)} bytes for {num(st.changed)} changed of {num(st.numel)} entries "
+              f"in {st.tensors} tensors ({st.elapsed_s:.2f} s)")
+    con.print(f"  positions {num(st.positions)}  values {num(st.values)}  files {num(st.files)}  header {num(st.header)}")
+    con.print(f"  {st.ratio_full:.1f}x smaller than the tuned checkpoint ({num(st.tuned_checkpoint)} bytes); "
+              f"{st.ratio_plain:.2f}x smaller than int32 positions + raw values ({num(st.plain)} bytes)")
+
+
+@patch_app.command("apply")
+@clean_errors
+def patch_apply(
+    base: str = typer.Argument(..., help="base checkpoint (safetensors)"),
+    patches: List[str] = typer.Argument(..., help="one patch, or a chain in order"),
+    out: str = typer.Option(..., "-o", "--out", help="output checkpoint folder (base's layout)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Apply a patch (or a chain) to BASE; every result tensor is checked against its recorded hash."""
+    from .deltas import apply
+    from .io.guard import check_replaceable
+
+    check_outputs({"-o": out}, _inputs(base, *patches), folder_outputs=["-o"])
+    check_replaceable(out, "-o")
+    r = apply(base, patches, out, cache_dir=cache_dir, progress=not quiet)
+    Console().print(f"wrote {safe(out)} ({r['changed']:,} entries differ from the base; result {r['result'][:23]}...)")
+
+
+@patch_app.command("verify")
+@clean_errors
+def patch_verify(
+    base: str = typer.Argument(...),
+    patches: List[str] = typer.Argument(..., help="one patch, or a chain in order"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Exit 0 when applying the patch(es) to BASE would reproduce the recorded result, 1 when not."""
+    from .deltas import verify
+
+    r = verify(base, patches, cache_dir=cache_dir, progress=not quiet)
+    if r["ok"]:
+        Console().print(f"[green]OK[/green]: reproduces {r['result'][:23]}... ({r['changed']:,} entries change)")
+        return
+    Console().print(f"[red]MISMATCH[/red]: {', '.join(safe(m) for m in r['mismatched'][:5])}")
+    raise typer.Exit(1)
+
+
+@patch_app.command("info")
+@clean_errors
+def patch_info(
+    patch: str = typer.Argument(...),
+    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """What a patch holds: hashes, sizes, encodings."""
+    from .deltas import info
+    from .io.jsonout import dumps
+    from .report.fmt import num
+
+    i = info(patch)
+    if json_out:
+        typer.echo(dumps(i))
+        return
+    con = Console()
+    s = i["sizes"]
+    con.print(f"{safe(i['path'])}: {i['format']}, {i['tensors']} tensors, {num(i['changed'])} of {num(i['numel'])} entries changed")
+    con.print(f"  applies to {i['parent']}\n  produces   {i['result']}")
+    con.print(f"  bytes: total {num(s['total'])}, positions {num(s['positions'])}, values {num(s['values'])}, "
+              f"files {num(s['files'])}, header {num(s['header'])}; plain int32 + raw {num(s['plain'])}")
+    con.print(f"  encodings: positions {i['encodings']['positions']}, values {i['encodings']['values']}")
+    if i["files"]:
+        con.print("  files: " + ", ".join(safe(f) for f in i["files"]))
+
+
 @app.command()
 @clean_errors
 def study(

@@ -1,0 +1,215 @@
+"""Live delta sync: publish only what changed since the last publication, in the same patch format.
+
+``pub = DeltaPublisher(model)`` snapshots the *stored view* of the model's named parameters (the bits an
+inference engine holds: bf16 by default, so fp32 master weights are published as bf16); ``pub.delta()``
+returns the payload (``rlsubnet-patch/1`` bytes) of what changed since the previous call, and
+``apply_delta(target, payload)`` updates a model or a state dict in place after checking every base and
+result hash: a payload that fails verification raises and leaves the target's weights unchanged.
+
+``DeltaSyncCallback`` (a TRL/transformers ``TrainerCallback``) publishes after every K optimizer steps to a
+sink: :class:`DirectorySink` (shared storage: one atomic file per step plus ``manifest.json``, the chain)
+with :func:`receive_directory` on the other side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io.atomic import write_bytes, write_text
+from ..io.bits import torch_raw
+from ..io.dtypes import TORCH_TO_CODE
+from ..io.errors import InputError
+from .format import CHUNK, PatchReader, PatchWriter, checkpoint_hash
+
+
+class DeltaError(InputError):
+    """A payload that does not apply to the target (wrong base, corrupt, or not reproducing its result)."""
+
+
+def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to("cpu").contiguous()
+
+
+def _code(t: torch.Tensor) -> str:
+    return TORCH_TO_CODE[str(t.dtype).removeprefix("torch.")]
+
+
+class DeltaPublisher:
+    """Snapshots a model's stored view and encodes what changed since the last snapshot."""
+
+    def __init__(self, model: torch.nn.Module | dict, dtype: torch.dtype | None = torch.bfloat16, level: int = 3,
+                 chunk: int = CHUNK):
+        self.model = model
+        self.dtype = dtype
+        self.level = level
+        self.chunk = chunk
+        self._snap = {n: torch_raw(_stored(t, dtype)).copy() for n, t in self._named()}
+        self._shapes = {n: (tuple(t.shape), _code(_stored(t, dtype))) for n, t in self._named()}
+        self.hash = checkpoint_hash([(n, c, s, hashlib.sha256(self._snap[n].data).hexdigest())
+                                     for n, (s, c) in self._shapes.items()])
+        self.sizes: list[dict] = []
+
+    def _named(self):
+        if isinstance(self.model, dict):
+            return list(self.model.items())
+        return list(self.model.named_parameters())
+
+    def delta(self) -> bytes:
+        """The payload that turns the previous snapshot into the current stored view; snapshots it."""
+        buf = io.BytesIO()
+        w = PatchWriter(buf, level=self.level, chunk=self.chunk)
+        base_e, res_e = [], []
+        new_snap = {}
+        for name, p in self._named():
+            cur = torch_raw(_stored(p, self.dtype))
+            old = self._snap[name]
+            shape, code = self._shapes[name]
+            t = w.begin_tensor(name, code, shape)
+            ha, hb = hashlib.sha256(old.data), hashlib.sha256(cur.data)
+            for s in range(0, cur.size, self.chunk):
+                w.chunk_update(t, s, old[s : s + self.chunk], cur[s : s + self.chunk])
+            t["base_sha256"], t["result_sha256"] = ha.hexdigest(), hb.hexdigest()
+            base_e.append((name, code, shape, t["base_sha256"]))
+            res_e.append((name, code, shape, t["result_sha256"]))
+            new_snap[name] = cur.copy() if t["changed"] else old
+        h = w.finish(self.hash, checkpoint_hash(res_e))
+        self._snap = new_snap
+        self.hash = h["result"]["hash"]
+        payload = buf.getvalue()
+        self.sizes.append({"bytes": len(payload), "plain": h["sizes"]["plain"],
+                           "changed": sum(t["changed"] for t in h["tensors"])})
+        return payload
+
+
+def apply_delta(target: torch.nn.Module | dict, payload: bytes) -> int:
+    """Apply a payload to a model's parameters or a state dict in place; returns the entries changed.
+
+    Every tensor's base hash is checked before and its result hash after decoding; only when all match
+    are the target's tensors updated, so a payload that fails leaves the target unchanged.
+    """
+    try:
+        r = PatchReader(payload, name="delta payload")
+    except InputError as e:
+        raise DeltaError(e.message) from None
+    named = dict(target.items() if isinstance(target, dict) else target.named_parameters())
+    updates = {}
+    changed = 0
+    for t in r.header["tensors"]:
+        name = t["name"]
+        dst = named.get(name)
+        if dst is None:
+            raise DeltaError(f"delta payload: the target has no tensor '{name}'.")
+        if _code(dst) != t["dtype"] or list(dst.shape) != t["shape"]:
+            raise DeltaError(f"delta payload: tensor '{name}' is {t['dtype']}{t['shape']} in the payload but "
+                             f"{_code(dst)}{list(dst.shape)} in the target.")
+        old = torch_raw(dst.detach().cpu())
+        if hashlib.sha256(old.data).hexdigest() != t["base_sha256"]:
+            raise DeltaError(f"delta payload: tensor '{name}' of the target is not the state the payload applies to "
+                             "(a step was missed or applied twice).")
+        if not t["chunks"]:
+            continue
+        new = old.copy()
+        for c in t["chunks"]:
+            s = c["start"]
+            new[s : s + c["count"]] = r.apply_chunk(c, old[s : s + c["count"]])
+        if hashlib.sha256(new.data).hexdigest() != t["result_sha256"]:
+            raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
+        updates[name] = new
+        changed += t["changed"]
+    with torch.no_grad():
+        for name, new in updates.items():
+            dst = named[name]
+            src = torch.from_numpy(new.view(_signed(new.dtype.itemsize))).view(dst.dtype).reshape(dst.shape)
+            dst.copy_(src.to(dst.device))
+    return changed
+
+
+def _signed(itemsize: int):
+    return {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
+
+
+class DirectorySink:
+    """Shared storage: ``step-00000012.rlspatch`` per publication (atomic) and ``manifest.json`` (the chain)."""
+
+    def __init__(self, path: str | os.PathLike, initial_hash: str | None = None):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest: dict = {"format": "rlsubnet-delta-manifest/1", "initial": initial_hash, "steps": []}
+
+    def send(self, step: int, payload: bytes, parent: str, result: str) -> None:
+        name = f"step-{step:08d}.rlspatch"
+        write_bytes(self.path / name, payload)
+        self.manifest["steps"].append({"step": step, "file": name, "parent": parent, "result": result, "bytes": len(payload)})
+        write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=1) + "\n")
+
+
+def receive_directory(path: str | os.PathLike, target, after: int = -1, until: int | None = None,
+                      timeout: float = 0.0, poll: float = 0.2) -> int:
+    """Apply, in order, every published step after ``after`` (up to ``until``); returns the last step applied.
+
+    With ``timeout > 0`` it waits for new steps until ``until`` is reached or the time is up (a receiver
+    loop); each file is applied only after its manifest entry appears, so a half-copied file is never read.
+    """
+    path = Path(path)
+    deadline = time.monotonic() + timeout
+    last = after
+    while True:
+        try:
+            steps = json.loads((path / "manifest.json").read_text())["steps"]
+        except (OSError, ValueError, KeyError):
+            steps = []
+        for s in steps:
+            if s["step"] <= last or (until is not None and s["step"] > until):
+                continue
+            apply_delta(target, (path / s["file"]).read_bytes())
+            last = s["step"]
+        if (until is not None and last >= until) or time.monotonic() >= deadline:
+            return last
+        time.sleep(poll)
+
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    TrainerCallback = object  # type: ignore[misc,assignment]
+
+
+class DeltaSyncCallback(TrainerCallback):
+    """Publish the stored view's delta after every ``every`` optimizer steps to ``sink``.
+
+    The bytes of each publication (and of the plain int32 + raw encoding) are kept in ``self.records``.
+    """
+
+    def __init__(self, sink, model: torch.nn.Module | None = None, every: int = 1, dtype: torch.dtype | None = torch.bfloat16,
+                 level: int = 3):
+        self.sink = sink
+        self.every = max(1, int(every))
+        self.dtype = dtype
+        self.level = level
+        self.pub: DeltaPublisher | None = DeltaPublisher(model, dtype, level) if model is not None else None
+        self.records: list[dict] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if self.pub is None and model is not None:
+            self.pub = DeltaPublisher(model, self.dtype, self.level)
+        if self.pub is not None and hasattr(self.sink, "manifest") and self.sink.manifest.get("initial") is None:
+            self.sink.manifest["initial"] = self.pub.hash
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.pub is None or state.global_step % self.every:
+            return
+        parent = self.pub.hash
+        payload = self.pub.delta()
+        self.sink.send(state.global_step, payload, parent, self.pub.hash)
+        self.records.append({"step": state.global_step, **self.pub.sizes[-1]})

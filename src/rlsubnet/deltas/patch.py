@@ -1,0 +1,282 @@
+"""Create, apply, verify and describe ``rlsubnet-patch/1`` files for checkpoints on disk.
+
+Everything streams chunk by chunk (``CHUNK`` elements), so memory stays bounded whatever the model size:
+``create`` reads both checkpoints once; ``apply`` reads the base once, decodes each patch's chunk in turn
+(a chain is applied chunk by chunk, never materialising an intermediate checkpoint) and writes a folder in
+the base's layout (same shards, same headers, same index) with the tuned checkpoint's non-tensor files,
+checking every tensor's hash on the way in (the base the patch expects) and on the way out (the result
+the patch records). Outputs are written atomically: a wrong base, a corrupt patch or a chain out of order
+is one sentence, exit 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from ..io.atomic import atomic_dir, atomic_path
+from ..io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, iter_chunks, open_checkpoint
+from ..io.errors import InputError
+from .format import CHUNK, PatchReader, PatchWriter, checkpoint_hash
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+MAX_SIDE_FILE = 64 * 1024 * 1024
+
+
+def side_files(ck: Checkpoint) -> list[Path]:
+    """The tuned checkpoint's non-tensor files: config, generation config, tokenizer, chat template, ...
+
+    Regular files directly in the checkpoint folder that are not weights, indexes or hidden, up to 64 MB.
+    """
+    if ck.format == "mask" or not Path(ck.path).is_dir():
+        return []
+    out = []
+    for p in sorted(Path(ck.root).iterdir()):
+        n = p.name
+        if n.startswith(".") or n.endswith(WEIGHT_SUFFIXES) or n in (SAFETENSORS_INDEX, BIN_INDEX) or n.endswith(".index.json"):
+            continue
+        if p.is_file() and not p.is_symlink() and p.stat().st_size <= MAX_SIDE_FILE:
+            out.append(p)
+    return out
+
+
+@dataclass
+class PatchStats:
+    """What ``create`` wrote: the size breakdown and the ratios the command prints."""
+
+    path: str
+    tensors: int
+    numel: int
+    changed: int
+    positions: int
+    values: int
+    files: int
+    header: int
+    total: int
+    plain: int
+    tuned_checkpoint: int
+    elapsed_s: float
+
+    @property
+    def ratio_full(self) -> float:
+        return self.tuned_checkpoint / self.total if self.total else float("nan")
+
+    @property
+    def ratio_plain(self) -> float:
+        return self.plain / self.total if self.total else float("nan")
+
+
+def _bar(progress: bool) -> Progress:
+    from ..analysis.engine import make_progress
+
+    return make_progress(progress)
+
+
+def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, level: int = 3,
+           cache_dir: str | None = None, progress: bool = False, chunk: int = CHUNK) -> PatchStats:
+    """Write the patch that turns ``base`` into ``tuned`` (same tensor names, dtypes and shapes)."""
+    t0 = time.perf_counter()
+    with open_checkpoint(base, cache_dir) as cb, open_checkpoint(tuned, cache_dir) as ct:
+        for name, tb in ct.tensors.items():
+            ta = cb.tensors.get(name)
+            if ta is None:
+                raise InputError(f"{tuned}: tensor '{name}' is not in {base}; a patch carries updates of the same tensors only.")
+            if ta.dtype != tb.dtype or ta.shape != tb.shape:
+                raise InputError(f"{tuned}: tensor '{name}' is {tb.dtype.name}{list(tb.shape)} but {ta.dtype.name}{list(ta.shape)} "
+                                 f"in {base}; a patch carries same-layout updates only.")
+        missing = [n for n in cb.tensors if n not in ct.tensors]
+        if missing:
+            raise InputError(f"{base}: tensor '{missing[0]}' is not in {tuned}; a patch carries updates of the same tensors only.")
+        base_entries, result_entries = [], []
+        numel = changed = 0
+        with atomic_path(out) as tmp, open(tmp, "wb") as fh, _bar(progress) as bar:
+            w = PatchWriter(fh, level=level, chunk=chunk)
+            task = bar.add_task("patch", total=sum(t.nbytes for t in cb.tensors.values()))
+            for name in sorted(cb.tensors, key=lambda n: (cb.tensors[n].file, cb.tensors[n].offset)):
+                info = cb.tensors[name]
+                t = w.begin_tensor(name, info.dtype.name, info.shape)
+                ha, hb = hashlib.sha256(), hashlib.sha256()
+                for s, c in iter_chunks(info.numel, chunk):
+                    old, new = cb.read(name, s, c), ct.read(name, s, c)
+                    ha.update(old.data)
+                    hb.update(new.data)
+                    changed += w.chunk_update(t, s, old, new)
+                    bar.advance(task, c * info.dtype.itemsize)
+                t["base_sha256"], t["result_sha256"] = ha.hexdigest(), hb.hexdigest()
+                base_entries.append((name, info.dtype.name, tuple(info.shape), t["base_sha256"]))
+                result_entries.append((name, info.dtype.name, tuple(info.shape), t["result_sha256"]))
+                numel += info.numel
+            for f in side_files(ct):
+                w.add_file(f.name, f.read_bytes())
+            tuned_bytes = sum(os.path.getsize(f) for f in ct.files)
+            h = w.finish(checkpoint_hash(base_entries), checkpoint_hash(result_entries),
+                         source={"base": str(base), "tuned": str(tuned)}, tuned_checkpoint_bytes=tuned_bytes)
+    s = h["sizes"]
+    return PatchStats(str(out), len(h["tensors"]), numel, changed, s["positions"], s["values"], s["files"], s["header"],
+                      s["total"], s["plain"], tuned_bytes, time.perf_counter() - t0)
+
+
+def open_chain(patches: list[str | os.PathLike]) -> list[PatchReader]:
+    """Open and validate patches; each must apply to the result of the one before it."""
+    if not patches:
+        raise InputError("patch: give at least one patch file.")
+    readers: list[PatchReader] = []
+    try:
+        for p in patches:
+            readers.append(PatchReader(p))
+        for a, b in zip(readers, readers[1:]):
+            if b.header["parent"] != a.header["result"]["hash"]:
+                raise InputError(f"{b.name}: chain out of order: it applies to {b.header['parent'][:23]}..., but {a.name} "
+                                 f"produces {a.header['result']['hash'][:23]}... .")
+            if b.header["chunk"] != a.header["chunk"]:
+                raise InputError(f"{b.name}: its chunk size {b.header['chunk']} differs from {a.name}'s; they cannot be chained.")
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return readers
+
+
+def _stream(cb: Checkpoint, readers: list[PatchReader], sink, progress: bool) -> tuple[int, list[str]]:
+    """Apply a chain tensor by tensor in the base's file order; ``sink(file, tensor, bits)`` receives output.
+
+    Returns (changed entries in the last result vs base, names whose result hash did not match).
+    """
+    tables = [{t["name"]: t for t in r.header["tensors"]} for r in readers]
+    for n in cb.tensors:
+        if n not in tables[0]:
+            raise InputError(f"{readers[0].name}: does not cover tensor '{n}' of {cb.path}; it was made from another base.")
+    extra = [n for n in tables[0] if n not in cb.tensors]
+    if extra:
+        raise InputError(f"{cb.path}: has no tensor '{extra[0]}', which {readers[0].name} expects; it is not this patch's base.")
+    chunk = readers[0].header["chunk"]
+    bad: list[str] = []
+    changed = 0
+    with _bar(progress) as bar:
+        task = bar.add_task("apply", total=sum(t.nbytes for t in cb.tensors.values()))
+        for name in sorted(cb.tensors, key=lambda n: (cb.tensors[n].file, cb.tensors[n].offset)):
+            info = cb.tensors[name]
+            ts = [tb[name] for tb in tables]
+            if ts[0]["dtype"] != info.dtype.name or tuple(ts[0]["shape"]) != tuple(info.shape):
+                raise InputError(f"{cb.path}: tensor '{name}' is {info.dtype.name}{list(info.shape)}, the patch expects "
+                                 f"{ts[0]['dtype']}{ts[0]['shape']}; it is not this patch's base.")
+            hashes = [hashlib.sha256() for _ in range(len(readers) + 1)]
+            cursors = [{c["start"]: c for c in t["chunks"]} for t in ts]
+            for s, c in iter_chunks(info.numel, chunk):
+                bits = cb.read(name, s, c)
+                first = bits
+                hashes[0].update(bits.data)
+                for i, (r, cur) in enumerate(zip(readers, cursors)):
+                    ch = cur.get(s)
+                    if ch is not None:
+                        bits = r.apply_chunk(ch, bits)
+                    hashes[i + 1].update(bits.data)
+                changed += int(np.count_nonzero(first != bits))
+                sink(info, bits)
+                bar.advance(task, c * info.dtype.itemsize)
+            if hashes[0].hexdigest() != ts[0]["base_sha256"]:
+                raise InputError(f"{cb.path}: tensor '{name}' differs from the base {readers[0].name} expects; "
+                                 "it is not this patch's base.")
+            for i, t in enumerate(ts):
+                if hashes[i + 1].hexdigest() != t["result_sha256"]:
+                    bad.append(f"{readers[i].name}: {name}")
+    return changed, bad
+
+
+def apply(base: str | os.PathLike, patches: list[str | os.PathLike], out: str | os.PathLike,
+          cache_dir: str | None = None, progress: bool = False) -> dict:
+    """Apply ``patches`` (a chain) to ``base`` and write the result as a folder in the base's layout."""
+    readers = open_chain(patches)
+    try:
+        with open_checkpoint(base, cache_dir) as cb:
+            if not cb.format.startswith("safetensors"):
+                raise InputError(f"{base}: patches are applied to safetensors checkpoints (this one is {cb.format}).")
+            with atomic_dir(out) as tmp:
+                handles: dict[str, object] = {}
+                root = Path(cb.root)
+
+                def sink(info, bits):
+                    fh = handles.get(info.file)
+                    if fh is None:
+                        dest = tmp / os.path.relpath(info.file, root)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        fh = open(dest, "wb")
+                        with open(info.file, "rb") as src:  # the base's header, byte for byte
+                            (n,) = struct.unpack("<Q", src.read(8))
+                            src.seek(0)
+                            fh.write(src.read(8 + n))
+                        handles[info.file] = fh
+                    fh.write(bits.tobytes())
+
+                try:
+                    changed, bad = _stream(cb, readers, sink, progress)
+                finally:
+                    for fh in handles.values():
+                        fh.close()
+                if bad:
+                    raise InputError(f"{bad[0].split(': ')[0]}: applying it does not reproduce the recorded result "
+                                     f"(tensor '{bad[0].split(': ', 1)[1]}'); nothing was written.")
+                for f in cb.files:  # files with no tensors in them: copy as they are
+                    dest = tmp / os.path.relpath(f, root)
+                    if not dest.exists():
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(f, dest)
+                for idx in (SAFETENSORS_INDEX,):
+                    if (root / idx).is_file():
+                        shutil.copyfile(root / idx, tmp / idx)
+                last = readers[-1]
+                for f in last.header["files"]:
+                    data = last.blob(f)
+                    if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                        raise InputError(f"{last.name}: corrupt or truncated patch (file '{f['name']}' fails its hash).")
+                    (tmp / f["name"]).write_bytes(data)
+                from ..io.guard import write_marker
+
+                write_marker(tmp, "patch apply", base=str(base), patches=[str(p) for p in patches])
+    finally:
+        for r in readers:
+            r.close()
+    return {"out": str(out), "changed": changed, "result": readers[-1].header["result"]["hash"]}
+
+
+def verify(base: str | os.PathLike, patches: list[str | os.PathLike], cache_dir: str | None = None,
+           progress: bool = False) -> dict:
+    """Would applying ``patches`` to ``base`` reproduce the recorded result? Nothing is written."""
+    readers = open_chain(patches)
+    try:
+        with open_checkpoint(base, cache_dir) as cb:
+            changed, bad = _stream(cb, readers, lambda info, bits: None, progress)
+    finally:
+        for r in readers:
+            r.close()
+    return {"ok": not bad, "changed": changed, "mismatched": bad, "result": readers[-1].header["result"]["hash"]}
+
+
+def info(patch: str | os.PathLike) -> dict:
+    """The patch's header summary: hashes, tensors, sizes and the encodings chosen."""
+    with PatchReader(patch) as r:
+        h = r.header
+        enc_p: dict[str, int] = {}
+        enc_v: dict[str, int] = {}
+        changed = numel = 0
+        for t in h["tensors"]:
+            changed += t["changed"]
+            numel += int(np.prod(t["shape"])) if t["shape"] else 1
+            for c in t["chunks"]:
+                k = c["positions"]["enc"] if c["positions"] else "all"
+                enc_p[k] = enc_p.get(k, 0) + 1
+                v = c["values"]["enc"] + ("+planes" if c["values"]["planes"] else "")
+                enc_v[v] = enc_v.get(v, 0) + 1
+        return {"path": str(patch), "format": h["format"], "parent": h["parent"], "result": h["result"]["hash"],
+                "chunk": h["chunk"], "tensors": len(h["tensors"]), "numel": numel, "changed": changed,
+                "files": [f["name"] for f in h["files"]], "sizes": {**h["sizes"], "total": r.size},
+                "tuned_checkpoint_bytes": h.get("tuned_checkpoint_bytes"),
+                "encodings": {"positions": enc_p, "values": enc_v}, "source": h.get("source")}
