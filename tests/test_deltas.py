@@ -207,3 +207,27 @@ def test_delta_sync_callback_with_a_trl_trainer(tmp_path):
     man = json.loads((tmp_path / "sync" / "manifest.json").read_text())
     assert [s["step"] for s in man["steps"]] == [1, 2, 3] and all(s["bytes"] > 0 for s in man["steps"])
     assert cb.records[0]["plain"] > 0
+
+
+def test_distributed_sync_two_processes(tmp_path):
+    """Two processes on CPU (gloo): rank 0 trains a tiny model with a TRL trainer and broadcasts each step's
+    delta; rank 1 applies it, and after every step its weights equal the trainer's published view."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "m", seed=0, dtype="float32", hidden=32, layers=2, heads=2, inter=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("dist_sync_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(port), path, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    seen = json.loads((tmp_path / "received.json").read_text())
+    assert [s["step"] for s in seen] == [1, 2, 3] and all(s["equal"] for s in seen)

@@ -120,8 +120,15 @@ def test_train_cli_and_verify_frozen(tiny, tmp_path):
 
 def test_sparsity_tracker(tiny, tmp_path):
     path, _, _, _ = tiny
-    cfg = TrainConfig(algo="sft", model=path, out=str(tmp_path / "t"), steps=4, lr=1e-2, batch_size=4, n_train=16, track_every=2)
+    cfg = TrainConfig(algo="sft", model=path, out=str(tmp_path / "t"), steps=4, lr=1e-2, batch_size=4, n_train=16, track_every=2,
+                      save_every=2)
     res = run_training(cfg)
     assert [r["step"] for r in res.tracking] == [2, 4]
+    # the bytes a delta sync would send between records are those of the patch between the saved checkpoints
+    from rlsubnet.deltas import create
+
+    st = create(tmp_path / "t" / "step-2", tmp_path / "t" / "step-4", tmp_path / "p")
+    assert res.tracking[1]["delta_stream_bytes"] == st.positions + st.values
+    assert res.tracking[1]["delta_plain_bytes"] == st.plain
     assert res.tracking[0]["changed_vs_init"] == res.tracking[0]["changed_vs_prev"]
     assert res.tracking[1]["ever_changed"] >= res.tracking[1]["changed_vs_init"]

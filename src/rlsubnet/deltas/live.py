@@ -213,3 +213,50 @@ class DeltaSyncCallback(TrainerCallback):
         payload = self.pub.delta()
         self.sink.send(state.global_step, payload, parent, self.pub.hash)
         self.records.append({"step": state.global_step, **self.pub.sizes[-1]})
+
+
+class DistributedSink:
+    """Broadcast each payload from the trainer's rank to the receivers of a ``torch.distributed`` group.
+
+    Gloo on CPU, NCCL on GPU (the payload travels as a uint8 tensor on ``device``). Each publication is two
+    broadcasts: ``[step, nbytes]`` (int64), then the bytes. :meth:`close` sends ``step = -1``.
+    """
+
+    def __init__(self, src: int = 0, group=None, device: str | torch.device = "cpu"):
+        self.src, self.group, self.device = src, group, torch.device(device)
+
+    def send(self, step: int, payload: bytes, parent: str = "", result: str = "") -> None:
+        import torch.distributed as dist
+
+        head = torch.tensor([step, len(payload)], dtype=torch.int64, device=self.device)
+        dist.broadcast(head, self.src, group=self.group)
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        dist.broadcast(data, self.src, group=self.group)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast(torch.tensor([-1, 0], dtype=torch.int64, device=self.device), self.src, group=self.group)
+
+
+def receive_distributed(target, src: int = 0, group=None, device: str | torch.device = "cpu", on_step=None) -> int:
+    """Receiver loop: apply every broadcast payload to ``target`` until the sender closes; returns the last step.
+
+    ``on_step(step, target)`` is called after each applied step.
+    """
+    import torch.distributed as dist
+
+    dev = torch.device(device)
+    last = -1
+    while True:
+        head = torch.zeros(2, dtype=torch.int64, device=dev)
+        dist.broadcast(head, src, group=group)
+        step, n = int(head[0]), int(head[1])
+        if step < 0:
+            return last
+        data = torch.empty(n, dtype=torch.uint8, device=dev)
+        dist.broadcast(data, src, group=group)
+        apply_delta(target, data.cpu().numpy().tobytes())
+        last = step
+        if on_step is not None:
+            on_step(step, target)

@@ -17,6 +17,13 @@ from ..io.jsonout import dumps
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
+class _Counter:
+    """A write-only stream that only counts bytes."""
+
+    def write(self, b: bytes) -> int:
+        return len(b)
+
+
 class SparsityTracker(TrainerCallback):
     """Every ``every`` steps, record the update sparsity relative to the initial checkpoint and to the
     previous record, as the parameters would be stored (the dtype of the initial checkpoint).
@@ -37,7 +44,10 @@ class SparsityTracker(TrainerCallback):
         self.model = model
 
     def record(self, model: torch.nn.Module, step: int) -> dict:
+        from ..deltas.format import PatchWriter
+
         numel = n_changed = consec = ever = 0
+        sizer = PatchWriter(_Counter())  # the patch a delta sync would send since the previous record
         for name, p in model.named_parameters():
             info = self.init.tensors.get(name)
             if info is None or tuple(info.shape) != tuple(p.shape):
@@ -48,6 +58,7 @@ class SparsityTracker(TrainerCallback):
             cur = stored_raw(p, dt)
             init = self.init.read(name)
             m = changed(cur, init, info.dtype.is_float)
+            prev = init
             if name in self._prev_mask:
                 pm = np.unpackbits(self._prev_mask[name], count=cur.size, bitorder="little").view(bool)
                 prev = init.copy()
@@ -58,14 +69,23 @@ class SparsityTracker(TrainerCallback):
                 consec += int(np.count_nonzero(m))  # the first record is compared with init
                 e = np.packbits(m, bitorder="little")
             self._ever[name] = e
-            self._prev_mask[name] = np.packbits(m, bitorder="little")
-            self._prev_vals[name] = cur[m]
+            t = sizer.begin_tensor(name, info.dtype.name, info.shape)
+            for s0 in range(0, cur.size, sizer.chunk):
+                sizer.chunk_update(t, s0, prev[s0 : s0 + sizer.chunk], cur[s0 : s0 + sizer.chunk])
+            t["base_sha256"] = t["result_sha256"] = "0" * 64
+            mx = cur != init  # exact bits, so the reconstruction of this record next time is exact
+            self._prev_mask[name] = np.packbits(mx, bitorder="little")
+            self._prev_vals[name] = cur[mx]
             numel += cur.size
             n_changed += int(np.count_nonzero(m))
             ever += int(np.bitwise_count(e).sum())
         rec = {"step": step, "numel": numel, "changed_vs_init": n_changed, "sparsity_vs_init": 1 - n_changed / numel if numel else 1.0,
                "changed_vs_prev": consec, "sparsity_vs_prev": 1 - consec / numel if numel else 1.0,
                "ever_changed": ever}
+        h = sizer.finish("sha256:" + "0" * 64, "sha256:" + "0" * 64)
+        rec["delta_bytes"] = h["sizes"]["total"]  # an rlsubnet-patch/1 payload since the previous record
+        rec["delta_stream_bytes"] = h["sizes"]["positions"] + h["sizes"]["values"]  # without the header
+        rec["delta_plain_bytes"] = h["sizes"]["plain"]  # int32 positions + raw values (verl's delta_sharded)
         self.records.append(rec)
         return rec
 
