@@ -755,3 +755,21 @@ def test_truncated_cached_train_log_in_study(tmp_path, tiny_model):
     (d / "train_log.json").write_text('{"elapsed_s": 1.0, "ste')
     with pytest.raises(InputError, match="corrupt or truncated"):
         st.train("x", cfg)
+
+
+def test_interruption_says_what_was_written(tmp_path, capsys):
+    """Defect: "interrupted: nothing was written." was printed after some outputs had been written."""
+    import typer
+
+    from rlsubnet.cli import clean_errors
+
+    @clean_errors
+    def job():
+        write_text(tmp_path / "first.json", "{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as e:
+        job()
+    assert e.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert "first.json" in err and "nothing else was written" in err and "nothing was written" not in err
