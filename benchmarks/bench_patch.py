@@ -32,27 +32,28 @@ sys.path.insert(0, str(HERE))
 from synth import write_pair  # noqa: E402
 
 RUN = r"""
-import json, resource, sys, time
-t0 = time.perf_counter()
+import json, sys, time
+import rlsubnet, rlsubnet.deltas  # imports are not part of the measured time
+from rlsubnet.deltas import apply, create
+from rlsubnet.io import open_checkpoint
 what, a, b, out = sys.argv[1:5]
+t0 = time.perf_counter()
 if what == "create":
-    from rlsubnet.deltas import create
     create(a, b, out)
 elif what == "apply":
-    from rlsubnet.deltas import apply
     apply(a, [b], out)
 elif what == "diff":
-    import rlsubnet
     rlsubnet.diff(a, b, workers=1)
 elif what == "read":
-    from rlsubnet.io import open_checkpoint
     for p in (a, b):
         for f in open_checkpoint(p).files:
             with open(f, "rb", buffering=0) as fh:
                 while fh.read(1 << 24):
                     pass
 el = time.perf_counter() - t0
-print(json.dumps({"seconds": el, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the parent, which may have trained a model
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
+print(json.dumps({"seconds": el, "peak_rss_mb": hwm / 1024}))
 """
 
 
@@ -123,7 +124,8 @@ def bench_pair(label: str, base: Path, tuned: Path, work: Path) -> dict:
     i = info(patch)
     s = sizes(base, tuned)
     shutil.rmtree(work / f"{label}-applied", ignore_errors=True)
-    row = {"pair": label, "numel": i["numel"], "changed": i["changed"], "patch": i["sizes"]["total"],
+    streams = i["sizes"]["positions"] + i["sizes"]["values"] + i["sizes"]["header"]
+    row = {"pair": label, "numel": i["numel"], "changed": i["changed"], "patch": i["sizes"]["total"], "patch_tensors": streams,
            "patch_positions": i["sizes"]["positions"], "patch_values": i["sizes"]["values"], **s,
            "create_s": cr["seconds"], "create_rss_mb": cr["peak_rss_mb"], "apply_s": ap["seconds"],
            "apply_rss_mb": ap["peak_rss_mb"], "diff_s": df["seconds"], "read_both_s": rd["seconds"],
@@ -133,6 +135,8 @@ def bench_pair(label: str, base: Path, tuned: Path, work: Path) -> dict:
     print(f"  patch {p:,} B | full {s['tuned_checkpoint'] / p:.1f}x | zstd(full) {s['tuned_zstd'] / p:.1f}x | "
           f"plain {s['plain'] / p:.2f}x | zstd(plain) {s['plain_zstd'] / p:.2f}x | entropy floor {s['entropy_floor']:,} B "
           f"(patch = {p / max(s['entropy_floor'], 1):.2f}x the floor)")
+    print(f"  tensor part only (positions + values + header, no config/tokenizer files): {streams:,} B = "
+          f"{s['plain'] / streams:.2f}x smaller than plain, {streams / max(s['entropy_floor'], 1):.2f}x the floor")
     print(f"  create {cr['seconds']:.2f} s ({cr['peak_rss_mb']:.0f} MB) = {cr['seconds'] / df['seconds']:.2f}x diff "
           f"({df['seconds']:.2f} s), {cr['seconds'] / rd['seconds']:.2f}x reading both ({rd['seconds']:.2f} s); "
           f"apply {ap['seconds']:.2f} s ({ap['peak_rss_mb']:.0f} MB)")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from rlsubnet.deltas import DeltaError, DeltaPublisher, apply_delta
 from rlsubnet.deltas.format import CHUNK, PatchReader, decode_positions
 from rlsubnet.deltas.patch import apply, create, info, verify
+from rlsubnet.io import InputError
 
 from conftest import bits_view, bump_ulps, run, save_folder
 
@@ -121,7 +122,7 @@ def test_delta_encodings_beat_plain(tmp_path):
     st = create(tmp_path / "a", tmp_path / "b", tmp_path / "p")
     assert st.positions + st.values < st.plain
     i = info(tmp_path / "p")
-    assert set(i["encodings"]["positions"]) <= {"delta-u8", "delta-u16", "delta-u32", "bitmap", "all"}
+    assert set(i["encodings"]["positions"]) <= {"delta-u8", "delta-esc", "bitmap", "all"}
 
 
 def test_positions_roundtrip_property():
@@ -231,3 +232,24 @@ def test_distributed_sync_two_processes(tmp_path):
         assert p.returncode == 0, err[-3000:]
     seen = json.loads((tmp_path / "received.json").read_text())
     assert [s["step"] for s in seen] == [1, 2, 3] and all(s["equal"] for s in seen)
+
+
+def test_tied_head_stored_by_tuned_only(tmp_path):
+    """transformers' own training output can store a tied head copy the base does not: it is omitted (the
+    result loads to the same model); any other extra tensor is refused."""
+    base = _model()
+    tuned = _step(base, 0.01, 4)
+    tuned["lm_head.weight"] = tuned["model.embed_tokens.weight"].clone()
+    save_folder(tmp_path / "a", base, config={"model_type": "llama", "tie_word_embeddings": True})
+    save_folder(tmp_path / "b", tuned, config={"model_type": "llama", "tie_word_embeddings": True})
+    create(tmp_path / "a", tmp_path / "b", tmp_path / "p")
+    with PatchReader(tmp_path / "p") as r:
+        assert [o["name"] for o in r.header["omitted"]] == ["lm_head.weight"]
+    apply(tmp_path / "a", [tmp_path / "p"], tmp_path / "out")
+    got = _bits(tmp_path / "out")
+    assert "lm_head.weight" not in got
+    assert torch.equal(got["model.embed_tokens.weight"], bits_view(tuned["model.embed_tokens.weight"]))
+    tuned["lm_head.weight"][0, 0] += 1  # no longer a copy: refused
+    save_folder(tmp_path / "c", tuned, config={"model_type": "llama", "tie_word_embeddings": True})
+    with pytest.raises(InputError, match="same tensors only"):
+        create(tmp_path / "a", tmp_path / "c", tmp_path / "p2")

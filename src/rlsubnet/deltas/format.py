@@ -109,10 +109,12 @@ class Encoder:
             return None
         gaps = np.diff(idx, prepend=-1) - 1
         mx = int(gaps.max()) if gaps.size else 0
-        enc, t = next((k, v) for k, v in _DELTA.items() if mx <= np.iinfo(v).max)
-        delta = gaps.astype(t).tobytes()
-        cands = [(enc, delta)]
-        if idx.size * np.dtype(t).itemsize > count // 64:  # a bitmap can only win when the set is dense enough
+        if mx < 255:
+            cands = [("delta-u8", gaps.astype(np.uint8).tobytes())]
+        else:  # one byte per gap, 255 escaping to a u32 in the tail: most gaps of sparse updates fit a byte
+            big = gaps >= 255
+            cands = [("delta-esc", np.where(big, 255, gaps).astype(np.uint8).tobytes() + gaps[big].astype(np.uint32).tobytes())]
+        if idx.size > count // 64:  # a bitmap can only win when the set is dense enough
             bm = np.zeros(count, bool)
             bm[idx] = True
             cands.append(("bitmap", np.packbits(bm, bitorder="little").tobytes()))
@@ -141,6 +143,15 @@ def decode_positions(enc: str | None, raw: bytes, count: int, changed: int) -> n
         idx = np.flatnonzero(np.unpackbits(np.frombuffer(raw, np.uint8), count=count, bitorder="little"))
     elif enc in _DELTA:
         g = np.frombuffer(raw, _DELTA[enc]).astype(np.int64)
+        idx = np.cumsum(g + 1) - 1
+    elif enc == "delta-esc":
+        if len(raw) < changed:
+            raise ValueError("positions length")
+        g = np.frombuffer(raw, np.uint8, count=changed).astype(np.int64)
+        esc = np.flatnonzero(g == 255)
+        if len(raw) != changed + 4 * esc.size:
+            raise ValueError("positions length")
+        g[esc] = np.frombuffer(raw, np.uint32, offset=changed).astype(np.int64)
         idx = np.cumsum(g + 1) - 1
     else:
         raise ValueError(f"unknown positions encoding {enc!r}")
@@ -305,7 +316,7 @@ class PatchReader:
                 if p is None:
                     assert ch == count
                 else:
-                    raw_max = max((count + 7) // 8, ch * 4)
+                    raw_max = max((count + 7) // 8, ch * 5)
                     self._check_blob(p, raw_max)
                 v = c["values"]
                 self._check_blob(v, ch * dt.itemsize)

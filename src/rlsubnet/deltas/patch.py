@@ -85,16 +85,7 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
     """Write the patch that turns ``base`` into ``tuned`` (same tensor names, dtypes and shapes)."""
     t0 = time.perf_counter()
     with open_checkpoint(base, cache_dir) as cb, open_checkpoint(tuned, cache_dir) as ct:
-        for name, tb in ct.tensors.items():
-            ta = cb.tensors.get(name)
-            if ta is None:
-                raise InputError(f"{tuned}: tensor '{name}' is not in {base}; a patch carries updates of the same tensors only.")
-            if ta.dtype != tb.dtype or ta.shape != tb.shape:
-                raise InputError(f"{tuned}: tensor '{name}' is {tb.dtype.name}{list(tb.shape)} but {ta.dtype.name}{list(ta.shape)} "
-                                 f"in {base}; a patch carries same-layout updates only.")
-        missing = [n for n in cb.tensors if n not in ct.tensors]
-        if missing:
-            raise InputError(f"{base}: tensor '{missing[0]}' is not in {tuned}; a patch carries updates of the same tensors only.")
+        src, omitted = _sources(cb, ct, base, tuned)
         base_entries, result_entries = [], []
         numel = changed = 0
         with atomic_path(out) as tmp, open(tmp, "wb") as fh, _bar(progress) as bar:
@@ -105,7 +96,7 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
                 t = w.begin_tensor(name, info.dtype.name, info.shape)
                 ha, hb = hashlib.sha256(), hashlib.sha256()
                 for s, c in iter_chunks(info.numel, chunk):
-                    old, new = cb.read(name, s, c), ct.read(name, s, c)
+                    old, new = cb.read(name, s, c), ct.read(src[name], s, c)
                     ha.update(old.data)
                     hb.update(new.data)
                     changed += w.chunk_update(t, s, old, new)
@@ -118,10 +109,46 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
                 w.add_file(f.name, f.read_bytes())
             tuned_bytes = sum(os.path.getsize(f) for f in ct.files)
             h = w.finish(checkpoint_hash(base_entries), checkpoint_hash(result_entries),
-                         source={"base": str(base), "tuned": str(tuned)}, tuned_checkpoint_bytes=tuned_bytes)
+                         source={"base": str(base), "tuned": str(tuned)}, tuned_checkpoint_bytes=tuned_bytes,
+                         omitted=omitted)
     s = h["sizes"]
     return PatchStats(str(out), len(h["tensors"]), numel, changed, s["positions"], s["values"], s["files"], s["header"],
                       s["total"], s["plain"], tuned_bytes, time.perf_counter() - t0)
+
+
+def _sources(cb: Checkpoint, ct: Checkpoint, base, tuned) -> tuple[dict[str, str], list[dict]]:
+    """For every base tensor, the tuned tensor that holds its new value; and tuned tensors left out.
+
+    Same names, dtypes and shapes are required, with one exception that transformers itself creates: a
+    tied output head stored on one side only. A head stored by TUNED alone that is bit-identical to
+    TUNED's embedding (while BASE ties and stores none) is omitted (the result loads to the same model); a
+    head stored by BASE alone takes its new value from TUNED's embedding when TUNED ties them.
+    """
+    from ..io.align import _embedding
+    from ..io.checkpoint import HEAD_NAMES
+
+    src: dict[str, str] = {}
+    omitted: list[dict] = []
+    emb_b = _embedding(ct)
+    for name, ta in cb.tensors.items():
+        if name not in ct.tensors and name in HEAD_NAMES and emb_b and ct.ties_head():
+            src[name] = emb_b
+        elif name not in ct.tensors:
+            raise InputError(f"{base}: tensor '{name}' is not in {tuned}; a patch carries updates of the same tensors only.")
+        else:
+            src[name] = name
+        tb = ct.tensors[src[name]]
+        if ta.dtype != tb.dtype or ta.shape != tb.shape:
+            raise InputError(f"{tuned}: tensor '{src[name]}' is {tb.dtype.name}{list(tb.shape)} but {ta.dtype.name}{list(ta.shape)} "
+                             f"in {base}; a patch carries same-layout updates only.")
+    for name in ct.tensors:
+        if name in cb.tensors or name in src.values():
+            continue
+        if name in HEAD_NAMES and emb_b and cb.ties_head() and ct.same_bits(name, emb_b):
+            omitted.append({"name": name, "reason": f"a tied copy of {emb_b} (identical bits) that the base does not store"})
+            continue
+        raise InputError(f"{tuned}: tensor '{name}' is not in {base}; a patch carries updates of the same tensors only.")
+    return src, omitted
 
 
 def open_chain(patches: list[str | os.PathLike]) -> list[PatchReader]:
