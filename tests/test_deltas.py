@@ -253,3 +253,33 @@ def test_tied_head_stored_by_tuned_only(tmp_path):
     save_folder(tmp_path / "c", tuned, config={"model_type": "llama", "tie_word_embeddings": True})
     with pytest.raises(InputError, match="same tensors only"):
         create(tmp_path / "a", tmp_path / "c", tmp_path / "p2")
+
+
+def test_corrupted_payloads_fail_cleanly_and_leave_the_target_unchanged():
+    """Fuzz: truncations and byte flips anywhere in a payload give DeltaError (or, where the flip is in
+    bytes nothing reads, the exact result), never another exception, and never a half-updated target."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    g = torch.Generator().manual_seed(0)
+    start = {"a": torch.randn(500, generator=g).bfloat16(), "b": torch.randn(40, 30, generator=g).bfloat16()}
+    moved = {k: v.clone() for k, v in start.items()}
+    bump_ulps(moved["a"], torch.arange(0, 500, 7), 1)
+    bump_ulps(moved["b"], torch.arange(0, 1200, 3), 2)
+    pub = DeltaPublisher(dict(start), dtype=None)
+    pub.model = moved
+    payload = pub.delta()
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.integers(0, len(payload) - 1), st.integers(1, 255), st.booleans())
+    def check(pos, xor, truncate):
+        bad = payload[:pos] if truncate else payload[:pos] + bytes([payload[pos] ^ xor]) + payload[pos + 1 :]
+        target = {k: v.clone() for k, v in start.items()}
+        try:
+            apply_delta(target, bad)
+        except DeltaError:
+            assert all(torch.equal(target[k], start[k]) for k in start)
+            return
+        assert all(torch.equal(bits_view(target[k]), bits_view(moved[k])) for k in start)
+
+    check()

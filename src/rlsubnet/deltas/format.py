@@ -4,8 +4,8 @@ Layout (all integers little-endian)::
 
     b"RLSPATC1"                       8-byte magic
     blob blob ... blob                zstd frames (with content checksums), back to back
-    header                            UTF-8 JSON (below)
-    u64 header length, b"RLSPEND1"    16-byte trailer
+    header                            UTF-8 JSON (below), as one zstd frame
+    u64 header length, b"RLSPEND1"    16-byte trailer (the compressed header's length)
 
 Every tensor is cut into chunks of ``header["chunk"]`` elements of its row-major flattened storage. For
 each chunk with at least one changed entry (stored bits differ: +0 → -0 is a change here, a patch is
@@ -227,11 +227,14 @@ class PatchWriter:
         header = {"format": FORMAT, "chunk": self.chunk, "parent": base_hash, "base": {"hash": base_hash},
                   "result": {"hash": result_hash}, "tensors": self.tensors, "files": self.files, **extra}
         header["sizes"] = dict(self.sizes)
-        text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-        header["sizes"]["header"] = len(text)
-        text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()  # with its own size
-        self._write(text)
-        self._write(struct.pack("<Q", len(text)) + END)
+        header["sizes"]["header"] = 0
+        for _ in range(4):  # the header records its own compressed size: iterate to a fixed point
+            comp = self.enc.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode())
+            if header["sizes"]["header"] == len(comp):
+                break
+            header["sizes"]["header"] = len(comp)
+        self._write(comp)
+        self._write(struct.pack("<Q", len(comp)) + END)
         header["sizes"]["total"] = self.pos
         return header
 
@@ -278,10 +281,13 @@ class PatchReader:
         if n > MAX_HEADER or n > size - 24:
             raise self._bad("header length exceeds the file")
         fh.seek(size - 16 - n)
+        import zstandard
+
         try:
-            h = json.loads(fh.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise self._bad("its header is not valid JSON") from None
+            text = zstandard.ZstdDecompressor().decompress(fh.read(n), max_output_size=MAX_HEADER)
+            h = json.loads(text.decode("utf-8"))
+        except (zstandard.ZstdError, UnicodeDecodeError, ValueError, RecursionError):
+            raise self._bad("its header is not a zstd-compressed JSON object") from None
         if not isinstance(h, dict) or h.get("format") != FORMAT:
             raise InputError(f"{self.name}: not an {FORMAT} patch.")
         self._blob_end = size - 16 - n

@@ -96,12 +96,25 @@ def apply_delta(target: torch.nn.Module | dict, payload: bytes) -> int:
     """Apply a payload to a model's parameters or a state dict in place; returns the entries changed.
 
     Every tensor's base hash is checked before and its result hash after decoding; only when all match
-    are the target's tensors updated, so a payload that fails leaves the target unchanged.
+    are the target's tensors updated, so a payload that fails (:class:`DeltaError`) leaves the target
+    unchanged.
     """
     try:
-        r = PatchReader(payload, name="delta payload")
+        updates, changed, named = _decode_delta(target, payload)
+    except DeltaError:
+        raise
     except InputError as e:
         raise DeltaError(e.message) from None
+    with torch.no_grad():
+        for name, new in updates.items():
+            dst = named[name]
+            src = torch.from_numpy(new.view(_signed(new.dtype.itemsize))).view(dst.dtype).reshape(dst.shape)
+            dst.copy_(src.to(dst.device))
+    return changed
+
+
+def _decode_delta(target, payload: bytes):
+    r = PatchReader(payload, name="delta payload")
     named = dict(target.items() if isinstance(target, dict) else target.named_parameters())
     updates = {}
     changed = 0
@@ -127,12 +140,7 @@ def apply_delta(target: torch.nn.Module | dict, payload: bytes) -> int:
             raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
         updates[name] = new
         changed += t["changed"]
-    with torch.no_grad():
-        for name, new in updates.items():
-            dst = named[name]
-            src = torch.from_numpy(new.view(_signed(new.dtype.itemsize))).view(dst.dtype).reshape(dst.shape)
-            dst.copy_(src.to(dst.device))
-    return changed
+    return updates, changed, named
 
 
 def _signed(itemsize: int):

@@ -48,6 +48,37 @@ def side_files(ck: Checkpoint) -> list[Path]:
     return out
 
 
+class HashThread:
+    """sha256 of chunks in a second thread (hashlib releases the GIL on large buffers), in submission order.
+
+    At most two chunks wait, so memory stays bounded.
+    """
+
+    def __enter__(self) -> HashThread:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: list = []
+        return self
+
+    @staticmethod
+    def _run(items) -> None:
+        for h, a in items:
+            h.update(a.data)
+
+    def update(self, *items) -> None:
+        self._pending.append(self._pool.submit(self._run, items))
+        while len(self._pending) > 2:
+            self._pending.pop(0).result()
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 @dataclass
 class PatchStats:
     """What ``create`` wrote: the size breakdown and the ratios the command prints."""
@@ -88,7 +119,7 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
         src, omitted = _sources(cb, ct, base, tuned)
         base_entries, result_entries = [], []
         numel = changed = 0
-        with atomic_path(out) as tmp, open(tmp, "wb") as fh, _bar(progress) as bar:
+        with atomic_path(out) as tmp, open(tmp, "wb") as fh, _bar(progress) as bar, HashThread() as hashing:
             w = PatchWriter(fh, level=level, chunk=chunk)
             task = bar.add_task("patch", total=sum(t.nbytes for t in cb.tensors.values()))
             for name in sorted(cb.tensors, key=lambda n: (cb.tensors[n].file, cb.tensors[n].offset)):
@@ -97,10 +128,10 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
                 ha, hb = hashlib.sha256(), hashlib.sha256()
                 for s, c in iter_chunks(info.numel, chunk):
                     old, new = cb.read(name, s, c), ct.read(src[name], s, c)
-                    ha.update(old.data)
-                    hb.update(new.data)
+                    hashing.update((ha, old), (hb, new))
                     changed += w.chunk_update(t, s, old, new)
                     bar.advance(task, c * info.dtype.itemsize)
+                hashing.wait()
                 t["base_sha256"], t["result_sha256"] = ha.hexdigest(), hb.hexdigest()
                 base_entries.append((name, info.dtype.name, tuple(info.shape), t["base_sha256"]))
                 result_entries.append((name, info.dtype.name, tuple(info.shape), t["result_sha256"]))
@@ -187,7 +218,7 @@ def _stream(cb: Checkpoint, readers: list[PatchReader], sink, progress: bool) ->
     chunk = readers[0].header["chunk"]
     bad: list[str] = []
     changed = 0
-    with _bar(progress) as bar:
+    with _bar(progress) as bar, HashThread() as hashing:
         task = bar.add_task("apply", total=sum(t.nbytes for t in cb.tensors.values()))
         for name in sorted(cb.tensors, key=lambda n: (cb.tensors[n].file, cb.tensors[n].offset)):
             info = cb.tensors[name]
@@ -200,15 +231,17 @@ def _stream(cb: Checkpoint, readers: list[PatchReader], sink, progress: bool) ->
             for s, c in iter_chunks(info.numel, chunk):
                 bits = cb.read(name, s, c)
                 first = bits
-                hashes[0].update(bits.data)
+                stages = [(hashes[0], bits)]
                 for i, (r, cur) in enumerate(zip(readers, cursors)):
                     ch = cur.get(s)
                     if ch is not None:
                         bits = r.apply_chunk(ch, bits)
-                    hashes[i + 1].update(bits.data)
+                    stages.append((hashes[i + 1], bits))
+                hashing.update(*stages)
                 changed += int(np.count_nonzero(first != bits))
                 sink(info, bits)
                 bar.advance(task, c * info.dtype.itemsize)
+            hashing.wait()
             if hashes[0].hexdigest() != ts[0]["base_sha256"]:
                 raise InputError(f"{cb.path}: tensor '{name}' differs from the base {readers[0].name} expects; "
                                  "it is not this patch's base.")
