@@ -77,3 +77,12 @@ def test_real_smollm2_generates_and_trains(tmp_path):
                                  max_new_tokens=8, n_train=8, lr=1e-5), progress=False)
     assert len(r.step_times) == 2
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_study_measures_delta_sync_bytes(tiny_study):
+    """Issue 10: the main GRPO run records, per step, the bytes a delta weight sync would send; the report shows them."""
+    d, _, res = tiny_study
+    sync = res["runs"]["grpo"]["delta_sync"]
+    assert [x["step"] for x in sync] == list(range(1, len(sync) + 1)) and len(sync) >= 2
+    assert all(x["delta_plain_bytes"] == 0 or x["delta_bytes"] > 0 for x in sync)
+    assert "Delta weight sync" in (d / "out" / "report.md").read_text()

@@ -150,6 +150,26 @@ def sections(res: dict, figdir: Path) -> list[tuple[str, str, list[Path]]]:
         if f.get("ever_updated_outside_final") is not None:
             text += f" Of all entries updated at some saved step, {pct(f['ever_updated_outside_final'], 1)} end outside the final mask (paper: about 8.5%)."
         out.append(("RQ5: what makes updates sparse?", body + "\n\n" + text, figs))
+    sync = [(name, r) for name, r in res.get("runs", {}).items() if r.get("delta_sync")]
+    if sync:
+        rows, series, xs_by = [], {}, {}
+        for name, r in sync:
+            for x in r["delta_sync"]:
+                full = r.get("checkpoint_bytes") or 0
+                rows.append([name, x["step"], f"{x['changed_vs_prev']:,}", f"{x['delta_bytes']:,}", f"{x['delta_plain_bytes']:,}",
+                             f"{x['delta_plain_bytes'] / x['delta_bytes']:.2f}x" if x["delta_bytes"] else "—",
+                             f"{full / x['delta_bytes']:.0f}x" if x["delta_bytes"] and full else "—"])
+            series[name] = [x["delta_bytes"] / 1e6 for x in r["delta_sync"]]
+            series[f"{name} (int32 + raw)"] = [x["delta_plain_bytes"] / 1e6 for x in r["delta_sync"]]
+            xs_by[name] = xs_by[f"{name} (int32 + raw)"] = [x["step"] for x in r["delta_sync"]]
+        body = ("Bytes a delta weight sync would send after each optimizer step (the stored bf16 view against the previous "
+                "step), as an rlsubnet-patch/1 payload and in the plain encoding of int32 positions + raw values (what "
+                "verl's `delta_sharded` sends), and the ratio of the full checkpoint to the payload. Measured on this "
+                "run's steps only.\n\n" + _t(rows, ["run", "step", "entries changed", "patch bytes", "int32 + raw bytes",
+                                                        "plain / patch", "checkpoint / patch"]))
+        steps = sorted({x for v in xs_by.values() for x in v})
+        fig = line_chart(figdir / "delta_sync.png", steps, series, "Delta-sync payload per step", "step", "MB", xs_by=xs_by)
+        out.append(("Delta weight sync: what a step sends", body, [fig]))
     return out
 
 

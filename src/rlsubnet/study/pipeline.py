@@ -114,7 +114,8 @@ class Study:
         cache trains each once): GRPO keeps intermediate checkpoints and an fp32 copy when RQ5 needs them."""
         if algo == "grpo":
             every = (self.b.save_every or max(1, self.b.steps // 5)) if "rq5" in self.rqs else 0
-            return self.config("grpo", save_every=every, fp32_copy="rq5" in self.rqs)
+            # track_every=1: every step records the bytes a delta weight sync would send (issue 10)
+            return self.config("grpo", save_every=every, fp32_copy="rq5" in self.rqs, track_every=1)
         pref = self.own_preferences()
         return self.config(algo, preference=pref if len(pref["prompt"]) >= 4 else self.offdist_preferences())
 
@@ -137,7 +138,10 @@ class Study:
                                       "loss": [s.get("loss") for s in log["steps"] if "loss" in s],
                                       "reward": [s.get("reward") for s in log["steps"] if "reward" in s],
                                       "step_time_s": sum(log["step_times"]) / max(len(log["step_times"]), 1),
-                                      "saved": log.get("saved", [])}
+                                      "saved": log.get("saved", []),
+                                      "delta_sync": [{k: r.get(k) for k in ("step", "changed_vs_prev", "delta_bytes", "delta_plain_bytes", "numel")}
+                                                     for r in log.get("tracking", []) if "delta_bytes" in r],
+                                      "checkpoint_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors"))}
         return str(d)
 
     def analyze(self, name: str, tuned: str, rank: bool = False, base: str | None = None) -> dict:
