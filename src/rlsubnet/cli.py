@@ -291,6 +291,7 @@ def train(
     task: str = typer.Option("add", "--task", help="built-in task: add | word | compare"),
     out: str = typer.Option(..., "--out", help="output checkpoint folder (written atomically)"),
     mask_path: Optional[str] = typer.Option(None, "--mask", help="train only this subnetwork (rlsubnet-mask/1)"),
+    sparse_state: bool = typer.Option(False, "--sparse-state", help="with --mask: optimizer state for the masked entries only"),
     steps: int = typer.Option(8, "--steps"),
     lr: float = typer.Option(1e-5, "--lr"),
     seed: int = typer.Option(0, "--seed"),
@@ -311,7 +312,7 @@ def train(
 
     if reward not in ("exact", "digits"):
         raise InputError(f"--reward: {reward!r} is not exact or digits.")
-    cfg = TrainConfig(algo=algo, model=model, task=task, out=out, mask=mask_path, steps=steps, lr=lr, seed=seed, beta=beta,
+    cfg = TrainConfig(algo=algo, model=model, task=task, out=out, mask=mask_path, sparse_state=sparse_state, steps=steps, lr=lr, seed=seed, beta=beta,
                       max_grad_norm=max_grad_norm or None, weight_decay=weight_decay, save_every=save_every,
                       precision=precision, level=level, batch_size=batch_size, num_generations=num_generations,
                       max_new_tokens=max_new_tokens, reward=reward, track_every=track_every)

@@ -182,7 +182,7 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
 
 
 def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork | str | os.PathLike | None,
-                           num_training_steps: int | None = None, missing: str = "error"):
+                           num_training_steps: int | None = None, missing: str = "error", sparse_state: bool = False):
     """The (optimizer, scheduler) pair a Trainer would build from ``args``, with the mask applied.
 
     Pass the result as ``optimizers=(opt, sched)`` to any TRL trainer or transformers' ``Trainer``.
@@ -193,6 +193,10 @@ def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork 
     ``None`` and the trainer builds it itself once it knows the number of steps (transformers'
     ``Trainer.create_scheduler``), so the schedule is never sized for zero steps. An explicit value that
     is not a positive integer is refused.
+
+    ``sparse_state=True`` keeps optimizer state for the masked entries only
+    (:class:`~rlsubnet.training.sparse.SparseMaskedOptimizer`: Adam, AdamW or SGD), with a checkpoint
+    bit-identical to the dense masked run.
     """
     from transformers import Trainer, get_scheduler
 
@@ -214,7 +218,18 @@ def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork 
     opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     opt = opt_cls(groups, **opt_kwargs)
     if subnetwork is not None:
-        opt = MaskedOptimizer(opt, masks_for_model(model, subnetwork, missing=missing))
+        masks = masks_for_model(model, subnetwork, missing=missing)
+        if sparse_state:
+            from .sparse import sparse_from
+
+            try:
+                opt = sparse_from(opt, masks)
+            except ValueError as e:
+                raise InputError(f"--sparse-state: {e}.") from None
+        else:
+            opt = MaskedOptimizer(opt, masks)
+    elif sparse_state:
+        raise InputError("--sparse-state: needs a mask (--mask).")
     if num_training_steps is None:
         return opt, None
     sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),

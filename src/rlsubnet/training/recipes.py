@@ -53,6 +53,7 @@ class TrainConfig:
     grad_accum: int = 1
     track_every: int = 0
     reward: str = "exact"  # "exact" (final answer matches) or "digits" (dense shaping, for tiny models)
+    sparse_state: bool = False  # optimizer state for the masked entries only (training/sparse.py)
     fp32_copy: bool = False  # also write the final weights in float32 to out/fp32 (storage-precision study)
     preference: dict | None = None  # {"prompt": [...], "chosen": [...], "rejected": [...]} to use instead of built-in pairs
     sft_data: dict | None = None  # {"prompt": [...], "completion": [...]}
@@ -60,6 +61,8 @@ class TrainConfig:
     def key(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("out")
+        if not d["sparse_state"]:
+            d.pop("sparse_state")  # bit-identical either way; keeps the keys of earlier cached runs
         if self.mask:
             from ..masks.subnetwork import Subnetwork
 
@@ -199,7 +202,7 @@ def _trainer(cfg: TrainConfig, model, tok, data, workdir: str):
         c.pop("max_steps")
         args = PPOConfig(**c)
         both = torch.nn.ModuleDict({"policy": model, "value_model": value})
-        opt = build_masked_optimizer(both, args, cfg.mask, cfg.steps, missing="train")
+        opt = build_masked_optimizer(both, args, cfg.mask, cfg.steps, missing="train", sparse_state=cfg.sparse_state)
         ref, _, _ = load_model(cfg.model, cfg.precision)
         return PPOTrainer(args=args, processing_class=tok, model=model, ref_model=ref, reward_model=reward,
                           train_dataset=data, value_model=value, optimizers=opt)
@@ -208,49 +211,51 @@ def _trainer(cfg: TrainConfig, model, tok, data, workdir: str):
 
         args = SFTConfig(**c, max_length=128)
         return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
     if a == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(**c, **gen)
         return GRPOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
     if a == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
         args = RLOOConfig(**c, **gen)
         return RLOOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
     if a == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(**c, beta=beta, max_length=128)
         return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
     if a == "kto":
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(**c, beta=beta, max_length=128)
         return KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
     if a == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         args = ORPOConfig(**c, beta=beta, max_length=128, max_completion_length=64)
         return ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
     if a == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         args = CPOConfig(**c, beta=beta, loss_type="simpo", cpo_alpha=0.0, max_length=128, max_completion_length=64)
         return CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps))
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
     raise InputError(f"--algo: unknown algorithm {a!r} (choose from {', '.join(ALGOS)}).")
 
 
 def optimizer_state_bytes(opt) -> int:
-    inner = getattr(opt, "optimizer", opt)
-    inner = getattr(inner, "optimizer", inner)  # accelerate's wrapper
+    inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+    if hasattr(inner, "state_bytes"):
+        return inner.state_bytes()  # sparse state: moments and mask positions
+    inner = getattr(inner, "optimizer", inner)  # MaskedOptimizer
     tot = 0
     for st in inner.state.values():
         for v in st.values():
@@ -289,6 +294,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _finite(cfg.max_grad_norm, "--max-grad-norm")
     _finite(cfg.temperature, "temperature", strict=True)
     _finite(cfg.epsilon, "epsilon")
+    if cfg.sparse_state and not cfg.mask:
+        raise InputError("--sparse-state: keeps optimizer state for a mask's entries, so it needs --mask.")
     if cfg.precision not in ("fp32", "bf16"):
         raise InputError(f"--precision: {cfg.precision!r} is not fp32 or bf16.")
     if cfg.reward not in T.REWARDS:

@@ -1,0 +1,142 @@
+"""Masked training whose optimizer state follows the subnetwork: memory proportional to the mask.
+
+:class:`SparseMaskedOptimizer` keeps, per parameter, the flat positions of its mask (int32 where they fit)
+once, and Adam/AdamW moments (or SGD momentum buffers) for those entries only. Each step gathers the
+masked entries of the parameter and its gradient, runs torch's own single-tensor Adam/AdamW/SGD
+(``torch.optim.adam.adam`` / ``torch.optim.sgd.sgd``, ``foreach=False``, the implementation ``adamw_torch``
+uses on the CPU) on them, and scatters the result back. The arithmetic is element by element the
+arithmetic of :class:`~rlsubnet.training.masked.MaskedOptimizer` over a dense state, so the trained
+checkpoint is bit-identical (weight decay applied inside the mask by the same multiplication, gradients
+masked in place after each backward so clipping and accumulation see the masked gradient).
+
+Memory per parameter at density d: 4·d bytes of positions (8 above 2^31 entries) + 8·d bytes of Adam
+moments, instead of 8 bytes of dense moments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adam import adam as _adam
+from torch.optim.sgd import sgd as _sgd
+
+
+class SparseMaskedOptimizer(torch.optim.Optimizer):
+    """Adam, AdamW or SGD(momentum) over the masked entries only (``kind``: ``adam`` | ``adamw`` | ``sgd``)."""
+
+    def __init__(self, param_groups, masks: dict[torch.nn.Parameter, torch.Tensor], kind: str = "adamw",
+                 defaults: dict | None = None):
+        if kind not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"sparse optimizer state supports adam, adamw and sgd, not {kind!r}")
+        self.kind = kind
+        d = dict(defaults or {})
+        for bad in ("amsgrad", "maximize", "nesterov", "capturable", "differentiable", "fused"):
+            if d.get(bad):
+                raise ValueError(f"sparse optimizer state does not support {bad}=True")
+        d.setdefault("weight_decay", 0.0)
+        super().__init__(param_groups, d)
+        self.index: dict[torch.nn.Parameter, torch.Tensor | None] = {}
+        for p, m in masks.items():
+            if tuple(m.shape) != tuple(p.shape):
+                raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter shape {tuple(p.shape)}")
+            idx = torch.nonzero(m.reshape(-1).to(torch.bool), as_tuple=False).reshape(-1)
+            self.index[p] = idx.to(torch.int32 if p.numel() < 2**31 else torch.int64).to(p.device)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._mask_grad) for p in self.index if p.requires_grad]
+
+    def _mask_grad(self, p: torch.Tensor) -> None:
+        """Zero the gradient outside the mask, in place (clipping then sees the masked gradient)."""
+        idx = self.index[p]
+        g = p.grad.view(-1)
+        keep = g[idx]
+        g.zero_()
+        g[idx] = keep
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _init_state(self, p: torch.Tensor, k: int) -> dict:
+        st = self.state[p]
+        if not st:
+            if self.kind == "sgd":
+                st["momentum_buffer"] = None
+            else:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros(k, dtype=p.dtype, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(k, dtype=p.dtype, device=p.device)
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            lr, wd = g["lr"], g.get("weight_decay", 0.0)
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                idx = self.index.get(p)
+                flat, gflat = p.view(-1), p.grad.view(-1)
+                ps = flat[idx] if idx is not None else flat.clone()
+                gs = gflat[idx] if idx is not None else gflat.clone()
+                st = self._init_state(p, ps.numel())
+                if wd:  # exactly as MaskedOptimizer applies it (inside the mask; everywhere for unmasked params)
+                    if self.kind == "adamw":
+                        ps.mul_(torch.tensor(1 - lr * wd, dtype=p.dtype, device=p.device) if idx is not None else 1 - lr * wd)
+                    else:
+                        gs.add_(ps * 1 if idx is not None else ps, alpha=wd)
+                if self.kind == "sgd":
+                    bufs = [st["momentum_buffer"]]
+                    _sgd([ps], [gs], bufs, foreach=False, weight_decay=0.0, momentum=g.get("momentum", 0.0),
+                                        lr=lr, dampening=g.get("dampening", 0.0), nesterov=False, maximize=False)
+                    st["momentum_buffer"] = bufs[0]
+                else:
+                    b1, b2 = g["betas"]
+                    _adam([ps], [gs], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]], foreach=False,
+                                          capturable=False, differentiable=False, fused=None, has_complex=False,
+                                          decoupled_weight_decay=False, amsgrad=False, beta1=b1, beta2=b2, lr=lr,
+                                          weight_decay=0.0, eps=g["eps"], maximize=False)
+                if idx is not None:
+                    flat[idx] = ps
+                else:
+                    flat.copy_(ps)
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state and mask positions (what the dense state would replace)."""
+        n = sum(int(i.numel() * i.element_size()) for i in self.index.values() if i is not None)
+        for st in self.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    n += v.numel() * v.element_size()
+        return n
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for p, idx in self.index.items():
+            st = self.state.get(p) or {}
+            for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                v = st.get(k)
+                if torch.is_tensor(v) and idx is not None and v.numel() != idx.numel():
+                    raise ValueError(f"optimizer state '{k}' has {v.numel()} entries, the mask has {idx.numel()}: "
+                                     "it was saved with another mask")
+
+    def __repr__(self) -> str:
+        k = sum(int(i.numel()) for i in self.index.values() if i is not None)
+        return f"SparseMaskedOptimizer({self.kind}, {k:,} entries with state)"
+
+
+def sparse_from(optimizer: torch.optim.Optimizer, masks: dict) -> SparseMaskedOptimizer:
+    """The sparse-state version of a freshly built torch optimizer (same groups and hyperparameters)."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        kind = "adamw"
+    elif isinstance(optimizer, torch.optim.Adam):
+        kind = "adamw" if optimizer.defaults.get("decoupled_weight_decay") else "adam"
+    elif isinstance(optimizer, torch.optim.SGD):
+        kind = "sgd"
+    else:
+        raise ValueError(f"sparse optimizer state supports Adam, AdamW and SGD, not {type(optimizer).__name__}")
+    groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
+    return SparseMaskedOptimizer(groups, masks, kind, defaults=dict(optimizer.defaults))
