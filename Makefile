@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rank.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_patch.py
+	$(BIN)/python benchmarks/bench_sparse_state.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache

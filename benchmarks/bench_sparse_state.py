@@ -1,0 +1,138 @@
+"""Benchmark: optimizer state, peak memory and step time of masked training with dense and sparse state.
+
+(a) Optimizer alone on a generated Llama-shaped set of fp32 parameters (~0.4B by default; random
+gradients, AdamW with weight decay, clipping): unmasked AdamW, masked with dense state (MaskedOptimizer),
+masked with sparse state (SparseMaskedOptimizer) at densities 1%, 5%, 20% and 50%, each in its own
+process (peak RSS = VmHWM of that process), median optimizer-step time (grad masking included).
+(b) The real SmolLM2-135M with TRL's DPO and GRPO (a few steps each): unmasked, masked dense and masked
+sparse at 5% density; optimizer-state bytes from train_log.json and the median training-step time.
+Usage: python benchmarks/bench_sparse_state.py [--params-m 400] [--no-real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RUN = r"""
+import json, statistics, sys, time
+import torch
+from rlsubnet.training.masked import MaskedOptimizer
+from rlsubnet.training.sparse import sparse_from
+variant, density, params_m, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+hidden = 1024
+inter = 2816
+per_layer = 4 * hidden * hidden + 3 * hidden * inter
+layers = max(1, params_m * 10**6 // per_layer)
+ps = []
+for _ in range(layers):
+    ps += [torch.nn.Parameter(torch.randn(hidden, hidden) * 0.02) for _ in range(4)]
+    ps += [torch.nn.Parameter(torch.randn(inter, hidden) * 0.02) for _ in range(3)]
+n = sum(p.numel() for p in ps)
+inner = torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1)
+if variant == "unmasked":
+    opt = inner
+else:
+    g = torch.Generator().manual_seed(1)
+    masks = {p: torch.rand(p.shape, generator=g) < density for p in ps}
+    opt = MaskedOptimizer(inner, masks) if variant == "dense" else sparse_from(inner, masks)
+    del masks
+times = []
+for s in range(steps):
+    for p in ps:
+        p.grad = torch.randn_like(p) * 1e-3
+        if hasattr(opt, "_mask_grad"):
+            opt._mask_grad(p)
+        elif hasattr(opt, "masks"):
+            p.grad.mul_(opt.masks[p])
+    torch.nn.utils.clip_grad_norm_(ps, 1.0)
+    t0 = time.perf_counter()
+    opt.step()
+    times.append(time.perf_counter() - t0)
+state = opt.state_bytes() if hasattr(opt, "state_bytes") else sum(
+    v.numel() * v.element_size() for st in (getattr(opt, "optimizer", opt)).state.values() for v in st.values() if torch.is_tensor(v))
+masks_bytes = sum(m.numel() for m in opt.masks.values()) if hasattr(opt, "masks") else 0
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
+print(json.dumps({"params": n, "state_bytes": state, "mask_bytes": masks_bytes, "step_s": statistics.median(times[1:] or times),
+                  "peak_rss_mb": hwm / 1024}))
+"""
+
+
+def micro(params_m: int, steps: int) -> list[dict]:
+    rows = []
+    variants = [("unmasked", 1.0)] + [(v, d) for d in (0.01, 0.05, 0.2, 0.5) for v in ("dense", "sparse")]
+    for v, d in variants:
+        p = subprocess.run([sys.executable, "-c", RUN, v, str(d), str(params_m), str(steps)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(p.stderr[-3000:])
+        r = {"variant": v, "density": d, **json.loads(p.stdout.strip().splitlines()[-1])}
+        rows.append(r)
+    base = {r["density"]: r for r in rows if r["variant"] == "dense"}
+    un = rows[0]
+    print(f"(a) optimizer only, {un['params'] / 1e6:.0f}M fp32 parameters, AdamW: unmasked state {un['state_bytes'] / 2**20:.0f} MiB, "
+          f"step {un['step_s'] * 1e3:.0f} ms, peak {un['peak_rss_mb']:.0f} MB")
+    for r in rows[1:]:
+        if r["variant"] != "sparse":
+            continue
+        d = base[r["density"]]
+        print(f"  density {r['density']:>4.0%}: state dense {d['state_bytes'] / 2**20:.0f} MiB (+{d['mask_bytes'] / 2**20:.0f} MiB bool masks) "
+              f"-> sparse {r['state_bytes'] / 2**20:.1f} MiB (positions included) = {d['state_bytes'] / r['state_bytes']:.1f}x smaller; "
+              f"step {d['step_s'] * 1e3:.0f} -> {r['step_s'] * 1e3:.0f} ms ({r['step_s'] / d['step_s']:.2f}x); "
+              f"peak {d['peak_rss_mb']:.0f} -> {r['peak_rss_mb']:.0f} MB")
+    return rows
+
+
+def real(steps: int) -> list[dict]:
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from rlsubnet.masks import Subnetwork
+    from rlsubnet.study.pipeline import default_model
+    from rlsubnet.training.recipes import TrainConfig, run_training
+
+    model = default_model()
+    tmp = Path(tempfile.mkdtemp(prefix="sparse-", dir="bench-out"))
+    sd = load_file(str(Path(model) / "model.safetensors"))
+    rs = np.random.default_rng(0)
+    Subnetwork.from_bool({n: rs.random(tuple(t.shape)) < 0.05 for n, t in sd.items()}).save(tmp / "mask.safetensors")
+    rows = []
+    for algo in ("dpo", "grpo"):
+        for label, mask, sparse in (("unmasked", None, False), ("dense", str(tmp / "mask.safetensors"), False),
+                                    ("sparse", str(tmp / "mask.safetensors"), True)):
+            cfg = TrainConfig(algo=algo, model=model, out=str(tmp / f"{algo}-{label}"), mask=mask, sparse_state=sparse, steps=steps,
+                              lr=1e-5, batch_size=8, num_generations=4, max_new_tokens=16, n_train=64, weight_decay=0.1)
+            r = run_training(cfg, progress=False)
+            rows.append({"algo": algo, "variant": label, "state_bytes": r.optimizer_state_bytes,
+                         "step_s": statistics.median(r.step_times[1:] or r.step_times)})
+        u, d, s = rows[-3:]
+        same = all((load_file(str(tmp / f"{algo}-dense" / "model.safetensors"))[k] == load_file(str(tmp / f"{algo}-sparse" / "model.safetensors"))[k]).all()
+                   for k in sd if k in load_file(str(tmp / f"{algo}-dense" / "model.safetensors")))
+        print(f"(b) SmolLM2-135M {algo.upper()} at 5% density, {steps} steps: optimizer state unmasked {u['state_bytes'] / 2**20:.0f} MiB, "
+              f"masked dense {d['state_bytes'] / 2**20:.0f} MiB, masked sparse {s['state_bytes'] / 2**20:.1f} MiB "
+              f"({d['state_bytes'] / s['state_bytes']:.1f}x smaller); step {u['step_s']:.2f} / {d['step_s']:.2f} / {s['step_s']:.2f} s "
+              f"(sparse/dense {s['step_s'] / d['step_s']:.2f}x); checkpoints bit-identical: {bool(same)}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params-m", type=int, default=400, help="size of the generated parameter set, in millions")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--no-real", action="store_true")
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args()
+    Path(args.out).mkdir(exist_ok=True)
+    out = {"micro": micro(args.params_m, args.steps)}
+    if not args.no_real:
+        out["real"] = real(args.steps)
+    (Path(args.out) / "bench_sparse_state.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
