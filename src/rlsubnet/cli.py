@@ -104,6 +104,7 @@ def diff(
     mask_out: Optional[str] = typer.Option(None, "--mask-out", help="also write the changed-mask (rlsubnet-mask/1) to MASK"),
     criterion: str = typer.Option("bitwise", "--criterion", help="mask criterion: bitwise | atol:TOL | bf16rel:ETA"),
     rank: bool = typer.Option(False, "--rank", help="also compute the rank of every update matrix"),
+    lr_sum: Optional[float] = typer.Option(None, "--lr-sum", help="Σ learning rate of the run: report the precision floor and the sparsity above it"),
     workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count, at most one per tensor)"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no table, no progress bar"),
@@ -120,7 +121,7 @@ def diff(
     tols = split_floats(atol, "--atol")
     kwargs = {} if tols is None else {"atol": tols}
     result = run_diff(base, tuned, eta=eta, common_slice=common_slice, workers=workers, cache_dir=cache_dir,
-                      mask_criterion=criterion if mask_out else None, progress=not quiet, rank=rank, **kwargs)
+                      mask_criterion=criterion if mask_out else None, progress=not quiet, rank=rank, lr_sum=lr_sum, **kwargs)
     con = _out_console(json_out == "-")
     if not quiet:
         print_diff(result, by=by, console=con)

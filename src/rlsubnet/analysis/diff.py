@@ -15,7 +15,7 @@ from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.errors import InputError
 from .engine import DEFAULT_CHUNK, Job, map_chunks
 from .naming import layer_index, module_kind, paper_layer_index
-from .probes import ULP_LABELS, ChunkStats, parse_criterion, probe_chunk
+from .probes import ULP_LABELS, ChunkStats, floor_probe, parse_criterion, probe_chunk
 from .results import DiffResult, Group, TensorDiff
 
 DEFAULT_ATOL = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
@@ -55,6 +55,7 @@ def diff(
     progress: bool = False,
     rank: bool = False,
     rank_rtol: float | None = None,
+    lr_sum: float | None = None,
 ) -> DiffResult:
     """Compare ``tuned`` against ``base`` and return every probe's counts.
 
@@ -62,11 +63,18 @@ def diff(
     elements with exact |Δ| > tol; the bf16-relative test counts |Δ| > η·max(|w0|,|w1|). With
     ``mask_criterion`` (``bitwise``, ``atol:X`` or ``bf16rel:η``) the result also carries the packed
     changed-mask of every tensor (``result.mask_bits``), for ``rlsubnet.masks``.
+
+    With ``lr_sum`` (Σ of the learning rates of the run, the largest distance an Adam-like update can move an
+    entry), the result carries the precision floor: base entries that no update of that size could move
+    (every value within ``lr_sum`` rounds back to the stored one), the sparsity above that floor, and the
+    changed fraction per exponent of |w0| (``result.floor``, ``result.by_exponent``).
     """
     t0 = time.perf_counter()
     tols_user = check_tolerances(atol)
     if not (math.isfinite(eta) and eta >= 0):
         raise InputError(f"--eta: {eta!r} is not a non-negative number.")
+    if lr_sum is not None and not (isinstance(lr_sum, (int, float)) and math.isfinite(lr_sum) and lr_sum >= 0):
+        raise InputError(f"--lr-sum: {lr_sum!r} is not a non-negative number.")
     crit = None
     if mask_criterion is not None:
         try:
@@ -86,6 +94,8 @@ def diff(
         def fn(job: Job, start: int, raws: list[np.ndarray]):
             p: Pair = job.payload
             st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit)
+            if lr_sum is not None:
+                floor_probe(raws[0], raws[1], p.a.dtype, p.b.dtype, lr_sum, st)
             return st, (np.packbits(m, bitorder="little") if m is not None else None)
 
         for job, results in map_chunks(jobs, fn, workers=workers, chunk=chunk, desc="diff", progress=progress):
@@ -96,6 +106,8 @@ def diff(
                     masks[job.name][pos8 : pos8 + packed.size] = packed
                     pos8 += packed.size
         result = _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta)
+        if lr_sum is not None:
+            _floor(result, pairs, stats, float(lr_sum))
         if masks is not None:
             masks = {p.name: masks[p.name] for p in pairs if not p.buffer}  # buffers are not parameters
         result.mask_bits = masks
@@ -176,6 +188,48 @@ def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult
         paper_layerwise_density=float(np.mean(paper)) if paper else None,
         notes=notes,
     )
+
+
+def floor_summary(numel: int, changed: int, frozen: int, changed_frozen: int, lr_sum: float) -> dict:
+    """The floor numbers of one set of entries: frozen (below the floor), and sparsity above it."""
+    above = numel - frozen
+    ch_above = changed - changed_frozen
+    return {"lr_sum": lr_sum, "frozen": frozen, "fraction": frozen / numel if numel else 0.0,
+            "changed_above_floor": ch_above, "changed_below_floor": changed_frozen,
+            "sparsity_above_floor": 1 - ch_above / above if above else None}
+
+
+def _floor(result: DiffResult, pairs, stats, lr_sum: float) -> None:
+    """Attach the precision floor (global, per tensor, per module kind) and the per-exponent table."""
+    by_name = {p.name: p for p in pairs}
+    tot = [0, 0, 0, 0]
+    kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    exp: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    for t in result.tensors:
+        s = stats[t.name]
+        t.floor = floor_summary(t.numel, t.changed, s.frozen, s.changed_frozen, lr_sum)
+        for acc in (tot, kinds[t.kind]):
+            acc[0] += t.numel
+            acc[1] += t.changed
+            acc[2] += s.frozen
+            acc[3] += s.changed_frozen
+        if s.exp_numel is not None:
+            dt = by_name[t.name].a.dtype
+            for field in np.flatnonzero(s.exp_numel):
+                key = (dt.name, int(field))
+                exp[key][0] += int(s.exp_numel[field])
+                exp[key][1] += int(s.exp_changed[field])
+    result.floor = floor_summary(*tot, lr_sum)
+    for g in result.by_module:
+        g.floor = floor_summary(*kinds[g.key], lr_sum)
+    from ..io.dtypes import DTYPES
+
+    rows = []
+    for (dname, field), (n, c) in sorted(exp.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        dt = DTYPES[dname]
+        e = None if field == 0 else field - dt.exponent_bias  # |w0| in [2^e, 2^(e+1)); None: zero or subnormal
+        rows.append({"dtype": dt.torch_name, "exponent": e, "numel": n, "changed": c, "changed_fraction": c / n if n else 0.0})
+    result.by_exponent = rows
 
 
 def group(tensors: list[TensorDiff], key, tols_user) -> list[Group]:

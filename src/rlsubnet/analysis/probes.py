@@ -15,7 +15,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..io.bits import changed_index
-from ..io.dtypes import DType, dot, sumsq, ulp_exponent, widen, widen32
+from ..io.dtypes import DType, below_floor, dot, sumsq, ulp_exponent, widen, widen32
 
 # Buckets of |Δ| / ULP(w0): "0" (unchanged), "<1", "1" = [1,2), "2" = [2,3), "3-4" = [3,5), ...
 ULP_EDGES = np.array([1, 2, 3, 5, 9, 17, 33, 65, 129, 257], dtype=np.float64)
@@ -47,6 +47,10 @@ class ChunkStats:
     sumsq_delta: float = 0.0
     sumsq_base: float = 0.0
     nonfinite: int = 0
+    frozen: int = 0  # base entries below the precision floor (with lr_sum)
+    changed_frozen: int = 0  # ... of which changed anyway
+    exp_numel: np.ndarray | None = None  # per exponent field of the base value: entries ...
+    exp_changed: np.ndarray | None = None  # ... and changed entries
 
     def add(self, o: ChunkStats) -> None:
         self.numel += o.numel
@@ -58,6 +62,11 @@ class ChunkStats:
         self.sumsq_delta += o.sumsq_delta
         self.sumsq_base += o.sumsq_base
         self.nonfinite += o.nonfinite
+        self.frozen += o.frozen
+        self.changed_frozen += o.changed_frozen
+        if o.exp_numel is not None:
+            self.exp_numel = o.exp_numel.copy() if self.exp_numel is None else self.exp_numel + o.exp_numel
+            self.exp_changed = o.exp_changed.copy() if self.exp_changed is None else self.exp_changed + o.exp_changed
 
 
 def differing(ra: np.ndarray, rb: np.ndarray, da: DType, db: DType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,6 +241,21 @@ def probe_chunk(
         else:
             mask[idx[relm if val == eta else rel_changed_mask(absd, fa, fb, val)]] = True
     return st, mask
+
+
+def floor_probe(ra: np.ndarray, rb: np.ndarray, da: DType, db: DType, bound: float, st: ChunkStats) -> None:
+    """The precision floor of a chunk: base entries that no update of size ≤ ``bound`` could move, how many of
+    those changed anyway, and entries and changes per exponent field of the base value."""
+    if not da.is_float or da.name != db.name or da.name not in ("BF16", "F16", "F32"):
+        return
+    idx = changed_index(ra, rb)
+    frozen = below_floor(ra, da, bound)
+    st.frozen += int(np.count_nonzero(frozen))
+    st.changed_frozen += int(np.count_nonzero(frozen[idx]))
+    e = (ra >> ra.dtype.type(da.mantissa_bits)) & ra.dtype.type((1 << da.exponent_bits) - 1)
+    bins = 1 << da.exponent_bits
+    st.exp_numel = np.bincount(e, minlength=bins).astype(np.int64)
+    st.exp_changed = np.bincount(e[idx], minlength=bins).astype(np.int64)
 
 
 def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats):

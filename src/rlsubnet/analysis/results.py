@@ -32,6 +32,7 @@ class TensorDiff:
     tuned_dtype: str
     sliced: bool = False
     nonfinite: int = 0  # changed entries whose value or difference is not finite (then max/L2 are NaN → null)
+    floor: dict | None = None  # with lr_sum: the precision floor of this tensor
 
     @property
     def sparsity(self) -> float:
@@ -43,6 +44,8 @@ class TensorDiff:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["floor"] is None:
+            d.pop("floor")
         d["sparsity"] = self.sparsity
         return d
 
@@ -57,6 +60,7 @@ class Group:
     changed: int
     atol: list[dict]
     bf16_rel_changed: int
+    floor: dict | None = None
 
     @property
     def sparsity(self) -> float:
@@ -64,6 +68,8 @@ class Group:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["floor"] is None:
+            d.pop("floor")
         d["sparsity"] = self.sparsity
         for a in d["atol"]:
             a["sparsity"] = _sparsity(a["changed"], self.numel)
@@ -94,6 +100,8 @@ class DiffResult:
     rank: Any = None  # a RankResult when requested
     mask_bits: dict | None = field(default=None, repr=False)  # name -> packed uint8 bits (--mask-out)
     fingerprints: dict | None = None  # {"base": str, "tuned": str} when a mask was collected
+    floor: dict | None = None  # with lr_sum: {"lr_sum", "frozen", "fraction", "changed_above_floor", ...}
+    by_exponent: list[dict] | None = None  # with lr_sum: changed fraction per exponent of |w0|
 
     @property
     def sparsity(self) -> float:
@@ -123,6 +131,7 @@ class DiffResult:
                 "bf16_rel": {"eta": self.eta, "changed": self.bf16_rel_changed, "sparsity": self.bf16_rel_sparsity},
                 "ulp_hist": dict(self.ulp_hist),
                 "paper_layerwise_density": self.paper_layerwise_density,
+                **({"floor": self.floor, "by_exponent": self.by_exponent} if self.floor is not None else {}),
             },
             "tensors": [t.to_dict() for t in self.tensors],
             "skipped": list(self.skipped),

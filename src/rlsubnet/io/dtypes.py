@@ -126,3 +126,39 @@ def sumsq(raw: np.ndarray, dtype: DType) -> float:
         return dot(hi) + dot(lo)
     x = widen32(raw, dtype)
     return dot(x)
+
+
+def _magnitude(u: np.ndarray, dtype: DType) -> np.ndarray:
+    """Exact float64 value of non-negative magnitude bits ``u`` (no sign bit); the first code past the largest
+    finite value (infinity's bits) is read as the power of two it would be, which is what rounding uses."""
+    v = widen(u.astype(dtype.raw), dtype)
+    inf_code = ((1 << dtype.exponent_bits) - 1) << dtype.mantissa_bits
+    at_inf = u == inf_code
+    if at_inf.any():
+        v = np.where(at_inf, np.ldexp(1.0, (1 << dtype.exponent_bits) - 1 - dtype.exponent_bias), v)
+    return v
+
+
+def below_floor(raw: np.ndarray, dtype: DType, bound: float) -> np.ndarray:
+    """True where every value within ``bound`` of the stored value rounds back to it (nearest-even).
+
+    That is, no update of size |δ| ≤ ``bound`` can change the stored entry: ``bound`` must be smaller than
+    the half-gap to each neighbour, or equal to it when the stored value has an even last mantissa bit
+    (ties go to even). Exact: the half-gaps are powers of two computed in float64. Non-finite values and
+    integer dtypes are never below the floor. Only for IEEE-like float dtypes (bf16, fp16, fp32, fp64).
+    """
+    if not dtype.is_float or dtype.name.startswith("F8") or dtype.name == "F64":
+        return np.zeros(raw.shape, bool)
+    r = raw.astype(np.int64)
+    sign = np.int64(dtype.sign_mask)
+    u = r & ~sign
+    inf_code = ((1 << dtype.exponent_bits) - 1) << dtype.mantissa_bits
+    finite = u < inf_code
+    u = np.where(finite, u, 0)
+    w = _magnitude(u, dtype)
+    up = _magnitude(u + 1, dtype) - w  # gap to the next larger magnitude
+    down = np.where(u > 0, w - _magnitude(np.maximum(u - 1, 0), dtype), up)  # zero: symmetric around 0
+    half = np.minimum(up, down) / 2.0
+    even = (r & 1) == 0
+    b = float(bound)
+    return finite & ((b < half) | ((b == half) & even))

@@ -47,6 +47,20 @@ def print_diff(result: DiffResult, by: str = "module", console: Console | None =
     con.print(head)
     con.print(f"parameters compared: {num(result.numel)} in {len(result.tensors)} tensors"
               + (f"; paper's layer-wise mean density: {pct(result.paper_layerwise_density)}" if result.paper_layerwise_density is not None else ""))
+    if result.floor is not None:
+        f = result.floor
+        above = "-" if f["sparsity_above_floor"] is None else pct(f["sparsity_above_floor"])
+        con.print(f"precision floor at Σlr = {f['lr_sum']:g}: {num(f['frozen'])} entries ({pct(f['fraction'])}) could not move "
+                  f"(every value within Σlr rounds back to them); sparsity above the floor {above} "
+                  f"({num(f['changed_above_floor'])} changed of {num(result.numel - f['frozen'])}); "
+                  f"{num(f['changed_below_floor'])} changed below it")
+        e = Table(title="Changed fraction by |w0| exponent (|w0| in [2^e, 2^(e+1)))")
+        for c in ("dtype", "e", "entries", "changed", "changed fraction"):
+            e.add_column(c, justify="right")
+        for x in result.by_exponent or []:
+            e.add_row(x["dtype"], "zero/subnormal" if x["exponent"] is None else str(x["exponent"]), num(x["numel"]),
+                      num(x["changed"]), pct(x["changed_fraction"]))
+        con.print(e)
     rows = _rows(result, by)
     t = Table(title=f"By {by}")
     cols = [by, "numel", "sparsity"] + [k for k in rows[0] if k.startswith("sparsity@")] + ["bf16_rel_sparsity"]
