@@ -34,16 +34,21 @@ MAX_SIDE_FILE = 64 * 1024 * 1024
 def side_files(ck: Checkpoint) -> list[Path]:
     """The tuned checkpoint's non-tensor files: config, generation config, tokenizer, chat template, ...
 
-    Regular files directly in the checkpoint folder that are not weights, indexes or hidden, up to 64 MB.
+    Regular files directly in the checkpoint folder (or Hugging Face cache snapshot) that are not weights,
+    indexes or hidden, up to 64 MB; none when the checkpoint was named as a single weight file.
     """
-    if ck.format == "mask" or not Path(ck.path).is_dir():
+    from ..io.checkpoint import _allowed_roots, _within
+
+    named = Path(ck.path)
+    if named.exists() and not named.is_dir():  # a single weight file: its folder is not the checkpoint
         return []
+    roots = _allowed_roots(Path(ck.root))  # symbolic links only inside the folder (or a cache snapshot's blobs)
     out = []
     for p in sorted(Path(ck.root).iterdir()):
         n = p.name
         if n.startswith(".") or n.endswith(WEIGHT_SUFFIXES) or n in (SAFETENSORS_INDEX, BIN_INDEX) or n.endswith(".index.json"):
             continue
-        if p.is_file() and not p.is_symlink() and p.stat().st_size <= MAX_SIDE_FILE:
+        if p.is_file() and _within(str(p), roots) and p.stat().st_size <= MAX_SIDE_FILE:
             out.append(p)
     return out
 
