@@ -190,3 +190,65 @@ def test_sparse_state_resume_and_sgd():
             m = masks[next(q for q in masks if q.shape == a.shape)]  # same seed, same shapes → same masks
             assert torch.equal(b[~m], p0[~m]), f"{kind}: frozen entries moved"
         assert isinstance(os2, SparseMaskedOptimizer)
+
+
+def test_bf16_params_with_fp32_master_in_mask_only():
+    """Issue 11, part 2: bf16 parameters, an fp32 master copy and moments for the masked entries only; the same
+    bits as a dense reference that keeps fp32 master weights for every entry and masks the gradient, and
+    untouched bits outside the mask."""
+    from rlsubnet.training.sparse import sparse_from
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(torch.bfloat16)
+
+    g = torch.Generator().manual_seed(3)
+    ref, sp = model(), model()
+    init = [p.detach().clone() for p in ref.parameters()]
+    masks_r = {p: torch.rand(p.shape, generator=g) < 0.25 for p in ref.parameters()}
+    masks_s = {q: masks_r[p] for p, q in zip(ref.parameters(), sp.parameters())}
+    master = [torch.nn.Parameter(p.detach().float().clone()) for p in ref.parameters()]
+    ref_opt = MaskedOptimizer(torch.optim.AdamW(master, lr=3e-3, weight_decay=0.1),
+                              {m: masks_r[p] for m, p in zip(master, ref.parameters())})
+    sp_opt = sparse_from(torch.optim.AdamW(list(sp.parameters()), lr=3e-3, weight_decay=0.1), masks_s, master_dtype=torch.float32)
+    for step in range(6):
+        x = torch.randn(8, 24, generator=torch.Generator().manual_seed(step)).bfloat16()
+        ref(x).float().pow(2).mean().backward()
+        sp(x).float().pow(2).mean().backward()
+        for m, p in zip(master, ref.parameters()):
+            m.grad = p.grad.float() * masks_r[p]
+            p.grad = None
+        ref_opt.step()
+        ref_opt.zero_grad()
+        with torch.no_grad():
+            for m, p in zip(master, ref.parameters()):
+                p.copy_(m.to(torch.bfloat16))
+        sp_opt.step()
+        sp_opt.zero_grad()
+    moved = 0
+    for p, q, p0 in zip(ref.parameters(), sp.parameters(), init):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+        m = masks_r[p]
+        assert torch.equal(q[~m].view(torch.int16), p0[~m].view(torch.int16))
+        moved += int((q[m] != p0[m]).sum())
+    k = sum(int(m.sum()) for m in masks_s.values())
+    assert moved > 0.5 * k
+    steps = 4 * len(sp_opt.state)  # one float32 step counter per parameter
+    assert sp_opt.state_bytes() == 16 * k + steps  # fp32 master + two fp32 moments + int32 positions
+
+
+def test_train_cli_master_in_mask(tiny, tmp_path):
+    """`train --precision bf16 --mask M --sparse-state --master-in-mask` trains only the mask, in bf16, with fp32
+    masters for the masked entries: state = 16 bytes per masked entry (+ step counters)."""
+    path, mask_path, init, mask = tiny
+    cfg = TrainConfig(algo="sft", model=path, out=str(tmp_path / "o"), mask=mask_path, sparse_state=True, master_in_mask=True,
+                      precision="bf16", steps=3, lr=1e-2, batch_size=4, n_train=16)
+    res = run_training(cfg, progress=False)
+    out = load_file(str(tmp_path / "o" / "model.safetensors"))
+    k = mask.count()
+    assert 16 * k <= res.optimizer_state_bytes <= 16 * k + 4 * len(init)
+    for name, t0 in init.items():  # the fp32 checkpoint was loaded in bf16: frozen entries are its bf16 values
+        m = torch.from_numpy(mask.array(name))
+        assert torch.equal(out[name][~m], t0.bfloat16().float()[~m])
+    with pytest.raises(Exception, match="master-in-mask"):
+        run_training(TrainConfig(algo="sft", model=path, out=str(tmp_path / "p"), master_in_mask=True), progress=False)

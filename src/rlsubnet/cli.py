@@ -293,6 +293,7 @@ def train(
     out: str = typer.Option(..., "--out", help="output checkpoint folder (written atomically)"),
     mask_path: Optional[str] = typer.Option(None, "--mask", help="train only this subnetwork (rlsubnet-mask/1)"),
     sparse_state: bool = typer.Option(False, "--sparse-state", help="with --mask: optimizer state for the masked entries only"),
+    master_in_mask: bool = typer.Option(False, "--master-in-mask", help="with --precision bf16 --sparse-state: fp32 master copies of the masked entries only"),
     steps: int = typer.Option(8, "--steps"),
     lr: float = typer.Option(1e-5, "--lr"),
     seed: int = typer.Option(0, "--seed"),
@@ -313,7 +314,7 @@ def train(
 
     if reward not in ("exact", "digits"):
         raise InputError(f"--reward: {reward!r} is not exact or digits.")
-    cfg = TrainConfig(algo=algo, model=model, task=task, out=out, mask=mask_path, sparse_state=sparse_state, steps=steps, lr=lr, seed=seed, beta=beta,
+    cfg = TrainConfig(algo=algo, model=model, task=task, out=out, mask=mask_path, sparse_state=sparse_state, master_in_mask=master_in_mask, steps=steps, lr=lr, seed=seed, beta=beta,
                       max_grad_norm=max_grad_norm or None, weight_decay=weight_decay, save_every=save_every,
                       precision=precision, level=level, batch_size=batch_size, num_generations=num_generations,
                       max_new_tokens=max_new_tokens, reward=reward, track_every=track_every)

@@ -182,7 +182,8 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
 
 
 def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork | str | os.PathLike | None,
-                           num_training_steps: int | None = None, missing: str = "error", sparse_state: bool = False):
+                           num_training_steps: int | None = None, missing: str = "error", sparse_state: bool = False,
+                           master_dtype: torch.dtype | None = None):
     """The (optimizer, scheduler) pair a Trainer would build from ``args``, with the mask applied.
 
     Pass the result as ``optimizers=(opt, sched)`` to any TRL trainer or transformers' ``Trainer``.
@@ -196,7 +197,8 @@ def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork 
 
     ``sparse_state=True`` keeps optimizer state for the masked entries only
     (:class:`~rlsubnet.training.sparse.SparseMaskedOptimizer`: Adam, AdamW or SGD), with a checkpoint
-    bit-identical to the dense masked run.
+    bit-identical to the dense masked run. With it, ``master_dtype=torch.float32`` keeps an fp32 master copy
+    of the masked entries of bf16 parameters (and fp32 moments), rounded into the parameters after each step.
     """
     from transformers import Trainer, get_scheduler
 
@@ -223,13 +225,15 @@ def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork 
             from .sparse import sparse_from
 
             try:
-                opt = sparse_from(opt, masks)
+                opt = sparse_from(opt, masks, master_dtype=master_dtype)
             except ValueError as e:
                 raise InputError(f"--sparse-state: {e}.") from None
         else:
             opt = MaskedOptimizer(opt, masks)
     elif sparse_state:
         raise InputError("--sparse-state: needs a mask (--mask).")
+    if master_dtype is not None and not (subnetwork is not None and sparse_state):
+        raise InputError("--master-in-mask: needs --mask and --sparse-state.")
     if num_training_steps is None:
         return opt, None
     sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),

@@ -54,6 +54,7 @@ class TrainConfig:
     track_every: int = 0
     reward: str = "exact"  # "exact" (final answer matches) or "digits" (dense shaping, for tiny models)
     sparse_state: bool = False  # optimizer state for the masked entries only (training/sparse.py)
+    master_in_mask: bool = False  # with precision bf16 and sparse_state: fp32 master copies of the masked entries only
     fp32_copy: bool = False  # also write the final weights in float32 to out/fp32 (storage-precision study)
     preference: dict | None = None  # {"prompt": [...], "chosen": [...], "rejected": [...]} to use instead of built-in pairs
     sft_data: dict | None = None  # {"prompt": [...], "completion": [...]}
@@ -61,8 +62,9 @@ class TrainConfig:
     def key(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("out")
-        if not d["sparse_state"]:
-            d.pop("sparse_state")  # bit-identical either way; keeps the keys of earlier cached runs
+        for flag in ("sparse_state", "master_in_mask"):
+            if not d[flag]:
+                d.pop(flag)  # keeps the keys of runs cached before these options existed
         if self.mask:
             from ..masks.subnetwork import Subnetwork
 
@@ -202,7 +204,7 @@ def _trainer(cfg: TrainConfig, model, tok, data, workdir: str):
         c.pop("max_steps")
         args = PPOConfig(**c)
         both = torch.nn.ModuleDict({"policy": model, "value_model": value})
-        opt = build_masked_optimizer(both, args, cfg.mask, cfg.steps, missing="train", sparse_state=cfg.sparse_state)
+        opt = build_masked_optimizer(both, args, cfg.mask, cfg.steps, missing="train", sparse_state=cfg.sparse_state, master_dtype=_master(cfg))
         ref, _, _ = load_model(cfg.model, cfg.precision)
         return PPOTrainer(args=args, processing_class=tok, model=model, ref_model=ref, reward_model=reward,
                           train_dataset=data, value_model=value, optimizers=opt)
@@ -211,44 +213,50 @@ def _trainer(cfg: TrainConfig, model, tok, data, workdir: str):
 
         args = SFTConfig(**c, max_length=128)
         return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
     if a == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(**c, **gen)
         return GRPOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
     if a == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
         args = RLOOConfig(**c, **gen)
         return RLOOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
     if a == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(**c, beta=beta, max_length=128)
         return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
     if a == "kto":
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(**c, beta=beta, max_length=128)
         return KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
     if a == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         args = ORPOConfig(**c, beta=beta, max_length=128, max_completion_length=64)
         return ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
+                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
     if a == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         args = CPOConfig(**c, beta=beta, loss_type="simpo", cpo_alpha=0.0, max_length=128, max_completion_length=64)
         return CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state))
+                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
     raise InputError(f"--algo: unknown algorithm {a!r} (choose from {', '.join(ALGOS)}).")
+
+
+def _master(cfg: TrainConfig):
+    import torch
+
+    return torch.float32 if cfg.master_in_mask else None
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -294,6 +302,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _finite(cfg.max_grad_norm, "--max-grad-norm")
     _finite(cfg.temperature, "temperature", strict=True)
     _finite(cfg.epsilon, "epsilon")
+    if cfg.master_in_mask and not (cfg.sparse_state and cfg.precision == "bf16"):
+        raise InputError("--master-in-mask: keeps fp32 masters for bf16 weights, so it needs --precision bf16 and --sparse-state.")
     if cfg.sparse_state and not cfg.mask:
         raise InputError("--sparse-state: keeps optimizer state for a mask's entries, so it needs --mask.")
     if cfg.precision not in ("fp32", "bf16"):
