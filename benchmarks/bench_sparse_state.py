@@ -30,34 +30,51 @@ hidden = 1024
 inter = 2816
 per_layer = 4 * hidden * hidden + 3 * hidden * inter
 layers = max(1, params_m * 10**6 // per_layer)
+mp = variant.startswith("mp_")  # bf16 weights: mp_dense = fp32 masters for every entry, mp_sparse = in the mask only
+dt = torch.bfloat16 if mp else torch.float32
 ps = []
 for _ in range(layers):
-    ps += [torch.nn.Parameter(torch.randn(hidden, hidden) * 0.02) for _ in range(4)]
-    ps += [torch.nn.Parameter(torch.randn(inter, hidden) * 0.02) for _ in range(3)]
+    ps += [torch.nn.Parameter((torch.randn(hidden, hidden) * 0.02).to(dt)) for _ in range(4)]
+    ps += [torch.nn.Parameter((torch.randn(inter, hidden) * 0.02).to(dt)) for _ in range(3)]
 n = sum(p.numel() for p in ps)
-inner = torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1)
+masters = [torch.nn.Parameter(p.detach().float()) for p in ps] if variant == "mp_dense" else None
+inner = torch.optim.AdamW(masters or ps, lr=1e-4, weight_decay=0.1)
+masks = None
 if variant == "unmasked":
     opt = inner
 else:
     g = torch.Generator().manual_seed(1)
     masks = {p: torch.rand(p.shape, generator=g) < density for p in ps}
-    opt = MaskedOptimizer(inner, masks) if variant == "dense" else sparse_from(inner, masks)
-    del masks
+    if variant in ("dense", "mp_dense"):
+        opt = MaskedOptimizer(inner, {(masters[i] if masters else p): masks[p] for i, p in enumerate(ps)})
+    else:
+        opt = sparse_from(inner, masks, master_dtype=torch.float32 if mp else None)
+        masks = None
 times = []
 for s in range(steps):
     for p in ps:
-        p.grad = torch.randn_like(p) * 1e-3
+        p.grad = (torch.randn(p.shape) * 1e-3).to(dt)
         if hasattr(opt, "_mask_grad"):
             opt._mask_grad(p)
-        elif hasattr(opt, "masks"):
-            p.grad.mul_(opt.masks[p])
     torch.nn.utils.clip_grad_norm_(ps, 1.0)
     t0 = time.perf_counter()
+    if masters:  # the mixed-precision reference: bf16 grads into the fp32 masters, step, round back
+        for m, p in zip(masters, ps):
+            m.grad = p.grad.float().mul_(masks[p])
+    elif masks is not None:
+        for p in ps:
+            p.grad.mul_(masks[p])
     opt.step()
+    if masters:
+        with torch.no_grad():
+            for m, p in zip(masters, ps):
+                p.copy_(m.to(torch.bfloat16))
     times.append(time.perf_counter() - t0)
 state = opt.state_bytes() if hasattr(opt, "state_bytes") else sum(
     v.numel() * v.element_size() for st in (getattr(opt, "optimizer", opt)).state.values() for v in st.values() if torch.is_tensor(v))
 masks_bytes = sum(m.numel() for m in opt.masks.values()) if hasattr(opt, "masks") else 0
+if masters:
+    state += sum(m.numel() * 4 for m in masters)  # the fp32 master copy is optimizer memory too
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
 print(json.dumps({"params": n, "state_bytes": state, "mask_bytes": masks_bytes, "step_s": statistics.median(times[1:] or times),
                   "peak_rss_mb": hwm / 1024}))
@@ -66,7 +83,7 @@ print(json.dumps({"params": n, "state_bytes": state, "mask_bytes": masks_bytes, 
 
 def micro(params_m: int, steps: int) -> list[dict]:
     rows = []
-    variants = [("unmasked", 1.0)] + [(v, d) for d in (0.01, 0.05, 0.2, 0.5) for v in ("dense", "sparse")]
+    variants = [("unmasked", 1.0)] + [(v, d) for d in (0.01, 0.05, 0.2, 0.5) for v in ("dense", "sparse", "mp_dense", "mp_sparse")]
     for v, d in variants:
         p = subprocess.run([sys.executable, "-c", RUN, v, str(d), str(params_m), str(steps)], capture_output=True, text=True)
         if p.returncode != 0:
@@ -80,11 +97,22 @@ def micro(params_m: int, steps: int) -> list[dict]:
     for r in rows[1:]:
         if r["variant"] != "sparse":
             continue
-        d = base[r["density"]]
+        d = base[r["density"]]  # fp32 weights
         print(f"  density {r['density']:>4.0%}: state dense {d['state_bytes'] / 2**20:.0f} MiB (+{d['mask_bytes'] / 2**20:.0f} MiB bool masks) "
               f"-> sparse {r['state_bytes'] / 2**20:.1f} MiB (positions included) = {d['state_bytes'] / r['state_bytes']:.1f}x smaller; "
               f"step {d['step_s'] * 1e3:.0f} -> {r['step_s'] * 1e3:.0f} ms ({r['step_s'] / d['step_s']:.2f}x); "
               f"peak {d['peak_rss_mb']:.0f} -> {r['peak_rss_mb']:.0f} MB")
+    mpd = {r["density"]: r for r in rows if r["variant"] == "mp_dense"}
+    print("  bf16 weights (masked): fp32 masters + moments for every entry -> for the masked entries only")
+    for r in rows:
+        if r["variant"] != "mp_sparse":
+            continue
+        d = mpd[r["density"]]
+        per = r["state_bytes"] / r["params"]
+        print(f"  density {r['density']:>4.0%}: {d['state_bytes'] / 2**20:.0f} MiB ({d['state_bytes'] / d['params']:.1f} B/param) -> "
+              f"{r['state_bytes'] / 2**20:.1f} MiB ({per:.2f} B/param, 2 + {per:.2f} with the bf16 weights) = "
+              f"{d['state_bytes'] / r['state_bytes']:.1f}x smaller; step {d['step_s'] * 1e3:.0f} -> {r['step_s'] * 1e3:.0f} ms "
+              f"({r['step_s'] / d['step_s']:.2f}x); peak {d['peak_rss_mb']:.0f} -> {r['peak_rss_mb']:.0f} MB")
     return rows
 
 
