@@ -210,3 +210,63 @@ def test_rank_known(tmp_path, shape, r):
     res64 = rlsubnet.rank(str(tmp_path / "a"), str(tmp_path / "b"), precision="float64")
     assert res64.matrices[0].rank == r
     assert 1 - 1e-9 <= res.matrices[0].stable_rank <= r * 1.001 and 1 - 1e-9 <= res.matrices[0].effective_rank <= r * 1.01
+
+
+def test_matched_baselines_against_a_brute_force_sampler(tmp_path):
+    """Issue 9 (part): the overlap expected of random masks matched per tensor or per tensor × |w0| exponent is
+    exact; checked against sampling such masks (permuting each mask's bits within each stratum)."""
+    from rlsubnet.masks.overlap import stratified_baseline
+
+    from conftest import save_folder
+
+    rng = np.random.default_rng(0)
+    w = {"a": (rng.standard_normal(3000) * np.exp2(rng.integers(-10, 0, 3000))).astype(np.float32),
+         "b": (rng.standard_normal(1000) * 0.01).astype(np.float32)}
+    save_folder(tmp_path / "base", {k: torch.from_numpy(v).bfloat16() for k, v in w.items()})
+    wb = {k: torch.from_numpy(v).bfloat16() for k, v in w.items()}
+    # both masks prefer small |w0| (as bf16 updates do): correlated through magnitude, not beyond it
+    p = {k: 0.6 / (1 + 200 * np.abs(v)) for k, v in w.items()}
+    A = Subnetwork.from_bool({k: rng.random(v.size) < p[k] for k, v in w.items()})
+    B = Subnetwork.from_bool({k: rng.random(v.size) < p[k] for k, v in w.items()})
+    exp = {k: ((v.view(torch.int16).numpy().astype(np.int64) >> 7) & 0xFF) for k, v in wb.items()}
+    res = {kind: stratified_baseline(A, B, kind, tmp_path / "base") for kind in ("uniform", "tensor", "magnitude")}
+    for kind, strata_of in (("tensor", lambda k: np.zeros(w[k].size, int)), ("magnitude", lambda k: exp[k]),
+                            ("uniform", None)):
+        xs = []
+        for _ in range(400):
+            x = 0
+            if kind == "uniform":
+                a = np.concatenate([A.array(k) for k in w]).copy()
+                b = np.concatenate([B.array(k) for k in w]).copy()
+                rng.shuffle(a)
+                rng.shuffle(b)
+                x = int((a & b).sum())
+            else:
+                for k in w:
+                    a, b, s = A.array(k).copy(), B.array(k).copy(), strata_of(k)
+                    for v in np.unique(s):
+                        idx = np.flatnonzero(s == v)
+                        a[idx] = rng.permutation(a[idx])
+                        b[idx] = rng.permutation(b[idx])
+                    x += int((a & b).sum())
+            xs.append(x)
+        mean, se = np.mean(xs), np.std(xs) / np.sqrt(len(xs))
+        assert abs(mean - res[kind]["expected_intersection"]) < 4 * se + 1e-9, (kind, mean, res[kind])
+        assert 0.75 < np.var(xs, ddof=1) / res[kind]["variance"] < 1.33, (kind, np.var(xs), res[kind]["variance"])
+    # the magnitude-matched baseline explains most of the overlap that the uniform one calls "above chance"
+    assert res["uniform"]["ratio"] > res["magnitude"]["ratio"] and res["magnitude"]["strata"] > 2
+    r = overlap([A, B], baseline="magnitude", base=tmp_path / "base")
+    assert r.pairs[0].baseline["kind"] == "magnitude"
+    A.save(tmp_path / "A.safetensors")
+    B.save(tmp_path / "B.safetensors")
+    from conftest import run
+
+    out = run("overlap", tmp_path / "A.safetensors", tmp_path / "B.safetensors", "--baseline", "magnitude", "--base",
+              tmp_path / "base", "--json", "-")
+    assert out.returncode == 0, out.stderr
+    import json
+
+    d = json.loads(out.stdout)["pairs"][0]["baseline"]
+    assert d["kind"] == "magnitude" and d["expected_intersection"] == pytest.approx(res["magnitude"]["expected_intersection"])
+    bad = run("overlap", tmp_path / "A.safetensors", tmp_path / "B.safetensors", "--baseline", "magnitude")
+    assert bad.returncode == 2 and "--base" in bad.stderr

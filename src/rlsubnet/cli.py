@@ -181,6 +181,9 @@ def overlap(
     masks: List[str] = typer.Argument(..., help="two or more mask files"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write JSON to PATH (- for stdout)"),
     plot: Optional[str] = typer.Option(None, "--plot", help="write PNG plots into DIR"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="matched random baseline: uniform | tensor | magnitude (needs --base)"),
+    base: Optional[str] = typer.Option(None, "--base", help="the checkpoint the masks were made from (for --baseline magnitude)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
 ) -> None:
     """Overlap of subnetworks against chance: o1/o2, Jaccard, z-score; consensus for 3+ masks."""
     from .masks import overlap as run_overlap
@@ -189,8 +192,17 @@ def overlap(
 
     if len(masks) < 2:
         raise InputError("overlap: give at least two mask files.")
-    check_outputs({"--json": json_out, "--plot": plot}, masks)
-    r = run_overlap(masks)
+    check_outputs({"--json": json_out, "--plot": plot}, _inputs(*masks, base))
+    ck = None
+    if base is not None:
+        from .io import open_checkpoint
+
+        ck = open_checkpoint(base, cache_dir)
+    try:
+        r = run_overlap(masks, baseline=baseline, base=ck)
+    finally:
+        if ck is not None:
+            ck.close()
     print_overlap(r, _out_console(json_out == "-"))
     if json_out:
         write_json_to(r.to_json(), json_out)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..analysis.naming import layer_index, module_kind
+from ..io.errors import InputError
 from ..io.jsonout import dumps
 from .subnetwork import Subnetwork, popcount
 
@@ -63,10 +64,12 @@ class PairOverlap:
     z: float
     per_tensor: list[dict] = field(default_factory=list)
     per_kind: list[dict] = field(default_factory=list)
+    baseline: dict | None = None  # a matched random baseline (``overlap(..., baseline=, base=)``)
 
     @property
     def above_chance(self) -> bool:
-        return self.z > 3
+        z = self.baseline["z"] if self.baseline else self.z
+        return z is not None and z > 3
 
 
 @dataclass
@@ -103,6 +106,74 @@ def pair_overlap(A: Subnetwork, B: Subnetwork, ia: int = 0, ib: int = 1) -> Pair
                                              "intersection", "count_a", "count_b", "numel", "ratio", "z")})
 
 
+BASELINES = ("uniform", "tensor", "magnitude")
+
+
+def stratified_baseline(A: Subnetwork, B: Subnetwork, kind: str = "magnitude", base=None, chunk: int = 1 << 20) -> dict:
+    """Overlap against random masks matched to A and B within strata, exactly (no sampling).
+
+    ``uniform``: one stratum (all parameters); ``tensor``: each tensor; ``magnitude``: each tensor × exponent
+    of the base value |w0| (needs ``base``, the checkpoint both masks were made from). Within a stratum of n
+    entries holding a of A's ones and b of B's, a random pair of masks with the same a and b has
+    E[x] = a·b/n and Var[x] = a·b·(n−a)·(n−b)/(n²(n−1)) (hypergeometric); strata add up. Returns the expected
+    intersection, the matched baselines of o1 and o2, the ratio observed/expected and the z-score.
+    """
+    if kind not in BASELINES:
+        raise InputError(f"--baseline: {kind!r} is not one of {', '.join(BASELINES)}.")
+    if kind == "magnitude" and base is None:
+        raise InputError("--baseline magnitude: needs --base, the checkpoint the masks were made from.")
+    A._check_same(B, "compare")
+    mean = var = 0.0
+    X = Ca = Cb = 0
+    strata = 0
+
+    def add(n, a, b):
+        nonlocal mean, var, strata
+        ok = n > 0
+        n, a, b = n[ok].astype(np.float64), a[ok].astype(np.float64), b[ok].astype(np.float64)
+        mean += float((a * b / n).sum())
+        big = n > 1
+        n, a, b = n[big], a[big], b[big]
+        var += float((a * b * (n - a) * (n - b) / (n * n * (n - 1))).sum())
+        strata += int(ok.sum())
+
+    ck = None
+    if kind == "magnitude":
+        from ..io.checkpoint import Checkpoint, open_checkpoint
+
+        ck = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    try:
+        if kind == "uniform":
+            X = sum(popcount(A.packed(nm) & B.packed(nm)) for nm in A.names)
+            add(np.array([A.numel()]), np.array([A.count()]), np.array([B.count()]))
+        for name in (A.names if kind != "uniform" else []):
+            x, a, b, n = popcount(A.packed(name) & B.packed(name)), A.count(name), B.count(name), A.numel(name)
+            X += x
+            if kind == "tensor":
+                add(np.array([n]), np.array([a]), np.array([b]))
+                continue
+            info = ck.tensors.get(name)
+            if info is None or info.numel != n or not info.dtype.is_float:
+                raise InputError(f"{ck.path}: has no floating tensor '{name}' of the masks' shape, so it is not their base.")
+            dt = info.dtype
+            bins = 1 << dt.exponent_bits
+            nn, aa, bb = (np.zeros(bins, np.int64) for _ in range(3))
+            for s0 in range(0, n, chunk):
+                c = min(chunk, n - s0)
+                e = ((ck.read(name, s0, c) >> dt.raw(dt.mantissa_bits)) & dt.raw(bins - 1)).astype(np.int64)
+                nn += np.bincount(e, minlength=bins)
+                aa += np.bincount(e, weights=A.bits(name, s0, c), minlength=bins).astype(np.int64)
+                bb += np.bincount(e, weights=B.bits(name, s0, c), minlength=bins).astype(np.int64)
+            add(nn, aa, bb)
+    finally:
+        if ck is not None and ck is not base:
+            ck.close()
+    Ca, Cb = A.count(), B.count()
+    return {"kind": kind, "strata": strata, "expected_intersection": mean, "variance": var,
+            "o1_random": mean / Ca if Ca else math.nan, "o2_random": mean / Cb if Cb else math.nan,
+            "ratio": X / mean if mean else math.nan, "z": (X - mean) / math.sqrt(var) if var > 0 else math.nan}
+
+
 def consensus(masks: list[Subnetwork], chunk: int = 1 << 22) -> dict:
     """For R masks: how many masks hold each parameter, as a histogram (0..R), globally and per layer."""
     R = len(masks)
@@ -131,12 +202,19 @@ def consensus(masks: list[Subnetwork], chunk: int = 1 << 22) -> dict:
     return {"runs": R, "global": summ(total), "per_layer": [dict(summ(per_layer[k]), layer=k) for k in order]}
 
 
-def overlap(paths_or_masks: list, consensus_for: int = 3) -> OverlapResult:
-    """Pairwise overlaps of every pair of masks, plus consensus when there are ``consensus_for`` or more."""
+def overlap(paths_or_masks: list, consensus_for: int = 3, baseline: str | None = None, base=None) -> OverlapResult:
+    """Pairwise overlaps of every pair of masks, plus consensus when there are ``consensus_for`` or more.
+
+    With ``baseline`` (``uniform``, ``tensor`` or ``magnitude`` with ``base``) every pair also carries that
+    matched random baseline (:func:`stratified_baseline`), from which its verdict is taken.
+    """
     masks = [m if isinstance(m, Subnetwork) else Subnetwork.load(m) for m in paths_or_masks]  # str or PathLike
     for m in masks[1:]:
         masks[0]._check_same(m, "compare")
     pairs = [pair_overlap(masks[i], masks[j], i, j) for i in range(len(masks)) for j in range(i + 1, len(masks))]
+    if baseline is not None:
+        for p in pairs:
+            p.baseline = stratified_baseline(masks[p.a], masks[p.b], baseline, base)
     info = [{"path": m.path or f"mask{i}", "density": m.density()} for i, m in enumerate(masks)]
     cons = consensus(masks) if len(masks) >= consensus_for else None
     return OverlapResult(info, pairs, cons)

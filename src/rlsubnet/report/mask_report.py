@@ -9,14 +9,17 @@ from .fmt import num, pct, safe, tol
 
 
 def verdict(p) -> str:
-    """A plain sentence: is the overlap above chance, and by how much."""
-    if p.ratio is None or p.ratio != p.ratio:
+    """A plain sentence: is the overlap above chance, and by how much (against the matched baseline if any)."""
+    b = p.baseline
+    ratio, z = (b["ratio"], b["z"]) if b else (p.ratio, p.z)
+    what = f"a random mask matched per {b['kind']}" if b and b["kind"] != "uniform" else "a uniformly random mask"
+    if ratio is None or ratio != ratio or z is None or z != z:
         return "undefined (a mask is empty, so there is no random expectation to compare with)"
-    if p.z > 3:
-        return f"above chance: {p.ratio:.2f}x the random expectation (z = {p.z:.1f})"
-    if p.z < -3:
-        return f"below chance: {p.ratio:.2f}x the random expectation (z = {p.z:.1f})"
-    return f"consistent with chance (ratio {p.ratio:.2f}, z = {p.z:.1f})"
+    if z > 3:
+        return f"above chance: {ratio:.2f}x the expectation of {what} (z = {z:.1f})"
+    if z < -3:
+        return f"below chance: {ratio:.2f}x the expectation of {what} (z = {z:.1f})"
+    return f"consistent with chance against {what} (ratio {ratio:.2f}, z = {z:.1f})"
 
 
 def print_overlap(r, console: Console | None = None) -> None:
@@ -31,6 +34,10 @@ def print_overlap(r, console: Console | None = None) -> None:
                   f"{p.jaccard:.3f}", f"{p.jaccard_random:.3f}", f"{p.ratio:.2f}", f"{p.z:.1f}")
     con.print(t)
     for p in r.pairs:
+        if p.baseline and p.baseline["kind"] != "uniform":
+            b = p.baseline
+            con.print(f"masks {p.a} and {p.b}: uniform baseline o1 {pct(p.o1_random, 1)} (ratio {p.ratio:.2f}); matched per "
+                      f"{b['kind']} ({b['strata']:,} strata) o1 {pct(b['o1_random'], 1)}, o2 {pct(b['o2_random'], 1)}")
         con.print(f"masks {p.a} and {p.b}: overlap is {verdict(p)}")
         k = Table(title=f"masks {p.a}–{p.b} by module kind")
         for c in ("kind", "o1", "o1 random", "o2", "o2 random", "Jaccard", "Jaccard random"):
