@@ -95,3 +95,11 @@ def test_study_reports_the_floor(tiny_study):
         assert r["lr_sum"] > 0 and 0 <= r["floor"]["fraction"] <= 1
         assert r["sparsity_above_floor"] is None or 0 <= r["sparsity_above_floor"] <= 1
     assert "sparsity above the floor" in (d / "out" / "report.md").read_text()
+
+
+def test_rq4_rows_carry_the_magnitude_matched_baseline(tiny_study):
+    d, _, res = tiny_study
+    for r in res["rq4"]["rows"]:
+        m = r["matched"]
+        assert m["kind"] == "magnitude" and m["strata"] >= 1 and m["expected_intersection"] >= 0
+    assert "magnitude-matched" in (d / "out" / "report.md").read_text()

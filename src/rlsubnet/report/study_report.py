@@ -119,15 +119,24 @@ def sections(res: dict, figdir: Path) -> list[tuple[str, str, list[Path]]]:
             p = P.TABLE4[r["axis"]]
             rows.append([r["axis"], f"{r['a']} vs {r['b']}", f"{pct(r['o1'], 1)} / {pct(r['o2'], 1)}",
                          f"{pct(r['o1_random'], 1)} / {pct(r['o2_random'], 1)}", f"{r['jaccard']:.3f} / {r['jaccard_random']:.3f}",
-                         f"{r['ratio']:.2f}", f"{r['z']:.0f}", f"{pct(r['s1'], 1)} / {pct(r['s2'], 1)}",
+                         f"{r['ratio']:.2f}", f"{r['z']:.0f}",
+                         f"{pct(r['matched']['o1_random'], 1)}; {r['matched']['ratio']:.2f}x, z {r['matched']['z']:.0f}" if r.get("matched") else "—",
+                         f"{pct(r['s1'], 1)} / {pct(r['s2'], 1)}",
                          f"{p['rl'][0]} / {p['rl'][1]} vs random {p['random'][0]} / {p['random'][1]}"])
         body = "Table 4 analogue: overlap of the updated sets against random sets of the same sizes.\n\n" + _t(
-            rows, ["axis", "runs", "o1 / o2", "random o1 / o2", "Jaccard / random", "ratio", "z", "sparsity s1 / s2", "paper o1 / o2"])
+            rows, ["axis", "runs", "o1 / o2", "uniform random o1 / o2", "Jaccard / random", "ratio", "z",
+                   "magnitude-matched random o1; ratio, z", "sparsity s1 / s2", "paper o1 / o2"])
         fig = bar_chart(figdir / "rq4_overlap.png", [r["axis"] for r in res["rq4"]["rows"]], [], "Overlap against chance", "axis", "o1",
                         groups={"o1": [r["o1"] for r in res["rq4"]["rows"]], "random": [r["o1_random"] for r in res["rq4"]["rows"]]})
-        above = [r["axis"] for r in res["rq4"]["rows"] if r["z"] > 3]
-        text = (f"**What this shows.** Overlap is above chance (z > 3) for: {', '.join(above) or 'none'}; "
-                + "; ".join(f"{r['axis']} {r['ratio']:.2f}× the random expectation" for r in res["rq4"]["rows"]) + ".")
+        def _mz(r):
+            return r["matched"]["z"] if r.get("matched") and r["matched"]["z"] is not None else r["z"]
+
+        above = [r["axis"] for r in res["rq4"]["rows"] if _mz(r) > 3]
+        text = ("**What this shows.** Against random masks matched per tensor × |w0| exponent (weights of similar size "
+                f"move alike in bf16), overlap is above chance (z > 3) for: {', '.join(above) or 'none'}; "
+                + "; ".join(f"{r['axis']} {r['matched']['ratio']:.2f}× the matched expectation ({r['ratio']:.2f}× the uniform one)"
+                            if r.get("matched") else f"{r['axis']} {r['ratio']:.2f}× the uniform expectation"
+                            for r in res["rq4"]["rows"]) + ".")
         out.append(("RQ4: do subnetworks from different runs overlap?", body + "\n\n" + text, [fig]))
     if "rq5" in res:
         f = res["rq5"]

@@ -267,10 +267,14 @@ class Study:
         self.results["rq2"] = {"rows": rows}
 
     def _overlap(self, a: str, b: str) -> dict:
-        p = pair_overlap(Subnetwork.load(self.mask(a)), Subnetwork.load(self.mask(b)))
+        from ..masks.overlap import stratified_baseline
+
+        A, B = Subnetwork.load(self.mask(a)), Subnetwork.load(self.mask(b))
+        p = pair_overlap(A, B)
+        m = stratified_baseline(A, B, "magnitude", self.model)  # random masks matched per tensor × |w0| exponent
         return {"a": a, "b": b, "o1": p.o1, "o2": p.o2, "o1_random": p.o1_random, "o2_random": p.o2_random,
                 "jaccard": p.jaccard, "jaccard_random": p.jaccard_random, "ratio": p.ratio, "z": p.z,
-                "s1": 1 - p.count_a / p.numel, "s2": 1 - p.count_b / p.numel}
+                "s1": 1 - p.count_a / p.numel, "s2": 1 - p.count_b / p.numel, "matched": m}
 
     def rq4(self) -> None:
         self.analyze("grpo", self.train("grpo", self.main_config("grpo")), rank=self.b.rank)
