@@ -193,6 +193,8 @@ def overlap(
     if len(masks) < 2:
         raise InputError("overlap: give at least two mask files.")
     check_outputs({"--json": json_out, "--plot": plot}, _inputs(*masks, base))
+    if base is not None and baseline is None:
+        baseline = "magnitude"  # a base is only read for the magnitude-matched baseline
     ck = None
     if base is not None:
         from .io import open_checkpoint
@@ -211,7 +213,8 @@ def overlap(
 
         labels = [f"{p.a}-{p.b}" for p in r.pairs]
         bar_chart(Path(plot) / "overlap.png", labels, [], "Overlap against random", "mask pair", "fraction",
-                  groups={"o1": [p.o1 for p in r.pairs], "o1 random": [p.o1_random for p in r.pairs],
+                  groups={"o1": [p.o1 for p in r.pairs], "o1 random (uniform)": [p.o1_random for p in r.pairs],
+                          **({f"o1 random ({baseline}-matched)": [p.baseline["o1_random"] for p in r.pairs]} if baseline else {}),
                           "Jaccard": [p.jaccard for p in r.pairs], "Jaccard random": [p.jaccard_random for p in r.pairs]})
 
 

@@ -51,7 +51,7 @@ def line_chart(path, xs, series: dict[str, Sequence[float]], title: str, xlabel:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the data
     return _save(fig, Path(path))
 
 
@@ -63,7 +63,7 @@ def bar_chart(path, labels: Sequence[str], values: Sequence[float], title: str, 
         w = 0.8 / n
         for i, (g, vals) in enumerate(groups.items()):
             ax.bar([x + i * w - 0.4 + w / 2 for x in range(len(labels))], vals, width=w, label=g)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the data
     else:
         ax.bar(range(len(labels)), values)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
