@@ -1,5 +1,6 @@
 """Two processes over gloo: rank 0 trains with a TRL trainer and publishes; rank 1 receives and checks."""
 import json
+import os
 import sys
 
 import torch
@@ -53,4 +54,8 @@ else:
     receive_distributed(receiver, src=0, on_step=check)
     with open(out + "/received.json", "w") as f:
         json.dump(seen, f)
+dist.barrier()  # both ranks are done before the group goes away
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # skip C++ static teardown: gloo's threads can abort the process at interpreter exit ("terminate called")
