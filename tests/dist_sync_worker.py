@@ -10,8 +10,9 @@ rank, port, model_path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.ar
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 from transformers import AutoModelForCausalLM
 
-from rlsubnet.deltas import DeltaSyncCallback, DistributedSink, receive_distributed
+from rlsubnet.deltas import DistributedSink, receive_distributed
 from rlsubnet.io.bits import torch_raw
+from rlsubnet.training.sync import DeltaSyncCallback
 
 if rank == 0:
     from datasets import Dataset

@@ -180,7 +180,8 @@ def test_delta_sync_callback_with_a_trl_trainer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from rlsubnet.deltas import DeltaSyncCallback, DirectorySink, receive_directory
+    from rlsubnet.deltas import DirectorySink, receive_directory
+    from rlsubnet.training.sync import DeltaSyncCallback
 
     from tiny import write_tiny_checkpoint
 

@@ -4,7 +4,6 @@ from .format import FORMAT, PatchReader, PatchWriter
 from .live import (
     DeltaError,
     DeltaPublisher,
-    DeltaSyncCallback,
     DirectorySink,
     DistributedSink,
     apply_delta,
@@ -14,6 +13,6 @@ from .live import (
 from .patch import PatchStats, apply, create, info, verify
 
 __all__ = [
-    "FORMAT", "DeltaError", "DeltaPublisher", "DeltaSyncCallback", "DirectorySink", "DistributedSink", "PatchReader", "PatchStats",
+    "FORMAT", "DeltaError", "DeltaPublisher", "DirectorySink", "DistributedSink", "PatchReader", "PatchStats",
     "PatchWriter", "apply", "apply_delta", "create", "info", "receive_directory", "receive_distributed", "verify",
 ]

@@ -6,9 +6,10 @@ returns the payload (``rlsubnet-patch/1`` bytes) of what changed since the previ
 ``apply_delta(target, payload)`` updates a model or a state dict in place after checking every base and
 result hash: a payload that fails verification raises and leaves the target's weights unchanged.
 
-``DeltaSyncCallback`` (a TRL/transformers ``TrainerCallback``) publishes after every K optimizer steps to a
-sink: :class:`DirectorySink` (shared storage: one atomic file per step plus ``manifest.json``, the chain)
-with :func:`receive_directory` on the other side.
+Sinks: :class:`DirectorySink` (shared storage: one atomic file per step plus ``manifest.json``, the chain)
+with :func:`receive_directory` on the other side, and :class:`DistributedSink` with :func:`receive_distributed`.
+The TRL callback that publishes during training is :class:`rlsubnet.training.sync.DeltaSyncCallback`
+(callbacks belong to the training layer).
 """
 
 from __future__ import annotations
@@ -185,42 +186,6 @@ def receive_directory(path: str | os.PathLike, target, after: int = -1, until: i
         if (until is not None and last >= until) or time.monotonic() >= deadline:
             return last
         time.sleep(poll)
-
-
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover
-    TrainerCallback = object  # type: ignore[misc,assignment]
-
-
-class DeltaSyncCallback(TrainerCallback):
-    """Publish the stored view's delta after every ``every`` optimizer steps to ``sink``.
-
-    The bytes of each publication (and of the plain int32 + raw encoding) are kept in ``self.records``.
-    """
-
-    def __init__(self, sink, model: torch.nn.Module | None = None, every: int = 1, dtype: torch.dtype | None = torch.bfloat16,
-                 level: int = 3):
-        self.sink = sink
-        self.every = max(1, int(every))
-        self.dtype = dtype
-        self.level = level
-        self.pub: DeltaPublisher | None = DeltaPublisher(model, dtype, level) if model is not None else None
-        self.records: list[dict] = []
-
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        if self.pub is None and model is not None:
-            self.pub = DeltaPublisher(model, self.dtype, self.level)
-        if self.pub is not None and hasattr(self.sink, "manifest") and self.sink.manifest.get("initial") is None:
-            self.sink.manifest["initial"] = self.pub.hash
-
-    def on_step_end(self, args, state, control, model=None, **kw):
-        if self.pub is None or state.global_step % self.every:
-            return
-        parent = self.pub.hash
-        payload = self.pub.delta()
-        self.sink.send(state.global_step, payload, parent, self.pub.hash)
-        self.records.append({"step": state.global_step, **self.pub.sizes[-1]})
 
 
 class DistributedSink:

@@ -37,18 +37,18 @@ def side_files(ck: Checkpoint) -> list[Path]:
     Regular files directly in the checkpoint folder (or Hugging Face cache snapshot) that are not weights,
     indexes or hidden, up to 64 MB; none when the checkpoint was named as a single weight file.
     """
-    from ..io.checkpoint import _allowed_roots, _within
+    from ..io.checkpoint import allowed_roots, within_roots
 
     named = Path(ck.path)
     if named.exists() and not named.is_dir():  # a single weight file: its folder is not the checkpoint
         return []
-    roots = _allowed_roots(Path(ck.root))  # symbolic links only inside the folder (or a cache snapshot's blobs)
+    roots = allowed_roots(Path(ck.root))  # symbolic links only inside the folder (or a cache snapshot's blobs)
     out = []
     for p in sorted(Path(ck.root).iterdir()):
         n = p.name
         if n.startswith(".") or n.endswith(WEIGHT_SUFFIXES) or n in (SAFETENSORS_INDEX, BIN_INDEX) or n.endswith(".index.json"):
             continue
-        if p.is_file() and _within(str(p), roots) and p.stat().st_size <= MAX_SIDE_FILE:
+        if p.is_file() and within_roots(str(p), roots) and p.stat().st_size <= MAX_SIDE_FILE:
             out.append(p)
     return out
 
@@ -160,12 +160,12 @@ def _sources(cb: Checkpoint, ct: Checkpoint, base, tuned) -> tuple[dict[str, str
     TUNED's embedding (while BASE ties and stores none) is omitted (the result loads to the same model); a
     head stored by BASE alone takes its new value from TUNED's embedding when TUNED ties them.
     """
-    from ..io.align import _embedding
+    from ..io.align import embedding_name
     from ..io.checkpoint import HEAD_NAMES
 
     src: dict[str, str] = {}
     omitted: list[dict] = []
-    emb_b = _embedding(ct)
+    emb_b = embedding_name(ct)
     for name, ta in cb.tensors.items():
         if name not in ct.tensors and name in HEAD_NAMES and emb_b and ct.ties_head():
             src[name] = emb_b

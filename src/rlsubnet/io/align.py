@@ -66,7 +66,8 @@ class Skipped:
     reason: str
 
 
-def _embedding(ck: Checkpoint) -> str | None:
+def embedding_name(ck: Checkpoint) -> str | None:
+    """The name of the input embedding a head can be tied to, if the checkpoint stores one."""
     return next((e for e in EMBED_NAMES if e in ck.tensors), None)
 
 
@@ -75,7 +76,7 @@ def align(base: Checkpoint, tuned: Checkpoint, common_slice: bool = False) -> tu
     pairs: list[Pair] = []
     skipped: list[Skipped] = []
     names = list(base.tensors) + [n for n in tuned.tensors if n not in base.tensors]
-    emb_a, emb_b = _embedding(base), _embedding(tuned)
+    emb_a, emb_b = embedding_name(base), embedding_name(tuned)
     for name in names:
         a, b = base.tensors.get(name), tuned.tensors.get(name)
         src_a = src_b = name

@@ -71,20 +71,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _ours(folder: Path, name: str, kinds: tuple[str, ...]):
+    """(entry, writer pid) for every ``.NAME.PID.RANDOM.KIND`` temporary of rlsubnet's in ``folder``."""
+    pat = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[0-9a-f]{{8}}\.({'|'.join(kinds)})$")
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for ent in entries:
+        m = pat.match(ent.name)
+        if m:
+            yield ent, int(m.group(1))
+
+
+def live_writer(dest: Path, kind: str = "work") -> int | None:
+    """The pid of another live process that holds a ``kind`` temporary for ``dest``, if any."""
+    for _, pid in _ours(dest.parent, dest.name, (kind,)):
+        if pid != os.getpid() and _pid_alive(pid):
+            return pid
+    return None
+
+
 def clean_stale(folder: Path, name: str, kinds: tuple[str, ...] = ("tmp", "old", "work")) -> list[Path]:
     """Remove ``.NAME.PID.*.{tmp,old,work}`` leftovers in ``folder`` whose writer process is dead.
 
     Only names of rlsubnet's own pattern are touched; returns what was removed.
     """
-    pat = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[0-9a-f]{{8}}\.({'|'.join(kinds)})$")
     removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for ent in entries:
-        m = pat.match(ent.name)
-        if not m or _pid_alive(int(m.group(1))):
+    for ent, pid in _ours(folder, name, kinds):
+        if _pid_alive(pid):
             continue
         p = Path(ent.path)
         with contextlib.suppress(OSError):

@@ -346,7 +346,7 @@ def require_regular(path: str | os.PathLike) -> None:
         raise InputError(f"{path}: not a regular file (a FIFO, device or socket cannot be a checkpoint).")
 
 
-def _allowed_roots(root: Path) -> list[Path]:
+def allowed_roots(root: Path) -> list[Path]:
     """Where files of the folder ``root`` may really live: the folder, and for a Hugging Face cache
     snapshot (``models--org--name/snapshots/REV``) the repository's ``blobs`` folder it links into."""
     real = Path(os.path.realpath(root))
@@ -356,7 +356,8 @@ def _allowed_roots(root: Path) -> list[Path]:
     return roots
 
 
-def _within(path: str, roots: list[Path]) -> bool:
+def within_roots(path: str, roots: list[Path]) -> bool:
+    """True when ``path``, symbolic links resolved, lies in one of ``roots``."""
     real = Path(os.path.realpath(path))
     return any(real == r or r in real.parents for r in roots)
 
@@ -372,7 +373,7 @@ def _inside(root: Path, rel: str, index_path: Path) -> str:
     full = root / norm
     if not os.path.lexists(full):
         raise InputError(f"{index_path}: index entry {rel!r} names a file that does not exist.")
-    if not _within(str(full), _allowed_roots(root)):
+    if not within_roots(str(full), allowed_roots(root)):
         raise InputError(f"{index_path}: index entry {rel!r} links to a file outside the checkpoint folder.")
     require_regular(full)
     return str(full)
@@ -432,7 +433,7 @@ def resolve_hf_cache(ref: str, cache_dir: str | os.PathLike | None = None) -> Pa
             snap = snaps[0]
         else:
             raise InputError(f"{ref}: revision '{rev}' is not in the Hugging Face cache at {root}.")
-    if not _within(str(snap), [Path(os.path.realpath(snaps_dir))]):
+    if not within_roots(str(snap), [Path(os.path.realpath(snaps_dir))]):
         raise InputError(f"{ref}: snapshot '{commit}' links outside the cache folder {root}.")
     return snap
 
@@ -482,9 +483,9 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
             kind, wm, files = "safetensors", None, st
         if wm is not None:
             files = sorted(set(wm.values()))
-        roots = _allowed_roots(root)
+        roots = allowed_roots(root)
         for f in files:
-            if not _within(f, roots):
+            if not within_roots(f, roots):
                 raise InputError(f"{f}: links to a file outside the checkpoint folder {shown}; refusing to read it.")
     else:
         root = p.parent

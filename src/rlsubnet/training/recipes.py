@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -336,22 +335,6 @@ def check_model_folder(path: str) -> None:
     open_checkpoint(path).close()  # validates every weight file (safe unpickling, headers, index)
 
 
-def _busy(out: Path) -> int | None:
-    """The pid of another live ``train`` writing ``out``, if any."""
-    from ..io.atomic import _pid_alive
-
-    pat = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)\.[0-9a-f]{{8}}\.work$")
-    try:
-        names = os.listdir(out.parent)
-    except OSError:
-        return None
-    for n in names:
-        m = pat.match(n)
-        if m and int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1))):
-            return int(m.group(1))
-    return None
-
-
 def _nonfinite_params(model) -> str | None:
     import torch
 
@@ -371,7 +354,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     import torch
     from transformers import set_seed
 
-    from ..io.atomic import clean_stale, record_written, replace_dir, temp_name
+    from ..io.atomic import clean_stale, live_writer, record_written, replace_dir, temp_name
     from ..io.guard import check_outputs, check_replaceable, write_marker
     from .checkpoints import save_as
     from .tracking import SaveEvery, SparsityTracker, StepProgress, TrainLog, write_log
@@ -387,7 +370,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     except OSError as e:
         raise InputError(f"{out}: cannot create the output's parent folder ({e.strerror}).") from None
     clean_stale(out.parent, out.name)
-    other = _busy(out)
+    other = live_writer(out)
     if other:
         raise InputError(f"{out}: another rlsubnet train (pid {other}) is writing this folder; wait for it or choose another --out.")
     from transformers.utils import logging as hf_logging
