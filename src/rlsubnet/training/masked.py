@@ -16,6 +16,13 @@ without a second copy of the weights:
 
 With a full mask the arithmetic is the same as without the wrapper, so the run is bit-identical.
 Memory: one byte per parameter for the boolean masks.
+
+Under data parallelism (DDP) nothing changes: each process masks its local gradient before the
+all-reduce reads it (the hook runs inside the gradient accumulator, before DDP's reducer hook), so the
+averaged gradient is exactly zero outside the mask. Under FSDP2 (``fully_shard``) parameters are
+DTensors: build the optimizer after sharding; each process keeps the shard of the mask that matches its
+shard of the parameter (:func:`shard_like`), and every masking operation works on the local shard
+(FSDP2 calls post-accumulate-grad hooks on the sharded gradient after its reduce-scatter).
 """
 
 from __future__ import annotations
@@ -29,6 +36,23 @@ from ..io.errors import InputError
 from ..masks.subnetwork import Subnetwork
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_like(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of a full-size ``mask`` that this process holds of ``p`` (the whole mask for a plain tensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(p, DTensor):
+        return mask.to(device=p.device)
+    # every process read the same mask file: cut this process's shard out locally (no communication)
+    return distribute_tensor(mask.to(device=p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
 class MaskedOptimizer(torch.optim.Optimizer):
     """An optimizer that trains only the entries inside ``masks`` (``{parameter: bool tensor}``)."""
 
@@ -40,10 +64,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._wrapping = True
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._wrapping = False
-        self.masks = {p: m.to(device=p.device, dtype=torch.bool) for p, m in masks.items()}
+        self.masks = {p: m.to(device=p.device, dtype=torch.bool) for p, m in masks.items()}  # local shards under FSDP2
         for p, m in self.masks.items():
-            if m.shape != p.shape:
-                raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter shape {tuple(p.shape)}")
+            if m.shape != local(p).shape:
+                raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter shape {tuple(local(p).shape)}")
         self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay"))
         for g in optimizer.param_groups:
             g["masked_weight_decay"] = g.get("weight_decay", 0.0)
@@ -54,7 +78,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _hook(mask: torch.Tensor):
         def fn(p: torch.Tensor) -> None:
-            p.grad.mul_(mask)  # in place, right after accumulation: clipping sees the masked gradient
+            local(p.grad).mul_(mask)  # in place, right after accumulation: clipping sees the masked gradient
 
         return fn
 
@@ -122,7 +146,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     st = self.optimizer.state.get(p)
                     for v in (st or {}).values():
                         if torch.is_tensor(v) and v.shape == p.shape:
-                            v.mul_(m)
+                            local(v).mul_(m)
                 if wd and p.grad is not None:
                     if m is None:
                         if self.decoupled:
@@ -130,9 +154,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
                         else:
                             p.grad.add_(p, alpha=wd)
                     elif self.decoupled:
-                        p.mul_(torch.where(m, torch.tensor(1 - lr * wd, dtype=p.dtype, device=p.device), torch.ones((), dtype=p.dtype, device=p.device)))
+                        local(p).mul_(torch.where(m, torch.tensor(1 - lr * wd, dtype=p.dtype, device=m.device), torch.ones((), dtype=p.dtype, device=m.device)))
                     else:
-                        p.grad.add_(p * m, alpha=wd)
+                        local(p.grad).add_(local(p) * m, alpha=wd)
         self._state_clean = True
         return self.optimizer.step(closure)
 
@@ -149,6 +173,7 @@ def masks_for_model(model: torch.nn.Module, subnetwork: Subnetwork | str | os.Pa
     Parameter names are tried as they are and with ``strip_prefixes`` removed (TRL's PPO wraps the policy
     as ``policy.*``). Parameters that the mask does not name are an error (``missing="error"``), fully
     trainable (``"train"``, e.g. a value head) or fully frozen (``"freeze"``).
+    For parameters sharded by FSDP2 the mask returned is this process's shard (:func:`shard_like`).
     """
     sub = subnetwork if isinstance(subnetwork, Subnetwork) else Subnetwork.load(subnetwork)
     out = {}
@@ -160,12 +185,12 @@ def masks_for_model(model: torch.nn.Module, subnetwork: Subnetwork | str | os.Pa
             if missing == "train":
                 continue
             if missing == "freeze":
-                out[p] = torch.zeros(p.shape, dtype=torch.bool)
+                out[p] = torch.zeros(local(p).shape, dtype=torch.bool, device=p.device)
                 continue
             raise InputError(f"{sub.path or 'mask'}: has no entry for the model's parameter '{name}'.")
         if tuple(sub.shapes[key]) != tuple(p.shape):
             raise InputError(f"{sub.path or 'mask'}: entry '{key}' has shape {list(sub.shapes[key])}, the model's parameter has {list(p.shape)}.")
-        out[p] = sub.bool_tensor(key, device=p.device)
+        out[p] = shard_like(sub.bool_tensor(key), p)
     return out
 
 

@@ -22,6 +22,8 @@ import torch
 from torch.optim.adam import adam as _adam
 from torch.optim.sgd import sgd as _sgd
 
+from .masked import local
+
 
 class SparseMaskedOptimizer(torch.optim.Optimizer):
     """Adam, AdamW or SGD(momentum) over the masked entries only (``kind``: ``adam`` | ``adamw`` | ``sgd``)."""
@@ -39,17 +41,18 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         d.setdefault("weight_decay", 0.0)
         super().__init__(param_groups, d)
         self.index: dict[torch.nn.Parameter, torch.Tensor | None] = {}
-        for p, m in masks.items():
-            if tuple(m.shape) != tuple(p.shape):
-                raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter shape {tuple(p.shape)}")
+        for p, m in masks.items():  # under FSDP2: p is a DTensor and m the mask of this process's shard
+            lp = local(p)
+            if tuple(m.shape) != tuple(lp.shape):
+                raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter shape {tuple(lp.shape)}")
             idx = torch.nonzero(m.reshape(-1).to(torch.bool), as_tuple=False).reshape(-1)
-            self.index[p] = idx.to(torch.int32 if p.numel() < 2**31 else torch.int64).to(p.device)
+            self.index[p] = idx.to(torch.int32 if lp.numel() < 2**31 else torch.int64).to(lp.device)
         self._hooks = [p.register_post_accumulate_grad_hook(self._mask_grad) for p in self.index if p.requires_grad]
 
     def _mask_grad(self, p: torch.Tensor) -> None:
         """Zero the gradient outside the mask, in place (clipping then sees the masked gradient)."""
         idx = self.index[p]
-        g = p.grad.view(-1)
+        g = local(p.grad).view(-1)
         keep = g[idx]
         g.zero_()
         g[idx] = keep
@@ -88,7 +91,7 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 idx = self.index.get(p)
-                flat, gflat = p.view(-1), p.grad.view(-1)
+                flat, gflat = local(p).view(-1), local(p.grad).view(-1)
                 ps = flat[idx] if idx is not None else flat.clone()
                 gs = gflat[idx] if idx is not None else gflat.clone()
                 st = self._init_state(p, ps)

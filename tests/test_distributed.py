@@ -1,0 +1,77 @@
+"""Masked training on two processes (gloo): DDP and FSDP2 against one process, bit for bit where they must be."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlsubnet.masks.subnetwork import Subnetwork
+
+from tiny import write_tiny_checkpoint
+
+WORKER = Path(__file__).with_name("dist_train_worker.py")
+
+
+def _run(mode, state, model, mask, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if mode in ("ddp", "fsdp"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        cmd = [sys.executable]
+    r = subprocess.run([*cmd, str(WORKER), mode, state, model, mask, out], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_file(out)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    model = write_tiny_checkpoint(d / "m", dtype="float32", layers=2)
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    rng = np.random.default_rng(0)
+    sub = Subnetwork.from_bool({n: rng.random(tuple(t.shape)) < 0.1 for n, t in init.items()})
+    sub.save(d / "mask.safetensors")
+    out = {"init": init, "sub": sub}
+    for mode, state in [("single", "dense"), ("emulate", "dense"), ("emulate_fsdp", "dense"), ("ddp", "dense"),
+                        ("ddp", "sparse"), ("fsdp", "dense"), ("fsdp", "sparse")]:
+        out[mode, state] = _run(mode, state, model, str(d / "mask.safetensors"), str(d / f"{mode}-{state}.safetensors"))
+    return out
+
+
+def _frozen_moved(run, init, sub):
+    return sum(int(((run[n] != init[n]) & ~sub.bool_tensor(n)).sum()) for n in sub.names)
+
+
+def test_two_processes_never_move_a_frozen_entry(runs):
+    init, sub = runs["init"], runs["sub"]
+    for key in [("single", "dense"), ("ddp", "dense"), ("ddp", "sparse"), ("fsdp", "dense"), ("fsdp", "sparse")]:
+        assert _frozen_moved(runs[key], init, sub) == 0, key
+    inside = sum(int(((runs["ddp", "dense"][n] != init[n]) & sub.bool_tensor(n)).sum()) for n in sub.names)
+    assert inside > 0.9 * sub.count()  # it trained
+
+
+def _same(a, b):
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_sparse_state_is_bit_identical_to_dense_under_ddp_and_fsdp2(runs):
+    assert _same(runs["ddp", "sparse"], runs["ddp", "dense"])
+    assert _same(runs["fsdp", "sparse"], runs["fsdp", "dense"])
+
+
+def test_two_processes_differ_from_one_only_by_reduction_order(runs):
+    # one process doing the two ranks' halves and reducing them in DDP's (FSDP2's) order gives the same bits
+    assert _same(runs["ddp", "dense"], runs["emulate", "dense"])
+    assert _same(runs["fsdp", "dense"], runs["emulate_fsdp", "dense"])
+    # and against one process with the whole batch, the difference is rounding: tiny next to the update
+    init, sub, one, two = runs["init"], runs["sub"], runs["single", "dense"], runs["ddp", "dense"]
+    for n in sub.names:
+        m = sub.bool_tensor(n)
+        upd = (one[n] - init[n]).abs()[m].max()
+        assert float((two[n] - one[n]).abs()[m].max()) <= 1e-4 * float(upd), n
