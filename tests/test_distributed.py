@@ -75,3 +75,50 @@ def test_two_processes_differ_from_one_only_by_reduction_order(runs):
         m = sub.bool_tensor(n)
         upd = (one[n] - init[n]).abs()[m].max()
         assert float((two[n] - one[n]).abs()[m].max()) <= 1e-4 * float(upd), n
+
+
+def _train(tmp, name, model, mask, batch, procs=1, extra=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), "-m"] if procs > 1 else [sys.executable, "-m"]
+    r = subprocess.run([*launch, "rlsubnet.cli", "train", "--algo", "dpo", "--model", model, "--mask", mask, "--out", str(tmp / name),
+                        "--steps", "3", "--batch-size", str(batch), "--lr", "1e-3", "--weight-decay", "0.1", *extra],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    return r
+
+
+def test_rlsubnet_train_under_torchrun_is_ddp_and_writes_once(tmp_path):
+    import json
+
+    model = write_tiny_checkpoint(tmp_path / "m", dtype="float32", layers=2)
+    init = load_file(f"{model}/model.safetensors")
+    rng = np.random.default_rng(1)
+    sub = Subnetwork.from_bool({n: rng.random(tuple(t.shape)) < 0.1 for n, t in init.items()})
+    mask = str(tmp_path / "mask.safetensors")
+    sub.save(mask)
+    one = _train(tmp_path, "one", model, mask, 8)
+    two = _train(tmp_path, "two", model, mask, 4, procs=2)
+    two_sparse = _train(tmp_path, "two-sparse", model, mask, 4, procs=2, extra=["--sparse-state"])
+    for r in (one, two, two_sparse):
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert two.stdout.count("wrote") == 1  # one process reports, one process writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "mask.safetensors", "one", "two", "two-sparse"]  # no leftovers
+    assert json.loads((tmp_path / "two" / "train_log.json").read_text())["config"]["world_size"] == 2
+    w1, w2, w2s = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two", "two-sparse"))
+    assert all(torch.equal(w2[n], w2s[n]) for n in w2)  # sparse state = dense state, under DDP too
+    same = inside = 0
+    for n in sub.names:
+        m = sub.bool_tensor(n)
+        assert torch.equal(w2[n][~m], init[n][~m]), n  # frozen entries: the same bits
+        upd = (w1[n] - init[n]).abs()[m].max()
+        # global batch 8 = 2 x 4: the same data; per-half padding and the average of two means round differently
+        assert float((w2[n] - w1[n]).abs()[m].max()) <= 0.02 * float(upd), n
+        same += int((w2[n] == w1[n])[m].sum())
+        inside += int(m.sum())
+    assert same > 0.2 * inside
+
+
+def test_fsdp_needs_processes_and_an_accelerator(tmp_path):
+    model = write_tiny_checkpoint(tmp_path / "m", dtype="float32", layers=1)
+    r = subprocess.run([sys.executable, "-m", "rlsubnet.cli", "train", "--algo", "dpo", "--model", model, "--out", str(tmp_path / "o"),
+                        "--fsdp", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "torchrun" in r.stderr and not (tmp_path / "o").exists()

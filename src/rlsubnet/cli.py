@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -323,6 +324,7 @@ def train(
     max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
     reward: str = typer.Option("exact", "--reward", help="exact | digits"),
     track_every: int = typer.Option(0, "--track-every", help="record update sparsity every K steps"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun / accelerate launch: shard with FSDP2 (default there: DDP)"),
 ) -> None:
     """Train with a real TRL trainer, optionally only a subnetwork; writes a checkpoint + train_log.json."""
     from .training.recipes import TrainConfig, run_training
@@ -332,9 +334,10 @@ def train(
     cfg = TrainConfig(algo=algo, model=model, task=task, out=out, mask=mask_path, sparse_state=sparse_state, master_in_mask=master_in_mask, steps=steps, lr=lr, seed=seed, beta=beta,
                       max_grad_norm=max_grad_norm or None, weight_decay=weight_decay, save_every=save_every,
                       precision=precision, level=level, batch_size=batch_size, num_generations=num_generations,
-                      max_new_tokens=max_new_tokens, reward=reward, track_every=track_every)
+                      max_new_tokens=max_new_tokens, reward=reward, track_every=track_every, fsdp=fsdp)
     res = run_training(cfg)
-    Console().print(f"wrote {safe(res.out)} ({len(res.step_times)} steps in {res.elapsed_s:.1f} s; train_log.json inside)")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
+        Console().print(f"wrote {safe(res.out)} ({len(res.step_times)} steps in {res.elapsed_s:.1f} s; train_log.json inside)")
 
 
 patch_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -54,6 +54,7 @@ class TrainConfig:
     reward: str = "exact"  # "exact" (final answer matches) or "digits" (dense shaping, for tiny models)
     sparse_state: bool = False  # optimizer state for the masked entries only (training/sparse.py)
     master_in_mask: bool = False  # with precision bf16 and sparse_state: fp32 master copies of the masked entries only
+    fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 (under torchrun / accelerate launch)
     fp32_copy: bool = False  # also write the final weights in float32 to out/fp32 (storage-precision study)
     preference: dict | None = None  # {"prompt": [...], "chosen": [...], "rejected": [...]} to use instead of built-in pairs
     sft_data: dict | None = None  # {"prompt": [...], "completion": [...]}
@@ -61,7 +62,7 @@ class TrainConfig:
     def key(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("out")
-        for flag in ("sparse_state", "master_in_mask"):
+        for flag in ("sparse_state", "master_in_mask", "fsdp"):
             if not d[flag]:
                 d.pop(flag)  # keeps the keys of runs cached before these options existed
         if self.mask:
@@ -174,11 +175,23 @@ def _common(cfg: TrainConfig, workdir: str) -> dict:
         weight_decay=cfg.weight_decay, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
         gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
+        **({"fsdp": True, "fsdp_config": {"version": 2}} if cfg.fsdp else {}),
     )
 
 
 def _trainer(cfg: TrainConfig, model, tok, data, workdir: str):
-    """Build the TRL trainer for ``cfg.algo`` with our (masked) optimizer."""
+    """Build the TRL trainer for ``cfg.algo`` with our (masked) optimizer (built inside the trainer under FSDP2)."""
+    trainer = _make_trainer(cfg, model, tok, data, workdir)
+    if cfg.fsdp:
+        if not trainer.is_fsdp_enabled:  # accelerate 1.15 enables FSDP for accelerators only, not MULTI_CPU
+            raise InputError(f"--fsdp: accelerate runs this job as {trainer.accelerator.distributed_type.value}, not FSDP "
+                             "(it shards with FSDP on GPUs and other accelerators only); drop --fsdp to train with DDP, "
+                             "or shard with torch's fully_shard from Python (see the README).")
+        trainer.optimizer_cls_and_kwargs = (_fsdp_factory(cfg, trainer.args), {})
+    return trainer
+
+
+def _make_trainer(cfg: TrainConfig, model, tok, data, workdir: str):
     import torch
 
     from .masked import build_masked_optimizer
@@ -212,44 +225,65 @@ def _trainer(cfg: TrainConfig, model, tok, data, workdir: str):
 
         args = SFTConfig(**c, max_length=128)
         return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
+                          **_optimizers(cfg, model, args))
     if a == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(**c, **gen)
         return GRPOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
+                           **_optimizers(cfg, model, args))
     if a == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
         args = RLOOConfig(**c, **gen)
         return RLOOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
+                           **_optimizers(cfg, model, args))
     if a == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(**c, beta=beta, max_length=128)
         return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
+                          **_optimizers(cfg, model, args))
     if a == "kto":
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(**c, beta=beta, max_length=128)
         return KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
+                          **_optimizers(cfg, model, args))
     if a == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         args = ORPOConfig(**c, beta=beta, max_length=128, max_completion_length=64)
         return ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                           optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
+                           **_optimizers(cfg, model, args))
     if a == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         args = CPOConfig(**c, beta=beta, loss_type="simpo", cpo_alpha=0.0, max_length=128, max_completion_length=64)
         return CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          optimizers=build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg)))
+                          **_optimizers(cfg, model, args))
     raise InputError(f"--algo: unknown algorithm {a!r} (choose from {', '.join(ALGOS)}).")
+
+
+def _optimizers(cfg: TrainConfig, model, args) -> dict:
+    """The trainer's optimizer argument: our (masked) optimizer and schedule, built now from the model's
+    parameters; under FSDP2 nothing (the parameters are only sharded inside the trainer, so the optimizer is
+    built there by :func:`_fsdp_factory`)."""
+    from .masked import build_masked_optimizer
+
+    if cfg.fsdp:
+        return {}
+    return {"optimizers": build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg))}
+
+
+def _fsdp_factory(cfg: TrainConfig, args):
+    """For transformers' ``optimizer_cls_and_kwargs``: a factory called with the sharded model (DTensor parameters)."""
+    from .masked import build_masked_optimizer
+
+    def build(model, **_):
+        return build_masked_optimizer(model, args, cfg.mask, None, sparse_state=cfg.sparse_state, master_dtype=_master(cfg))[0]
+
+    return lambda: build
 
 
 def _master(cfg: TrainConfig):
@@ -303,6 +337,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _finite(cfg.epsilon, "epsilon")
     if cfg.master_in_mask and not (cfg.sparse_state and cfg.precision == "bf16"):
         raise InputError("--master-in-mask: keeps fp32 masters for bf16 weights, so it needs --precision bf16 and --sparse-state.")
+    if cfg.fsdp and cfg.algo == "ppo":
+        raise InputError("--fsdp: TRL's PPO builds its optimizer around a policy-and-value wrapper and is not supported with FSDP2 here; use DDP.")
     if cfg.sparse_state and not cfg.mask:
         raise InputError("--sparse-state: keeps optimizer state for a mask's entries, so it needs --mask.")
     if cfg.precision not in ("fp32", "bf16"):
@@ -344,12 +380,26 @@ def _nonfinite_params(model) -> str | None:
     return None
 
 
+def _distributed():
+    """(rank, world size, accelerate's PartialState or None) of a run started by torchrun / accelerate launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    from accelerate import PartialState
+
+    st = PartialState(cpu=not torch.cuda.is_available())  # joins the process group (gloo on CPU) once, shared with the trainer
+    return st.process_index, st.num_processes, st
+
+
 def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = None) -> TrainResult:
     """Train, then write ``cfg.out`` (checkpoint in the input dtype + ``train_log.json``) atomically.
 
     ``cfg.out`` is replaced only if it does not exist, is an empty folder, or was written by rlsubnet
     (it holds :data:`rlsubnet.io.guard.MARKER`); it may not be, hold or lie inside the model or the mask.
     The run trains in a private work folder next to ``cfg.out`` and swaps it into place in one step.
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process trains (DDP, or FSDP2 with
+    ``cfg.fsdp``; ``cfg.batch_size`` is per process) and only the main process writes; the others write nothing.
     """
     import torch
     from transformers import set_seed
@@ -365,20 +415,29 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     out = Path(os.path.abspath(os.path.expanduser(cfg.out)))
     check_outputs({"--out": out}, [cfg.model, cfg.mask], folder_outputs=["--out"])
     check_replaceable(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{out}: cannot create the output's parent folder ({e.strerror}).") from None
-    clean_stale(out.parent, out.name)
-    other = live_writer(out)
-    if other:
-        raise InputError(f"{out}: another rlsubnet train (pid {other}) is writing this folder; wait for it or choose another --out.")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise InputError("--fsdp: shards over several processes; start the run with torchrun or accelerate launch.")
+    rank, world, state = _distributed()
+    main = rank == 0
+    if main:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{out}: cannot create the output's parent folder ({e.strerror}).") from None
+        clean_stale(out.parent, out.name)
+        other = live_writer(out)
+        if other:
+            raise InputError(f"{out}: another rlsubnet train (pid {other}) is writing this folder; wait for it or choose another --out.")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     set_seed(cfg.seed)
-    work = temp_name(out, "work")
-    work.mkdir()
+    import tempfile
+
+    # the main process trains in a work folder next to --out; the others get a private scratch folder they never fill
+    work = temp_name(out, "work") if main else Path(tempfile.mkdtemp(prefix="rlsubnet-rank"))
+    if main:
+        work.mkdir()
     try:
         model, tok, stored = load_model(cfg.model, cfg.precision)
         data = make_dataset(cfg, tok)
@@ -388,13 +447,13 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
         trainer.remove_callback(PrinterCallback)  # logs go to train_log.json; the progress bar shows steps
         log = TrainLog()
         trainer.add_callback(log)
-        saver = SaveEvery(work / "intermediate", cfg.save_every, stored, tok, model=model) if cfg.save_every else None
+        saver = SaveEvery(work / "intermediate", cfg.save_every, stored, tok, model=model) if cfg.save_every and main else None
         if saver:
             trainer.add_callback(saver)
-        tracker = SparsityTracker(cfg.model, cfg.track_every, model=model) if cfg.track_every else None
+        tracker = SparsityTracker(cfg.model, cfg.track_every, model=model) if cfg.track_every and main else None
         if tracker:
             trainer.add_callback(tracker)
-        if progress:
+        if progress and main:
             trainer.add_callback(StepProgress(label or f"{cfg.algo} {out.name}", cfg.steps))
         t0 = time.perf_counter()
         trainer.train()
@@ -404,20 +463,32 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
             raise InputError(f"{cfg.model}: training diverged (parameter '{bad}' is not finite; check --lr, --beta, "
                              f"--weight-decay); nothing was written to {cfg.out}.")
         state_bytes = optimizer_state_bytes(trainer.optimizer)
-        final = work / "final"
-        save_as(model, final, stored, tok)
-        if cfg.fp32_copy:
-            save_as(model, final / "fp32", torch.float32, tok)
-        saved = [str(out / Path(s).name) for s in saver.saved] if saver else []
-        res = TrainResult(str(cfg.out), {**dataclasses.asdict(cfg), "key": cfg.key()}, log.steps, log.step_times, elapsed,
-                          saved, tracker.records if tracker else [], state_bytes)
-        write_log(final / "train_log.json", dataclasses.asdict(res))
-        for s in saver.saved if saver else []:
-            os.replace(s, final / Path(s).name)
-        write_marker(final, "train", algo=cfg.algo, model=str(cfg.model))
-        check_replaceable(out)  # again: something may have appeared there during the run
-        replace_dir(final, out)
-        record_written(out)
+        full = _full_state(model) if cfg.fsdp else None  # collective: every process takes part
+        res = TrainResult(str(cfg.out), {**dataclasses.asdict(cfg), "key": cfg.key(), "world_size": world}, log.steps,
+                          log.step_times, elapsed, [str(out / Path(s).name) for s in saver.saved] if saver else [],
+                          tracker.records if tracker else [], state_bytes)
+        if main:
+            final = work / "final"
+            save_as(model, final, stored, tok, state_dict=full)
+            if cfg.fp32_copy:
+                save_as(model, final / "fp32", torch.float32, tok, state_dict=full)
+            write_log(final / "train_log.json", dataclasses.asdict(res))
+            for s in saver.saved if saver else []:
+                os.replace(s, final / Path(s).name)
+            write_marker(final, "train", algo=cfg.algo, model=str(cfg.model))
+            check_replaceable(out)  # again: something may have appeared there during the run
+            replace_dir(final, out)
+            record_written(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if state is not None:
+        state.wait_for_everyone()  # no process reports success before the output is in place
     return res
+
+
+def _full_state(model) -> dict:
+    """Full (unsharded) tensors of an FSDP2 model's state dict; every process must call it."""
+    out = {}
+    for name, t in model.state_dict().items():
+        out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return out
