@@ -171,16 +171,40 @@ def masks_for_model(model: torch.nn.Module, subnetwork: Subnetwork | str | os.Pa
     """``{parameter: bool mask}`` for a model's named parameters, matched by name to a mask file.
 
     Parameter names are tried as they are and with ``strip_prefixes`` removed (TRL's PPO wraps the policy
-    as ``policy.*``). Parameters that the mask does not name are an error (``missing="error"``), fully
+    as ``policy.*``). A parameter that transformers holds in another layout than its files (fused MoE experts
+    such as ``mlp.experts.gate_up_proj``) gets the mask converted by transformers' own mapping
+    (:func:`rlsubnet.training.layout.to_model_layout`). Parameters that the mask does not name are an error (``missing="error"``), fully
     trainable (``"train"``, e.g. a value head) or fully frozen (``"freeze"``).
     For parameters sharded by FSDP2 the mask returned is this process's shard (:func:`shard_like`).
     """
     sub = subnetwork if isinstance(subnetwork, Subnetwork) else Subnetwork.load(subnetwork)
     out = {}
+    converted: dict | None = None
+
+    def model_layout() -> dict:
+        """The mask in the model's in-memory layout (fused MoE experts, renamed keys), computed once if needed."""
+        nonlocal converted
+        if converted is None:
+            from .layout import conversions, to_model_layout
+
+            converted = (to_model_layout(model, {n: sub.bool_tensor(n) for n in sub.names}, source=str(sub.path or "mask"), strict=False)
+                         if conversions(model) else {})
+        return converted
+
+    def lookup(name: str, table) -> str | None:
+        return name if name in table else next((name[len(s):] for s in strip_prefixes if name.startswith(s) and name[len(s):] in table), None)
+
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = name if name in sub.shapes else next((name[len(s):] for s in strip_prefixes if name.startswith(s) and name[len(s):] in sub.shapes), None)
+        key = lookup(name, sub.shapes)
+        if key is None and lookup(name, model_layout()) is not None:  # a file-layout mask for a converted parameter
+            m = model_layout()[lookup(name, model_layout())]
+            if tuple(m.shape) != tuple(p.shape):
+                raise InputError(f"{sub.path or 'mask'}: converted to the model's layout, '{name}' has shape {list(m.shape)}, "
+                                 f"the model's parameter has {list(p.shape)}.")
+            out[p] = shard_like(m.to(torch.bool), p)
+            continue
         if key is None:
             if missing == "train":
                 continue
