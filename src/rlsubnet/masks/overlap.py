@@ -218,3 +218,43 @@ def overlap(paths_or_masks: list, consensus_for: int = 3, baseline: str | None =
     info = [{"path": m.path or f"mask{i}", "density": m.density()} for i, m in enumerate(masks)]
     cons = consensus(masks) if len(masks) >= consensus_for else None
     return OverlapResult(info, pairs, cons)
+
+
+def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed: int = 0) -> Subnetwork:
+    """A random mask drawn like ``stratified_baseline``'s null: the same number of ones as ``A`` in every
+    stratum (``uniform``: the whole model; ``tensor``: each tensor; ``magnitude``: each tensor × exponent of
+    |w0| in ``base``), positions uniformly at random within the stratum. The control a "the subnetwork
+    matters" claim needs: the same density, placed without knowledge of the run."""
+    if kind not in BASELINES:
+        raise InputError(f"--baseline: {kind!r} is not one of {', '.join(BASELINES)}.")
+    if kind != "magnitude":
+        out = A.random_like(seed=seed, per_tensor=kind == "tensor")
+        out.meta = {**out.meta, "criterion": f"random-{kind}", "matched_to": A.digest()}
+        return out
+    if base is None:
+        raise InputError("magnitude-matched random mask: needs the base checkpoint the mask was made from.")
+    from ..io.checkpoint import Checkpoint, open_checkpoint
+
+    rng = np.random.default_rng(seed)
+    ck = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    bits = {}
+    try:
+        for name in A.names:
+            n = A.numel(name)
+            info = ck.tensors.get(name)
+            if info is None or info.numel != n or not info.dtype.is_float:
+                raise InputError(f"{ck.path}: has no floating tensor '{name}' of the mask's shape, so it is not its base.")
+            dt = info.dtype
+            e = ((ck.read(name, 0, n) >> dt.raw(dt.mantissa_bits)) & dt.raw((1 << dt.exponent_bits) - 1)).astype(np.int64)
+            want = np.bincount(e, weights=A.bits(name, 0, n), minlength=1 << dt.exponent_bits).astype(np.int64)
+            # order entries by (exponent bin, random key) and keep the first want[bin] of every bin
+            order = np.lexsort((rng.random(n), e))
+            starts = np.concatenate([[0], np.cumsum(np.bincount(e, minlength=1 << dt.exponent_bits))[:-1]])
+            rank_in_bin = np.arange(n) - starts[e[order]]
+            b = np.zeros(n, bool)
+            b[order[rank_in_bin < want[e[order]]]] = True
+            bits[name] = np.packbits(b, bitorder="little")
+    finally:
+        if ck is not base:
+            ck.close()
+    return Subnetwork(dict(A.shapes), bits, {"criterion": "random-magnitude", "seed": str(seed), "matched_to": A.digest()})

@@ -55,20 +55,57 @@ def line_chart(path, xs, series: dict[str, Sequence[float]], title: str, xlabel:
     return _save(fig, Path(path))
 
 
+def _data_range(ax, values: Sequence[float], errors: Sequence[float] | None = None) -> None:
+    """Keep the axis where the differences are (a 0-1 axis hides 93% against 96%); say so when it does not start at 0."""
+    vs = [(v, e or 0.0) for v, e in zip(values, errors or [0.0] * len(values)) if v is not None and math.isfinite(v)]
+    if not vs:
+        return
+    lo, hi = min(v - e for v, e in vs), max(v + e for v, e in vs)
+    pad = max((hi - lo) * 0.25, abs(hi) * 0.005, 1e-6)
+    if lo - pad > 0:
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.text(0.0, 1.01, "axis does not start at 0", transform=ax.transAxes, fontsize=7, color="gray")
+
+
 def bar_chart(path, labels: Sequence[str], values: Sequence[float], title: str, xlabel: str, ylabel: str,
-              groups: dict[str, Sequence[float]] | None = None) -> Path:
+              groups: dict[str, Sequence[float]] | None = None, errors: dict[str, Sequence[float]] | None = None) -> Path:
+    """Bars (grouped with ``groups``; ``errors``: ± bars per group, e.g. the seed sd); the value axis spans the data."""
     fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(labels)), 3.6))
     if groups:
         n = len(groups)
         w = 0.8 / n
+        allv, alle = [], []
         for i, (g, vals) in enumerate(groups.items()):
-            ax.bar([x + i * w - 0.4 + w / 2 for x in range(len(labels))], vals, width=w, label=g)
+            err = (errors or {}).get(g)
+            ax.bar([x + i * w - 0.4 + w / 2 for x in range(len(labels))], [v if v is not None else float("nan") for v in vals],
+                   width=w, label=g, yerr=[e or 0.0 for e in err] if err else None, capsize=3)
+            allv += list(vals)
+            alle += list(err) if err else [0.0] * len(vals)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the data
+        _data_range(ax, allv, alle)
     else:
         ax.bar(range(len(labels)), values)
+        _data_range(ax, list(values))
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
+    return _save(fig, Path(path))
+
+
+def interval_chart(path, labels: Sequence[str], diffs: Sequence[float], los: Sequence[float | None], his: Sequence[float | None],
+                   title: str, xlabel: str) -> Path:
+    """Differences with their confidence intervals, one row each, against a line at 0 (a forest plot)."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.45 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, d, lo, hi in zip(ys, diffs, los, his):
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [y, y], color="C0", lw=2)
+        ax.plot([d], [y], "o", color="C0" if lo is not None and (lo > 0 or hi < 0) else "gray")
+    ax.axvline(0, color="k", lw=0.8, ls="--")
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
     return _save(fig, Path(path))

@@ -36,24 +36,43 @@ class Budget:
     pref_batch: int
     max_new_tokens: int
     n_train: int
-    n_eval: int
+    n_eval: int  # held-out test problems (no twin of a training problem)
     pref_prompts: int
     rqs: tuple
     rq1_algos: tuple
     save_every: int
     rank: bool = True
+    lr: float = 1e-5  # one learning rate for every algorithm (matched lr, steps and batch across RQ1)
+    seeds: int = 1  # seeds for SFT vs RL (RQ1) and θ_sub vs θ_full (RQ2)
+    rq2_algos: tuple = ("grpo",)
+    controls: tuple = ("uniform", "magnitude")  # random masks of the same density trained in RQ2
+    level: int = 2  # task difficulty (2-digit + 1-digit addition has 450 test problems, none a twin of a training one)
+    precision: str = "mixed"  # bf16 mixed precision (fp32 masters, bf16 compute), as the paper's frameworks
 
 
 BUDGETS = {
-    "quick": Budget(steps=10, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=128, n_eval=48, pref_prompts=48,
-                    rqs=("rq1", "rq2"), rq1_algos=("grpo", "dpo"), save_every=0),
-    "full": Budget(steps=16, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=100, pref_prompts=96,
-                   rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=4),
+    # what `make demo` runs: ≤ 15 min on 2 cores; floor-dominated (Σlr = 1e-4) and says so
+    "quick": Budget(steps=10, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=128, n_eval=200, pref_prompts=48,
+                    rqs=("rq1", "rq2"), rq1_algos=("grpo", "dpo"), save_every=0, lr=1e-5, seeds=1, rq2_algos=("grpo",)),
+    # the paper's regime on this model: Σlr = 32 × 3.2e-5 ≈ 1.0e-3 puts the floor near 1% of parameters;
+    # 3 seeds for SFT, GRPO and DPO; RQ2 on DPO (the paper's default ablation), 3 seeds, with both controls
+    "standard": Budget(steps=32, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=200, pref_prompts=96,
+                       rqs=("rq1", "rq2", "rq4"), rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "orpo", "simpo"), save_every=0,
+                       lr=3.2e-5, seeds=3, rq2_algos=("dpo",)),
+    # standard + PPO + the ablations of RQ5
+    "full": Budget(steps=32, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=200, pref_prompts=96,
+                   rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=8,
+                   lr=3.2e-5, seeds=3, rq2_algos=("dpo", "grpo")),
     # seconds, for the test suite's tiny random model
     "tiny": Budget(steps=2, batch=4, gens=2, pref_batch=4, max_new_tokens=6, n_train=16, n_eval=8, pref_prompts=8,
-                   rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=1, rank=True),
+                   rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=1, rank=True,
+                   lr=1e-5, seeds=2, rq2_algos=("grpo",), level=1, precision="fp32"),
 }
-LR = {"grpo": 1e-5, "rloo": 1e-5, "ppo": 1e-5, "dpo": 5e-6, "kto": 5e-6, "orpo": 5e-6, "simpo": 5e-6, "sft": 1e-5}
+SEEDED = ("sft", "grpo", "dpo")  # the algorithms RQ1 runs with every seed (SFT vs RL needs a spread)
+# why PPO stays out of every RL average: TRL's PPO scores with a reward *model*, here the backbone with a freshly
+# initialised scalar head, so it optimises a random reward, not the task's
+PPO_NOTE = ("PPO is reported but kept out of every RL average: TRL's PPO scores completions with a reward model, which "
+            "here is the backbone with an untrained scalar head, so it optimises a random reward rather than the task's.")
 
 
 def run_lr_sum(tuned: str | Path) -> float | None:
@@ -85,17 +104,37 @@ def default_model(cache: str | None = None) -> str:
     return str(out)
 
 
+def content_key(path: str | Path) -> str:
+    """A digest of a checkpoint folder's weights and config (not its name): cache keys that follow content."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.blake2b(digest_size=8)
+    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + [p / "config.json"] if p.is_dir() else [p]
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 class Study:
     def __init__(self, out: str, model: str | None = None, budget: str = "quick", only: tuple | None = None, seed: int = 0,
-                 task: str = "add", task2: str = "compare", level: int = 1, console: Console | None = None,
-                 lr_scale: float = 1.0, reward: str = "exact"):
+                 task: str = "add", task2: str = "compare", level: int | None = None, console: Console | None = None,
+                 lr_scale: float = 1.0, reward: str = "exact", precision: str | None = None):
         if budget not in BUDGETS:
             raise InputError(f"--budget: {budget!r} is not one of {', '.join(BUDGETS)}.")
         self.b = BUDGETS[budget]
         self.budget = budget
         self.out = Path(out)
         self.con = console or Console()
-        self.seed, self.task, self.task2, self.level, self.reward = seed, task, task2, level, reward
+        self.seed, self.task, self.task2, self.reward = seed, task, task2, reward
+        self.level = self.b.level if level is None else level
+        self.precision = precision or self.b.precision
+        if self.precision not in ("fp32", "mixed", "bf16"):
+            raise InputError(f"--precision: {self.precision!r} is not mixed, fp32 or bf16.")
         self.lr_scale = lr_scale
         bad = [r for r in (only or ()) if r not in RQS]
         if bad:
@@ -105,6 +144,7 @@ class Study:
         self.model = ""
         self.results: dict = {"runs": {}, "diffs": {}, "accuracy": {}}
         self.n_runs = 0
+        self._keys: dict[str, str] = {}
 
     # -- building blocks --------------------------------------------------------------------------------
     def _cached(self, key: str, fn):
@@ -118,24 +158,42 @@ class Study:
         write_text(p, dumps(val, indent=None))
         return val
 
+    def key_of(self, path: str | Path) -> str:
+        """Content digest of a checkpoint (computed once per study)."""
+        k = str(path)
+        if k not in self._keys:
+            self._keys[k] = content_key(path)
+        return self._keys[k]
+
+    @property
+    def lr(self) -> float:
+        return self.b.lr * self.lr_scale
+
     def config(self, algo: str, **kw) -> TrainConfig:
         b = self.b
         rl = algo in ("grpo", "rloo")
         base = dict(algo=algo, model=self.model, task=self.task, level=self.level, steps=b.steps, seed=self.seed,
-                    lr=LR[algo] * self.lr_scale, batch_size=b.batch if rl else b.pref_batch, num_generations=b.gens,
+                    lr=self.lr, batch_size=b.batch if rl else b.pref_batch, num_generations=b.gens, precision=self.precision,
                     max_new_tokens=b.max_new_tokens, n_train=b.n_train, reward=self.reward, out="")
         base.update(kw)
         return TrainConfig(**base)
 
-    def main_config(self, algo: str) -> TrainConfig:
-        """The one configuration of the main GRPO and DPO runs, shared by every research question (so the
-        cache trains each once): GRPO keeps intermediate checkpoints and an fp32 copy when RQ5 needs them."""
+    def main_config(self, algo: str, seed_offset: int = 0) -> TrainConfig:
+        """The one configuration of the main runs of an algorithm (per seed), shared by every research question
+        (so the cache trains each once): GRPO keeps intermediate checkpoints and an fp32 copy when RQ5 needs them."""
+        seed = self.seed + seed_offset
         if algo == "grpo":
-            every = (self.b.save_every or max(1, self.b.steps // 5)) if "rq5" in self.rqs else 0
+            every = (self.b.save_every or max(1, self.b.steps // 5)) if "rq5" in self.rqs and not seed_offset else 0
             # track_every=1: every step records the bytes a delta weight sync would send (issue 10)
-            return self.config("grpo", save_every=every, fp32_copy="rq5" in self.rqs, track_every=1)
-        pref = self.own_preferences()
-        return self.config(algo, preference=pref if len(pref["prompt"]) >= 4 else self.offdist_preferences())
+            return self.config("grpo", seed=seed, save_every=every, fp32_copy="rq5" in self.rqs and not seed_offset, track_every=1)
+        if algo in ("dpo", "kto", "orpo", "simpo"):
+            pref = self.own_preferences()
+            return self.config(algo, seed=seed, preference=pref if len(pref["prompt"]) >= 4 else self.offdist_preferences())
+        return self.config(algo, seed=seed)
+
+    @staticmethod
+    def run_name(algo: str, seed_offset: int = 0) -> str:
+        return algo if not seed_offset else f"{algo}_s{seed_offset}"
 
     def train(self, name: str, cfg: TrainConfig) -> str:
         d = self.out / "runs" / f"{name}-{cfg.key()}"
@@ -202,13 +260,15 @@ class Study:
         return str(self.out / "masks" / f"{name}.safetensors")
 
     def accuracy(self, name: str, path: str, task: str | None = None) -> float:
+        """Greedy accuracy on the held-out split, every per-problem outcome kept (cached by the model's content)."""
         from ..training.evaluate import accuracy
 
         task = task or self.task
         probs = T.generate(task, self.b.n_eval, level=self.level, split="test")
-        key = f"acc-{task}-{self.level}-{self.b.n_eval}-{Path(path).name}-{Path(path).parent.name}"
-        r = self._cached(key, lambda: accuracy(path, probs, max_new_tokens=self.b.max_new_tokens + 8))
-        self.results["accuracy"][name] = {"task": task, **r}
+        key = f"acc-{task}-{self.level}-{len(probs)}-{self.precision}-{self.key_of(path)}"
+        prec = "mixed" if self.precision == "mixed" else "fp32"
+        r = self._cached(key, lambda: accuracy(path, probs, max_new_tokens=self.b.max_new_tokens + 8, precision=prec))
+        self.results["accuracy"][name] = {"task": task, "model": str(path), **r}
         return r["accuracy"]
 
     def own_preferences(self) -> dict:
@@ -218,53 +278,129 @@ class Study:
             return self._pref
 
         probs = T.generate(self.task, self.b.pref_prompts, level=self.level, split="train")
-        key = f"pref-{self.task}-{self.level}-{self.b.pref_prompts}-{Path(self.model).name}-{self.seed}"
+        key = f"pref-{self.task}-{self.level}-{self.b.pref_prompts}-{self.key_of(self.model)}-{self.seed}"
         self.con.print("sampling the model's own answers for in-distribution preference pairs")
         self._pref = self._cached(key, lambda: sample_preferences(self.model, probs, k=4, temperature=0.7,
                                                                   max_new_tokens=self.b.max_new_tokens, seed=self.seed))
         return self._pref
 
-    def offdist_preferences(self) -> dict:
+    def offdist_preferences(self, task: str | None = None) -> dict:
         import random
 
         from ..training.recipes import corrupt
 
-        probs = T.generate(self.task, self.b.pref_prompts, level=self.level, split="train")
+        probs = T.generate(task or self.task, self.b.pref_prompts, level=self.level, split="train")
         r = random.Random(self.seed)
         return {"prompt": [p.prompt for p in probs], "chosen": [p.solution for p in probs], "rejected": [corrupt(p, r) for p in probs]}
 
     # -- the research questions ---------------------------------------------------------------------------
     def rq1(self) -> None:
+        from .stats import mean_sd, seed_difference
+
         rows = []
         pref = self.own_preferences()
         self.results["preferences"] = {"in_distribution_pairs": len(pref["prompt"]), "correct_samples": len(pref["correct_samples"]["prompt"])}
         for algo in self.b.rq1_algos:
-            cfg = self.main_config(algo) if algo in ("grpo", "dpo", "kto", "orpo", "simpo") else self.config(algo)
-            d = self.train(algo, cfg)
-            a = self.analyze(algo, d, rank=self.b.rank)
-            indist = algo not in ("sft",) and (cfg.preference is None or cfg.preference is pref)
-            rows.append({"algo": algo, "sparsity": a["sparsity"], "atol": a["atol"], "bf16_rel_sparsity": a["bf16_rel_sparsity"],
-                         "rank_mean": a.get("rank_mean"), "by_module": a["by_module"], "in_distribution": indist,
-                         "lr_sum": a.get("lr_sum"), "floor": a.get("floor"), "sparsity_above_floor": a.get("sparsity_above_floor")})
-        self.results["rq1"] = {"rows": rows}
+            seeds = range(self.b.seeds) if algo in SEEDED else range(1)
+            per_seed = []
+            for k in seeds:
+                cfg = self.main_config(algo, k)
+                name = self.run_name(algo, k)
+                a = self.analyze(name, self.train(name, cfg), rank=self.b.rank and not k)
+                indist = algo not in ("sft", "ppo") and (cfg.preference is None or cfg.preference is pref)
+                per_seed.append({"run": name, "seed": cfg.seed, "sparsity": a["sparsity"], "atol": a["atol"],
+                                 "bf16_rel_sparsity": a["bf16_rel_sparsity"], "rank_mean": a.get("rank_mean"), "by_module": a["by_module"],
+                                 "in_distribution": indist, "lr_sum": a.get("lr_sum"), "floor": a.get("floor"),
+                                 "sparsity_above_floor": a.get("sparsity_above_floor")})
+            first = per_seed[0]
+            rows.append({**first, "algo": algo, "seeds": per_seed,
+                         "sparsity_mean_sd": mean_sd([x["sparsity"] for x in per_seed]),
+                         "above_floor_mean_sd": mean_sd([x["sparsity_above_floor"] for x in per_seed]),
+                         "in_rl_average": algo not in ("sft", "ppo")})
+        # SFT against each RL algorithm run with every seed: a difference is claimed only when its interval excludes 0
+        comps = []
+        by = {r["algo"]: r for r in rows}
+        if "sft" in by:
+            for algo in ("grpo", "dpo"):
+                if algo in by:
+                    for what, key in (("sparsity", "sparsity"), ("sparsity above the floor", "sparsity_above_floor")):
+                        comps.append(seed_difference([x[key] for x in by["sft"]["seeds"]], [x[key] for x in by[algo]["seeds"]],
+                                                     what, ("sft", algo)).to_dict())
+        self.results["rq1"] = {"rows": rows, "comparisons": comps, "lr": self.lr, "steps": self.b.steps,
+                               "ppo_note": PPO_NOTE if "ppo" in self.b.rq1_algos else None}
+
+    def control_mask(self, name: str, kind: str, seed: int) -> str:
+        """A random mask matched to ``name``'s mask (``uniform`` or ``magnitude``), drawn once and kept."""
+        from ..masks.overlap import matched_random_mask
+
+        out = self.out / "masks" / f"{name}_random_{kind}.safetensors"
+        src = Subnetwork.load(self.mask(name))
+        if out.exists():
+            try:
+                if Subnetwork.load(out).meta.get("matched_to") == src.digest():
+                    return str(out)
+            except InputError:
+                pass
+        matched_random_mask(src, kind, base=self.model, seed=1000 + seed).save(out)
+        return str(out)
 
     def rq2(self) -> None:
+        from .stats import mean_sd, paired_bootstrap
+
         rows = []
-        algos = ("grpo", "dpo") if self.budget != "quick" else ("grpo",)
         self.accuracy("init", self.model)
-        for algo in algos:
-            cfg = self.main_config(algo)
-            full = self.train(algo, cfg)
-            self.analyze(algo, full, rank=self.b.rank)
-            # the same run restarted from θ_init: same seed, data and hyperparameters, only the mask trained
-            sub = self.train(f"{algo}_sub", replace(cfg, mask=self.mask(algo), save_every=0, fp32_copy=False))
-            c = closeness(self.model, full, sub, mask=self.mask(algo), atol=[0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4])
-            rows.append({"algo": algo, "acc_init": self.results["accuracy"]["init"]["accuracy"],
-                         "acc_full": self.accuracy(algo, full), "acc_sub": self.accuracy(f"{algo}_sub", sub),
-                         "closeness": c.atol, "inside_mask": c.inside_mask, "outside_mask": c.outside_mask, "rel_l2": c.rel_l2,
-                         "loss_full": self.results["runs"][algo]["loss"], "loss_sub": self.results["runs"][f"{algo}_sub"]["loss"],
-                         "mask_density": Subnetwork.load(self.mask(algo)).density()})
-        self.results["rq2"] = {"rows": rows}
+        init_acc = self.results["accuracy"]["init"]
+        tols = [0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4]
+        for algo in self.b.rq2_algos:
+            for k in range(self.b.seeds):
+                name = self.run_name(algo, k)
+                cfg = self.main_config(algo, k)
+                full = self.train(name, cfg)
+                self.analyze(name, full, rank=self.b.rank and not k)
+                variants = {"sub": self.mask(name)}
+                for kind in self.b.controls:
+                    variants[f"random_{kind}"] = self.control_mask(name, kind, cfg.seed)
+                models, close = {"init": self.model, "full": full}, {}
+                for v, mask in variants.items():
+                    # the same run restarted from θ_init: same seed, data and hyperparameters, only the mask trained
+                    models[v] = self.train(f"{name}_{v}", replace(cfg, mask=mask, save_every=0, fp32_copy=False, track_every=0))
+                    c = closeness(self.model, full, models[v], mask=mask, atol=tols)
+                    close[v] = {"all": c.atol, "inside_mask": c.inside_mask, "outside_mask": c.outside_mask, "rel_l2": c.rel_l2,
+                                "mask_density": Subnetwork.load(mask).density()}
+                acc = {"init": init_acc}
+                for v, path in models.items():
+                    if v != "init":
+                        self.accuracy(f"{name}_{v}" if v != "full" else name, path)
+                        acc[v] = self.results["accuracy"][f"{name}_{v}" if v != "full" else name]
+                summary = {v: {"accuracy": a["accuracy"], "format_rate": a.get("format_rate"), "strict_accuracy": a.get("strict_accuracy")}
+                           for v, a in acc.items()}
+                comps = []
+                for a_, b_ in [("init", "full"), ("full", "sub")] + [(f"random_{c}", "sub") for c in self.b.controls]:
+                    if a_ in acc and b_ in acc and "outcomes" in acc[a_] and "outcomes" in acc[b_]:
+                        comps.append(paired_bootstrap(acc[a_]["outcomes"], acc[b_]["outcomes"], "accuracy", (a_, b_), seed=k).to_dict())
+                        if acc[a_].get("formatted") is not None:
+                            comps.append(paired_bootstrap(acc[a_]["formatted"], acc[b_]["formatted"], "format", (a_, b_), seed=k).to_dict())
+                runs = self.results["runs"]
+                rows.append({"algo": algo, "seed": cfg.seed, "run": name, "n_eval": init_acc["n"], "accuracy": summary,
+                             "comparisons": comps, "closeness_to_full": close,
+                             # kept flat for the first variant, as before
+                             "acc_init": summary["init"]["accuracy"], "acc_full": summary["full"]["accuracy"], "acc_sub": summary["sub"]["accuracy"],
+                             "closeness": close["sub"]["all"], "inside_mask": close["sub"]["inside_mask"],
+                             "outside_mask": close["sub"]["outside_mask"], "rel_l2": close["sub"]["rel_l2"],
+                             "mask_density": close["sub"]["mask_density"],
+                             "random_control": {v[len("random_"):]: {"accuracy": summary[v]["accuracy"], "closeness": close[v]}
+                                                for v in variants if v.startswith("random_")},
+                             "loss_full": runs[name]["loss"], "loss_sub": runs[f"{name}_sub"]["loss"],
+                             "reward_full": runs[name]["reward"], "reward_sub": runs[f"{name}_sub"]["reward"],
+                             "reward": {v: runs[f"{name}_{v}" if v != "full" else name]["reward"] for v in models if v != "init"}})
+        agg = {}
+        for algo in self.b.rq2_algos:
+            rs = [r for r in rows if r["algo"] == algo]
+            agg[algo] = {v: {"accuracy": mean_sd([r["accuracy"][v]["accuracy"] for r in rs]),
+                             "rel_l2": mean_sd([r["closeness_to_full"][v]["rel_l2"] for r in rs]) if v != "init" and v != "full" else None,
+                             "inside_1e-5": mean_sd([_eq(r["closeness_to_full"][v]["inside_mask"], 1e-5) for r in rs]) if v not in ("init", "full") else None}
+                         for v in rs[0]["accuracy"]}
+        self.results["rq2"] = {"rows": rows, "across_seeds": agg}
 
     def _overlap(self, a: str, b: str) -> dict:
         from ..masks.overlap import stratified_baseline
@@ -277,21 +413,27 @@ class Study:
                 "s1": 1 - p.count_a / p.numel, "s2": 1 - p.count_b / p.numel, "matched": m}
 
     def rq4(self) -> None:
+        """Overlap of the updated sets: one factor at a time (seed; data; algorithm), and the paper's row 3,
+        where seed, data and algorithm all differ (GRPO on the main task against DPO with another seed on the
+        second task)."""
         self.analyze("grpo", self.train("grpo", self.main_config("grpo")), rank=self.b.rank)
-        for name, kw in (("grpo_seed1", {"seed": self.seed + 1}), ("grpo_task2", {"task": self.task2})):
-            self.analyze(name, self.train(name, self.config("grpo", **kw)))
+        self.analyze("grpo_s1", self.train("grpo_s1", self.main_config("grpo", 1)))
+        self.analyze("grpo_task2", self.train("grpo_task2", self.config("grpo", task=self.task2, track_every=0)))
         self.analyze("dpo", self.train("dpo", self.main_config("dpo")), rank=self.b.rank)
-        self.results["rq4"] = {"rows": [dict(self._overlap("grpo", "grpo_seed1"), axis="seed"),
-                                        dict(self._overlap("grpo", "grpo_task2"), axis="data"),
-                                        dict(self._overlap("grpo", "dpo"), axis="algorithm")]}
+        other = self.config("dpo", seed=self.seed + 1, task=self.task2, preference=self.offdist_preferences(self.task2))
+        self.analyze("dpo_s1_task2", self.train("dpo_s1_task2", other))
+        self.results["rq4"] = {"rows": [dict(self._overlap("grpo", "grpo_s1"), axis="seed", paper_row="seed"),
+                                        dict(self._overlap("grpo", "grpo_task2"), axis="data", paper_row="data"),
+                                        dict(self._overlap("grpo", "dpo"), axis="algorithm", paper_row=None),
+                                        dict(self._overlap("grpo", "dpo_s1_task2"), axis="seed+data+algorithm", paper_row="algorithm")]}
 
     def rq5(self) -> None:
         res: dict = {}
         pref = self.own_preferences()
         main = self.train("grpo", self.main_config("grpo"))
         base = self.analyze("grpo", main, rank=self.b.rank)
-        variants = {"grpo_kl": {"beta": 0.04}, "grpo_noclip": {"max_grad_norm": None}, "grpo_lr4": {"lr": LR["grpo"] * 4 * self.lr_scale},
-                    "grpo_lr16": {"lr": LR["grpo"] * 16 * self.lr_scale}}
+        variants = {"grpo_kl": {"beta": 0.04}, "grpo_noclip": {"max_grad_norm": None}, "grpo_lr4": {"lr": self.lr * 4},
+                    "grpo_lr16": {"lr": self.lr * 16}, "grpo_fp32train": {"precision": "fp32"}}
         for name, kw in variants.items():
             self.analyze(name, self.train(name, self.config("grpo", **kw)))
         d = self.results["diffs"]
@@ -302,6 +444,9 @@ class Study:
         fp32 = self.analyze("grpo_fp32", str(Path(main) / "fp32"))
         res["precision"] = {"bf16": {"sparsity": base["sparsity"], "atol": base["atol"]},
                             "fp32": {"sparsity": fp32["sparsity"], "atol": fp32["atol"]}}
+        # training precision: the main run's (mixed by default) against the same run trained in pure fp32
+        res["training_precision"] = {"main": {"precision": self.precision, "sparsity": base["sparsity"], "floor": base.get("floor")},
+                                     "fp32": {"precision": "fp32", "sparsity": d["grpo_fp32train"]["sparsity"], "floor": d["grpo_fp32train"].get("floor")}}
         # in- vs off-distribution data, for SFT and DPO
         own = pref["correct_samples"]
         sft_in = self.train("sft_in", self.config("sft", sft_data=own)) if len(own["prompt"]) >= 2 else None
@@ -358,8 +503,9 @@ class Study:
             getattr(self, rq)()
         self.results["meta"] = {
             "model": self.model, "budget": self.budget, "budget_settings": asdict(self.b), "seed": self.seed,
-            "task": self.task, "task2": self.task2, "level": self.level, "rqs": list(self.rqs), "lr": LR,
-            "elapsed_s": time.perf_counter() - t0, "runs": self.n_runs,
+            "task": self.task, "task2": self.task2, "level": self.level, "rqs": list(self.rqs), "lr": self.lr,
+            "elapsed_s": time.perf_counter() - t0, "runs": self.n_runs, "precision": self.precision,
+            "n_eval": self.b.n_eval, "test_problems": T.split_sizes(self.task, self.level)["test"],
             "quantized_note": _quant_note(self.model),
         }
         from . import paper
@@ -370,11 +516,30 @@ class Study:
         return self.results  # rendering is the report layer's job (the CLI calls write_report)
 
 
+def _eq(rows: list[dict] | None, tol: float):
+    return next((x["equal_fraction"] for x in rows or [] if x["atol"] == tol), None)
+
+
 def _quant_note(model: str) -> str | None:
+    """What a GGUF-quantized origin means for the study, with the measured share of even bf16 mantissas."""
+    import numpy as np
+
+    from ..io.checkpoint import open_checkpoint
+
     src = Path(model) / "rlsubnet_source.json"
-    if src.exists():
-        return ("The weights come from a GGUF file that was 4-bit quantized (Q4_1) before publication and were dequantized "
-                "to bf16 here: every base weight lies on a coarse 4-bit grid (scaled per block of 32), so many low-order bf16 "
-                "bits are zero and one ULP of a base weight is large relative to the original model's; absolute sparsity "
-                "figures are not directly comparable with those of unquantized checkpoints.")
-    return None
+    if not src.exists():
+        return None
+    even = total = 0
+    with open_checkpoint(model) as ck:
+        for name, info in ck.tensors.items():
+            if info.dtype.name == "bfloat16" and info.numel:
+                raw = ck.read(name, 0, info.numel)
+                even += int(np.count_nonzero((raw & 1) == 0))
+                total += info.numel
+    share = f"{100 * even / total:.0f}%" if total else "an unmeasured share"
+    return ("The weights come from a GGUF file that was 4-bit quantized (Q4_1: each block of 32 weights holds at most 16 distinct "
+            "values, a scale times a 4-bit level plus an offset) and were dequantized to bf16 here. What that changes is the "
+            "distribution of values, not their bf16 bit patterns: the lowest mantissa bit is zero in " + share + " of the weights "
+            "(50% for random bits), so the precision floor applies exactly as to any bf16 checkpoint; but the model has lost the "
+            "fine structure of the original's weights, and its absolute sparsities are not directly comparable with those of "
+            "unquantized checkpoints.")

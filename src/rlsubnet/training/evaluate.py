@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from . import tasks as T
 
 
@@ -16,8 +18,26 @@ def encode_prompts(tok, problems: list[T.Problem]):
     return tok(texts, return_tensors="pt", padding=True, add_special_tokens=not _chat(tok))
 
 
-def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24, batch_size: int = 32, tok=None) -> dict:
-    """Greedy accuracy on ``problems``; returns {"accuracy", "n", "correct", "samples"}."""
+_NUMBER_ONLY = re.compile(r"^\s*-?\d+\s*\.?\s*$")
+
+
+def well_formatted(text: str) -> bool:
+    """The completion is the final number alone (what the prompt asks for: "Reply with only the final number")."""
+    return bool(_NUMBER_ONLY.match(text))
+
+
+def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24, batch_size: int = 32, tok=None,
+             precision: str = "fp32") -> dict:
+    """Greedy accuracy on ``problems`` with every per-problem outcome.
+
+    Returns ``accuracy`` (final answer right, whatever the wording), ``format_rate`` (completion is the number
+    alone), ``strict_accuracy`` (both), ``n``, ``correct`` (count), per problem ``outcomes`` and ``formatted``
+    (0/1 lists in the order of ``problems``, for paired comparisons) and ``completions``, ``problems_digest``
+    (the test set's identity) and ``samples`` (the first 8 in full). ``precision="mixed"`` decodes under bf16
+    autocast (the weights a bf16-compute run samples from)."""
+    import contextlib
+    import hashlib
+
     import torch
 
     from .recipes import load_model
@@ -28,20 +48,27 @@ def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24,
         model = model_or_path
     model.eval()
     tok.padding_side = "left"
-    correct, samples = 0, []
+    outcomes, formatted, completions = [], [], []
+    ctx = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) if precision == "mixed" else contextlib.nullcontext
     for i in range(0, len(problems), batch_size):
         batch = problems[i : i + batch_size]
         enc = encode_prompts(tok, batch)
-        with torch.no_grad():
+        with torch.no_grad(), ctx():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for p, seq in zip(batch, out[:, enc["input_ids"].shape[1]:]):
             text = tok.decode(seq, skip_special_tokens=True)
-            ok = T.reward(text, p.answer) == 1.0
-            correct += ok
-            if len(samples) < 8:
-                samples.append({"prompt": p.prompt, "completion": text, "answer": p.answer, "correct": bool(ok)})
+            outcomes.append(int(T.reward(text, p.answer) == 1.0))
+            formatted.append(int(well_formatted(text)))
+            completions.append(text)
     n = len(problems)
-    return {"accuracy": correct / n if n else 0.0, "n": n, "correct": int(correct), "samples": samples}
+    digest = hashlib.sha256("\n".join(f"{p.prompt}\t{p.answer}" for p in problems).encode()).hexdigest()[:16]
+    samples = [{"prompt": p.prompt, "completion": c, "answer": p.answer, "correct": bool(o)}
+               for p, c, o in list(zip(problems, completions, outcomes))[:8]]
+    return {"accuracy": sum(outcomes) / n if n else 0.0, "n": n, "correct": int(sum(outcomes)),
+            "format_rate": sum(formatted) / n if n else 0.0,
+            "strict_accuracy": sum(o and f for o, f in zip(outcomes, formatted)) / n if n else 0.0,
+            "outcomes": outcomes, "formatted": formatted, "completions": completions, "problems_digest": digest,
+            "samples": samples}
 
 
 def sample_preferences(model_path: str, problems: list[T.Problem], k: int = 4, temperature: float = 0.7,

@@ -41,7 +41,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
     save_every: int = 0
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | mixed (fp32 master weights, bf16 compute) | bf16 (bf16 weights)
     level: int = 1
     batch_size: int = 8
     num_generations: int = 4
@@ -94,9 +94,9 @@ def load_model(path: str, precision: str = "fp32", cls=None, **kwargs):
     check_model_folder(path)
     cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
     stored = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch."), torch.float32)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
+    dtype = {"fp32": torch.float32, "mixed": torch.float32, "bf16": torch.bfloat16}.get(precision)
     if dtype is None:
-        raise InputError(f"--precision: {precision!r} is not fp32 or bf16.")
+        raise InputError(f"--precision: {precision!r} is not fp32, mixed or bf16.")
     cls = cls or AutoModelForCausalLM
     try:
         model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True, **kwargs)
@@ -173,7 +173,8 @@ def _common(cfg: TrainConfig, workdir: str) -> dict:
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0,
         weight_decay=cfg.weight_decay, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+        bf16=cfg.precision == "mixed",  # fp32 master weights, bf16 autocast for every forward (sampling included)
         gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
         **({"fsdp": True, "fsdp_config": {"version": 2}} if cfg.fsdp else {}),
     )
@@ -341,8 +342,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise InputError("--fsdp: TRL's PPO builds its optimizer around a policy-and-value wrapper and is not supported with FSDP2 here; use DDP.")
     if cfg.sparse_state and not cfg.mask:
         raise InputError("--sparse-state: keeps optimizer state for a mask's entries, so it needs --mask.")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise InputError(f"--precision: {cfg.precision!r} is not fp32 or bf16.")
+    if cfg.precision not in ("fp32", "mixed", "bf16"):
+        raise InputError(f"--precision: {cfg.precision!r} is not fp32, mixed or bf16.")
     if cfg.reward not in T.REWARDS:
         raise InputError(f"--reward: {cfg.reward!r} is not one of {', '.join(T.REWARDS)}.")
     if cfg.algo in ("grpo", "rloo"):

@@ -6,10 +6,15 @@
 
 Each problem has a prompt and an integer answer. The reward is 1.0 when the final answer of a completion
 (the integer after the last "=", else the last integer) equals the answer, else 0.0.
+
+Train and test splits share no problem and no *twin*: problems with the same ``key`` (``a + b`` and
+``b + a``; "48 or 84" and "84 or 48") always fall in the same split, so a test problem is never a
+reordering of a training one. :func:`split_sizes` says how many problems each split can hold.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -18,18 +23,28 @@ SUFFIX = " Reply with only the final number, no words."
 _INT = re.compile(r"-?\d+")
 
 
+@functools.lru_cache(maxsize=32)
+def _pool_cached(task: str, level: int, seed: int, want: int) -> tuple:
+    return tuple(_pool(task, level, seed, want))
+
+
 @dataclass(frozen=True)
 class Problem:
     prompt: str
     answer: int
     solution: str  # a reference solution in a fixed template (off-distribution text for SFT/DPO)
+    key: str = ""  # problems with one key are twins (the same operands in another order): never split apart
+
+    @property
+    def twin_key(self) -> str:
+        return self.key or self.prompt
 
 
 def _add(r: random.Random, level: int) -> Problem:
     da, db = {1: (1, 1), 2: (2, 1), 3: (2, 2), 4: (3, 2)}.get(level, (level, level))
     a = r.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
     b = r.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
-    return Problem(f"What is {a} + {b}?{SUFFIX}", a + b, f"{a} + {b} = {a + b}. The answer is {a + b}.")
+    return Problem(f"What is {a} + {b}?{SUFFIX}", a + b, f"{a} + {b} = {a + b}. The answer is {a + b}.", f"add {min(a, b)} {max(a, b)}")
 
 
 _NAMES = ["Ann", "Bob", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana"]
@@ -43,36 +58,58 @@ def _word(r: random.Random, level: int) -> Problem:
     c = r.randint(1, a + b - 1)
     text = f"{n} has {a} {item}, gets {b} more and gives away {c}. How many {item} does {n} have now?{SUFFIX}"
     ans = a + b - c
-    return Problem(text, ans, f"{a} + {b} = {a + b}. {a + b} - {c} = {ans}. The answer is {ans}.")
+    return Problem(text, ans, f"{a} + {b} = {a + b}. {a + b} - {c} = {ans}. The answer is {ans}.", f"word {min(a, b)} {max(a, b)} {c}")
 
 
 def _compare(r: random.Random, level: int) -> Problem:
     hi = 10 ** (level + 1) - 1
     a, b = r.sample(range(1, hi + 1), 2)
-    return Problem(f"Which is larger, {a} or {b}?{SUFFIX}", max(a, b), f"{max(a, b)} > {min(a, b)}. The answer is {max(a, b)}.")
+    return Problem(f"Which is larger, {a} or {b}?{SUFFIX}", max(a, b), f"{max(a, b)} > {min(a, b)}. The answer is {max(a, b)}.",
+                   f"compare {min(a, b)} {max(a, b)}")
 
 
 TASKS = {"add": _add, "word": _word, "compare": _compare}
 
 
+def _pool(task: str, level: int, seed: int, want: int) -> list[Problem]:
+    """Up to ``want`` distinct problems in a fixed order (the task's generator from a fixed seed)."""
+    gen = TASKS[task]
+    r = random.Random(f"{task}-{level}-{seed}")
+    seen: dict[str, Problem] = {}
+    misses = 0
+    while len(seen) < want and misses < 2000:  # 2000 draws in a row without a new problem: the task is exhausted
+        p = gen(r, level)
+        misses = misses + 1 if p.prompt in seen else 0
+        seen.setdefault(p.prompt, p)
+    return list(seen.values())
+
+
+def _split(probs: list[Problem], split: str) -> list[Problem]:
+    """Twin groups alternate between train and test in order of first appearance (a group never straddles)."""
+    order: dict[str, int] = {}
+    for p in probs:
+        order.setdefault(p.twin_key, len(order))
+    want = 0 if split == "train" else 1
+    return [p for p in probs if order[p.twin_key] % 2 == want]
+
+
 def generate(task: str, n: int, seed: int = 0, level: int = 1, split: str = "train") -> list[Problem]:
-    """``n`` distinct problems; the train and test splits are disjoint by construction."""
+    """``n`` distinct problems of one split (fewer when the task has fewer); train and test are disjoint,
+    twins included, by construction, and do not depend on ``n``."""
     if task not in TASKS:
         from ..io.errors import InputError
 
         raise InputError(f"--task: unknown task {task!r} (choose from {', '.join(TASKS)}).")
-    gen = TASKS[task]
-    r = random.Random(f"{task}-{level}-{seed}")
-    seen: dict[str, Problem] = {}
-    tries = 0
-    while len(seen) < 2 * n and tries < 200 * n:
-        p = gen(r, level)
-        seen.setdefault(p.prompt, p)
-        tries += 1
-    probs = list(seen.values())
-    half = len(probs) // 2
-    train, test = probs[:half], probs[half:]
-    return (train if split == "train" else test)[:n]
+    return _split(list(_pool_cached(task, level, seed, POOL)), split)[:n]
+
+
+POOL = 4000  # problems drawn per task and level before splitting: both splits are prefixes of fixed lists
+
+
+def split_sizes(task: str, level: int = 1, seed: int = 0) -> dict[str, int]:
+    """How many problems each split holds (1-digit addition has only 100 problems in all)."""
+    probs = list(_pool_cached(task, level, seed, POOL))
+    return {s: len(_split(probs, s)) for s in ("train", "test")}
 
 
 def extract_answer(text: str) -> int | None:
