@@ -287,7 +287,7 @@ class Study:
     def offdist_preferences(self, task: str | None = None) -> dict:
         import random
 
-        from ..training.recipes import corrupt
+        from ..training.data import corrupt
 
         probs = T.generate(task or self.task, self.b.pref_prompts, level=self.level, split="train")
         r = random.Random(self.seed)

@@ -9,7 +9,7 @@ from . import tasks as T
 
 def encode_prompts(tok, problems: list[T.Problem]):
     """Left-padded input ids of the problems' prompts, through the chat template when there is one."""
-    from .recipes import _chat, format_prompt
+    from .data import _chat, format_prompt
 
     if _chat(tok):
         texts = [tok.apply_chat_template(format_prompt(tok, p.prompt), add_generation_prompt=True, tokenize=False) for p in problems]

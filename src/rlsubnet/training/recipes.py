@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from pathlib import Path
 
 from ..io.errors import InputError
 from . import tasks as T
+from .data import ALGOS, corrupt, format_completion, format_prompt, make_dataset  # noqa: F401  (re-exported: recipes' public names)
 
-ALGOS = ("sft", "grpo", "dpo", "kto", "rloo", "orpo", "simpo", "ppo")
 DEFAULT_BETA = {"grpo": 0.0, "rloo": 0.0, "dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "ppo": 0.05, "sft": 0.0}
 
 
@@ -109,61 +108,6 @@ def load_model(path: str, precision: str = "fp32", cls=None, **kwargs):
     return model, tok, stored
 
 
-def _chat(tok) -> bool:
-    return bool(getattr(tok, "chat_template", None))
-
-
-def format_prompt(tok, text: str):
-    return [{"role": "user", "content": text}] if _chat(tok) else f"Q: {text}\nA:"
-
-
-def format_completion(tok, text: str):
-    return [{"role": "assistant", "content": text}] if _chat(tok) else f" {text}"
-
-
-def corrupt(p: T.Problem, r: random.Random) -> str:
-    """A reference-style solution with a wrong final answer (the rejected side of off-policy pairs)."""
-    wrong = p.answer + r.choice([-3, -2, -1, 1, 2, 3, 10])
-    return p.solution.replace(f"The answer is {p.answer}.", f"The answer is {wrong}.")
-
-
-# -- data ---------------------------------------------------------------------------------------------
-def make_dataset(cfg: TrainConfig, tok):
-    from datasets import Dataset
-
-    # the problems are fixed (seed 0); the training seed changes sampling and data order only, which is
-    # what the paper's "different seed" overlap varies
-    probs = T.generate(cfg.task, cfg.n_train, seed=0, level=cfg.level, split="train")
-    r = random.Random(cfg.seed)
-    a = cfg.algo
-    if a in ("grpo", "rloo"):
-        return Dataset.from_dict({"prompt": [format_prompt(tok, p.prompt) for p in probs], "answer": [p.answer for p in probs]})
-    if a == "sft":
-        d = cfg.sft_data or {"prompt": [p.prompt for p in probs], "completion": [p.solution for p in probs]}
-        return Dataset.from_dict({"prompt": [format_prompt(tok, x) for x in d["prompt"]],
-                                  "completion": [format_completion(tok, x) for x in d["completion"]]})
-    if a in ("dpo", "orpo", "simpo", "kto"):
-        d = cfg.preference or {"prompt": [p.prompt for p in probs], "chosen": [p.solution for p in probs],
-                               "rejected": [corrupt(p, r) for p in probs]}
-        if a == "kto":
-            n = len(d["prompt"])
-            return Dataset.from_dict({"prompt": [format_prompt(tok, x) for x in d["prompt"] * 2],
-                                      "completion": [format_completion(tok, x) for x in d["chosen"] + d["rejected"]],
-                                      "label": [True] * n + [False] * n})
-        return Dataset.from_dict({"prompt": [format_prompt(tok, x) for x in d["prompt"]],
-                                  "chosen": [format_completion(tok, x) for x in d["chosen"]],
-                                  "rejected": [format_completion(tok, x) for x in d["rejected"]]})
-    if a == "ppo":
-        def enc(p):
-            fp = format_prompt(tok, p.prompt)
-            ids = tok.apply_chat_template(fp, add_generation_prompt=True, tokenize=True) if _chat(tok) else tok(fp)["input_ids"]
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
-        return Dataset.from_dict({"input_ids": [enc(p) for p in probs]})
-    raise InputError(f"--algo: unknown algorithm {a!r} (choose from {', '.join(ALGOS)}).")
-
-
 # -- configs ------------------------------------------------------------------------------------------
 def _common(cfg: TrainConfig, workdir: str) -> dict:
     import torch
@@ -221,49 +165,31 @@ def _make_trainer(cfg: TrainConfig, model, tok, data, workdir: str):
         ref, _, _ = load_model(cfg.model, cfg.precision)
         return PPOTrainer(args=args, processing_class=tok, model=model, ref_model=ref, reward_model=reward,
                           train_dataset=data, value_model=value, optimizers=opt)
-    if a == "sft":
-        from trl import SFTConfig, SFTTrainer
+    if a not in TRAINERS:
+        raise InputError(f"--algo: unknown algorithm {a!r} (choose from {', '.join(ALGOS)}).")
+    module, config_cls, trainer_cls, extra = TRAINERS[a]
+    import importlib
 
-        args = SFTConfig(**c, max_length=128)
-        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          **_optimizers(cfg, model, args))
-    if a == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
+    mod = importlib.import_module(module)
+    named = {"gen": gen, "beta": dict(beta=beta), "length": dict(max_length=128)}
+    args = getattr(mod, config_cls)(**c, **{k: v for part in extra for k, v in (named[part] if isinstance(part, str) else part).items()})
+    more = {"reward_funcs": T.REWARDS[cfg.reward]} if a in ("grpo", "rloo") else {}
+    return getattr(mod, trainer_cls)(model=model, args=args, train_dataset=data, processing_class=tok, **more, **_optimizers(cfg, model, args))
 
-        args = GRPOConfig(**c, **gen)
-        return GRPOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
-                           **_optimizers(cfg, model, args))
-    if a == "rloo":
-        from trl import RLOOConfig, RLOOTrainer
 
-        args = RLOOConfig(**c, **gen)
-        return RLOOTrainer(model=model, reward_funcs=T.REWARDS[cfg.reward], args=args, train_dataset=data, processing_class=tok,
-                           **_optimizers(cfg, model, args))
-    if a == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        args = DPOConfig(**c, beta=beta, max_length=128)
-        return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          **_optimizers(cfg, model, args))
-    if a == "kto":
-        from trl import KTOConfig, KTOTrainer
-
-        args = KTOConfig(**c, beta=beta, max_length=128)
-        return KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          **_optimizers(cfg, model, args))
-    if a == "orpo":
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-        args = ORPOConfig(**c, beta=beta, max_length=128, max_completion_length=64)
-        return ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                           **_optimizers(cfg, model, args))
-    if a == "simpo":
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-        args = CPOConfig(**c, beta=beta, loss_type="simpo", cpo_alpha=0.0, max_length=128, max_completion_length=64)
-        return CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                          **_optimizers(cfg, model, args))
-    raise InputError(f"--algo: unknown algorithm {a!r} (choose from {', '.join(ALGOS)}).")
+# algorithm -> (module, config class, trainer class, config parts): "gen" = sampling settings, "beta" = the
+# KL / preference strength, "length" = max_length 128, or a dict of fixed settings. PPO is built apart (it
+# needs reward, value and reference models).
+TRAINERS = {
+    "sft": ("trl", "SFTConfig", "SFTTrainer", ("length",)),
+    "grpo": ("trl", "GRPOConfig", "GRPOTrainer", ("gen",)),
+    "rloo": ("trl", "RLOOConfig", "RLOOTrainer", ("gen",)),
+    "dpo": ("trl", "DPOConfig", "DPOTrainer", ("beta", "length")),
+    "kto": ("trl", "KTOConfig", "KTOTrainer", ("beta", "length")),
+    "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer", ("beta", "length", {"max_completion_length": 64})),
+    "simpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer",
+              ("beta", "length", {"loss_type": "simpo", "cpo_alpha": 0.0, "max_completion_length": 64})),
+}
 
 
 def _optimizers(cfg: TrainConfig, model, args) -> dict:
