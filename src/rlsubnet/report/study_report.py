@@ -84,6 +84,8 @@ def _ci(c: dict, digits: int = 1) -> str:
 
 def claim(c: dict, subject: str, measure: str) -> str:
     """One sentence from a comparison: the direction only when its interval excludes 0, else "inconclusive"."""
+    if c.get("lo") == c.get("hi") == c["diff"] == 0:
+        return f"{subject}: no difference — {measure} is the same on every one of the {c['n']} items"
     if c["verdict"] == "inconclusive":
         return (f"{subject}: inconclusive — {measure} of {c['b']} against {c['a']} is {_ci(c)}, an interval that includes 0"
                 if c.get("lo") is not None else f"{subject}: inconclusive — {measure} {_ci(c)} and no interval ({c['method']})")
@@ -139,6 +141,8 @@ def render_rq1(res: dict, figdir: Path) -> Section:
             "that could have changed.")
     if rq.get("ppo_note"):
         sec.add("\\* " + rq["ppo_note"])
+    for f in rq.get("failed", []):
+        sec.add(f"{f['run'].upper()} is missing from the table: {f['why']}")
     tols = [1e-8, 1e-7, 1e-6, 1e-5]
     t6 = [[r["algo"].upper()] + [pct(_atol(r["atol"], t)) for t in tols] for r in rows_in]
     t6 += [[f"paper: {k}"] + [f"{v:.2f}%" for v in vals] for k, vals in P.TABLE6.items()]

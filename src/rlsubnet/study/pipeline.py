@@ -300,18 +300,29 @@ class Study:
         rows = []
         pref = self.own_preferences()
         self.results["preferences"] = {"in_distribution_pairs": len(pref["prompt"]), "correct_samples": len(pref["correct_samples"]["prompt"])}
+        failed = []
         for algo in self.b.rq1_algos:
             seeds = range(self.b.seeds) if algo in SEEDED else range(1)
             per_seed = []
             for k in seeds:
                 cfg = self.main_config(algo, k)
                 name = self.run_name(algo, k)
-                a = self.analyze(name, self.train(name, cfg), rank=self.b.rank and not k)
+                try:
+                    path = self.train(name, cfg)
+                except InputError as e:  # e.g. a run that diverged at the matched learning rate: say so, keep going
+                    if "diverged" not in str(e):
+                        raise
+                    self.con.print(f"[yellow]run {name} diverged; it is reported as such[/yellow]")
+                    failed.append({"algo": algo, "run": name, "why": str(e)})
+                    continue
+                a = self.analyze(name, path, rank=self.b.rank and not k)
                 indist = algo not in ("sft", "ppo") and (cfg.preference is None or cfg.preference is pref)
                 per_seed.append({"run": name, "seed": cfg.seed, "sparsity": a["sparsity"], "atol": a["atol"],
                                  "bf16_rel_sparsity": a["bf16_rel_sparsity"], "rank_mean": a.get("rank_mean"), "by_module": a["by_module"],
                                  "in_distribution": indist, "lr_sum": a.get("lr_sum"), "floor": a.get("floor"),
                                  "sparsity_above_floor": a.get("sparsity_above_floor")})
+            if not per_seed:
+                continue
             first = per_seed[0]
             rows.append({**first, "algo": algo, "seeds": per_seed,
                          "sparsity_mean_sd": mean_sd([x["sparsity"] for x in per_seed]),
@@ -326,7 +337,7 @@ class Study:
                     for what, key in (("sparsity", "sparsity"), ("sparsity above the floor", "sparsity_above_floor")):
                         comps.append(seed_difference([x[key] for x in by["sft"]["seeds"]], [x[key] for x in by[algo]["seeds"]],
                                                      what, ("sft", algo)).to_dict())
-        self.results["rq1"] = {"rows": rows, "comparisons": comps, "lr": self.lr, "steps": self.b.steps,
+        self.results["rq1"] = {"rows": rows, "comparisons": comps, "lr": self.lr, "steps": self.b.steps, "failed": failed,
                                "ppo_note": PPO_NOTE if "ppo" in self.b.rq1_algos else None}
 
     def control_mask(self, name: str, kind: str, seed: int) -> str:
@@ -532,7 +543,7 @@ def _quant_note(model: str) -> str | None:
     even = total = 0
     with open_checkpoint(model) as ck:
         for name, info in ck.tensors.items():
-            if info.dtype.name == "bfloat16" and info.numel:
+            if info.dtype.name == "BF16" and info.numel:
                 raw = ck.read(name, 0, info.numel)
                 even += int(np.count_nonzero((raw & 1) == 0))
                 total += info.numel
