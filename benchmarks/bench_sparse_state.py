@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,35 +121,59 @@ def micro(params_m: int, steps: int) -> list[dict]:
     return rows
 
 
-def real(steps: int) -> list[dict]:
+REAL = r"""
+import json, statistics, sys
+from rlsubnet.training.recipes import TrainConfig, run_training
+algo, model, out, mask, variant, steps = sys.argv[1:7]
+kw = {"dense": {}, "sparse": {"sparse_state": True}, "master": {"sparse_state": True, "master_in_mask": True, "precision": "bf16"}}.get(variant, {})
+cfg = TrainConfig(algo=algo, model=model, out=out, mask=None if mask == "-" else mask, steps=int(steps), lr=1e-5, batch_size=8,
+                  num_generations=4, max_new_tokens=16, n_train=64, weight_decay=0.1, **kw)
+r = run_training(cfg, progress=False)
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
+print(json.dumps({"state_bytes": r.optimizer_state_bytes, "step_s": statistics.median(r.step_times[1:] or r.step_times), "peak_rss_mb": hwm / 1024}))
+"""
+
+
+def real(steps: int, densities=(0.01, 0.05, 0.2, 0.5)) -> list[dict]:
+    """SmolLM2-135M with TRL's DPO and GRPO, each variant in its own process (peak RSS = its VmHWM)."""
     import numpy as np
     from safetensors.torch import load_file
 
     from rlsubnet.masks import Subnetwork
     from rlsubnet.study.pipeline import default_model
-    from rlsubnet.training.recipes import TrainConfig, run_training
 
     model = default_model()
     tmp = Path(tempfile.mkdtemp(prefix="sparse-", dir="bench-out"))
     sd = load_file(str(Path(model) / "model.safetensors"))
-    rs = np.random.default_rng(0)
-    Subnetwork.from_bool({n: rs.random(tuple(t.shape)) < 0.05 for n, t in sd.items()}).save(tmp / "mask.safetensors")
     rows = []
+    for d in densities:
+        rs = np.random.default_rng(0)
+        Subnetwork.from_bool({n: rs.random(tuple(t.shape)) < d for n, t in sd.items()}).save(tmp / f"mask-{d}.safetensors")
+
+    def go(algo, variant, d):
+        out = tmp / f"{algo}-{variant}-{d}"
+        mask = str(tmp / f"mask-{d}.safetensors") if variant != "unmasked" else "-"
+        p = subprocess.run([sys.executable, "-c", REAL, algo, model, str(out), mask, variant, str(steps)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(p.stderr[-3000:])
+        return {"algo": algo, "variant": variant, "density": d, **json.loads(p.stdout.strip().splitlines()[-1])}
+
     for algo in ("dpo", "grpo"):
-        for label, mask, sparse in (("unmasked", None, False), ("dense", str(tmp / "mask.safetensors"), False),
-                                    ("sparse", str(tmp / "mask.safetensors"), True)):
-            cfg = TrainConfig(algo=algo, model=model, out=str(tmp / f"{algo}-{label}"), mask=mask, sparse_state=sparse, steps=steps,
-                              lr=1e-5, batch_size=8, num_generations=4, max_new_tokens=16, n_train=64, weight_decay=0.1)
-            r = run_training(cfg, progress=False)
-            rows.append({"algo": algo, "variant": label, "state_bytes": r.optimizer_state_bytes,
-                         "step_s": statistics.median(r.step_times[1:] or r.step_times)})
-        u, d, s = rows[-3:]
-        same = all((load_file(str(tmp / f"{algo}-dense" / "model.safetensors"))[k] == load_file(str(tmp / f"{algo}-sparse" / "model.safetensors"))[k]).all()
-                   for k in sd if k in load_file(str(tmp / f"{algo}-dense" / "model.safetensors")))
-        print(f"(b) SmolLM2-135M {algo.upper()} at 5% density, {steps} steps: optimizer state unmasked {u['state_bytes'] / 2**20:.0f} MiB, "
-              f"masked dense {d['state_bytes'] / 2**20:.0f} MiB, masked sparse {s['state_bytes'] / 2**20:.1f} MiB "
-              f"({d['state_bytes'] / s['state_bytes']:.1f}x smaller); step {u['step_s']:.2f} / {d['step_s']:.2f} / {s['step_s']:.2f} s "
-              f"(sparse/dense {s['step_s'] / d['step_s']:.2f}x); checkpoints bit-identical: {bool(same)}")
+        u = go(algo, "unmasked", 1.0)
+        rows.append(u)
+        print(f"(b) SmolLM2-135M {algo.upper()}, {steps} steps: unmasked optimizer state {u['state_bytes'] / 2**20:.0f} MiB, "
+              f"step {u['step_s']:.2f} s, peak {u['peak_rss_mb']:.0f} MB")
+        for d in densities:
+            dn, sp, ms = (go(algo, v, d) for v in ("dense", "sparse", "master"))
+            rows += [dn, sp, ms]
+            a = load_file(str(tmp / f"{algo}-dense-{d}" / "model.safetensors"))
+            b = load_file(str(tmp / f"{algo}-sparse-{d}" / "model.safetensors"))
+            same = all(bool((a[k] == b[k]).all()) for k in a)
+            print(f"  density {d:>4.0%}: state dense {dn['state_bytes'] / 2**20:.0f} MiB -> sparse {sp['state_bytes'] / 2**20:.1f} MiB "
+                  f"({dn['state_bytes'] / sp['state_bytes']:.1f}x smaller), bf16 + fp32 master in mask {ms['state_bytes'] / 2**20:.1f} MiB; "
+                  f"step {dn['step_s']:.2f} / {sp['step_s']:.2f} / {ms['step_s']:.2f} s (sparse/dense {sp['step_s'] / dn['step_s']:.2f}x); "
+                  f"peak {dn['peak_rss_mb']:.0f} / {sp['peak_rss_mb']:.0f} / {ms['peak_rss_mb']:.0f} MB; dense = sparse bit-identical: {same}",
+                  flush=True)
     return rows
 
 
