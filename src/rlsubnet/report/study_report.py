@@ -183,7 +183,15 @@ def render_rq1(res: dict, figdir: Path) -> Section:
         text.append(claim(c, f"SFT against {c['b'].upper()}", c["what"]) + ".")
     ranks = [r["rank_mean"] for r in rows_in if r.get("rank_mean") is not None]
     if ranks:
-        text.append(f"Mean update rank ratio {pct(min(ranks), 1)}–{pct(max(ranks), 1)} of the maximum (paper 99.2–99.8%).")
+        text.append(f"Mean update rank ratio {pct(min(ranks), 1)}–{pct(max(ranks), 1)} of the maximum (paper 99.2–99.8%)")
+        st = [r["stable_rank_mean"] for r in rows_in if r.get("stable_rank_mean") is not None]
+        ef = [r["effective_rank_mean"] for r in rows_in if r.get("effective_rank_mean") is not None]
+        if st and ef:
+            text.append(f"— but the numerical rank counts every non-zero singular value: the stable rank (‖ΔW‖_F²/‖ΔW‖_2²) is "
+                        f"{pct(min(st), 1)}–{pct(max(st), 1)} and the effective rank (exponential of the entropy of the singular "
+                        f"values) {pct(min(ef), 1)}–{pct(max(ef), 1)} of the maximum.")
+        else:
+            text[-1] += "."
     sec.add(" ".join(text))
     return sec
 
@@ -310,9 +318,15 @@ def render_rq5(res: dict, figdir: Path) -> Section:
             Table(["factor", "A", "B", "published"], rows))
     sec.add("Learning rate (same run at 1×, 4×, 16×):",
             Table(["lr", "bits identical", "bf16-relative"], [[f"{x['scale']}×", pct(x["sparsity"], 2), pct(x["bf16_rel_sparsity"], 2)] for x in f["lr"]]))
-    sec.add("Table 5 analogue (in- vs off-distribution data):",
-            Table(["method", "in-dist", "sparsity"], [[x["method"], "✓" if x["in_distribution"] else "✗", pct(x["sparsity"], 1)] for x in f["distribution"]]
-                  + [[f"paper: {n} ({k})", "✓" if i else "✗", f"{v}%"] for n, v, k, i in P.TABLE5]))
+    sec.add("Table 5 analogue (in- vs off-distribution data; the off-distribution sets have as many examples as the in-distribution ones):",
+            Table(["method", "in-dist", "examples", "sparsity", "sparsity above the floor"],
+                  [[x["method"], "✓" if x["in_distribution"] else "✗", x.get("examples", "—"), pct(x["sparsity"], 1), pct(x.get("sparsity_above_floor"), 1)]
+                   for x in f["distribution"]]
+                  + [[f"paper: {n} ({k})", "✓" if i else "✗", "—", f"{v}%", "—"] for n, v, k, i in P.TABLE5]))
+    tols = [x["atol"] for x in f["precision"]["bf16"]["atol"]]
+    sec.add("The same run stored in bf16 and in fp32 (its fp32 copy), across the tolerance sweep:",
+            Table(["stored as"] + [f"|Δ| ≤ {t:g}" if t else "bits identical" for t in tols],
+                  [[k] + [pct(_atol(f["precision"][k]["atol"], t), 2) for t in tols] for k in ("bf16", "fp32")]))
     if f["steps"]:
         s = f["steps"]
         sec.add("Sparsity over training (Fig. 5/6 analogue):",

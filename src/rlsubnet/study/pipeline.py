@@ -250,6 +250,10 @@ class Study:
             if r.rank is not None:
                 out["rank_mean"] = r.rank.mean_rank_ratio
                 out["rank_by_kind"] = r.rank.by_kind
+                ms = [m for m in r.rank.matrices if m.max_rank]
+                # stable rank ‖ΔW‖_F²/‖ΔW‖_2² and effective rank exp(entropy of σ), each as a share of the maximum rank
+                out["stable_rank_mean"] = sum(m.stable_rank / m.max_rank for m in ms) / len(ms) if ms else None
+                out["effective_rank_mean"] = sum(m.effective_rank / m.max_rank for m in ms) / len(ms) if ms else None
             return out
 
         d = self._cached(key, go)
@@ -319,6 +323,7 @@ class Study:
                 indist = algo not in ("sft", "ppo") and (cfg.preference is None or cfg.preference is pref)
                 per_seed.append({"run": name, "seed": cfg.seed, "sparsity": a["sparsity"], "atol": a["atol"],
                                  "bf16_rel_sparsity": a["bf16_rel_sparsity"], "rank_mean": a.get("rank_mean"), "by_module": a["by_module"],
+                                 "stable_rank_mean": a.get("stable_rank_mean"), "effective_rank_mean": a.get("effective_rank_mean"),
                                  "in_distribution": indist, "lr_sum": a.get("lr_sum"), "floor": a.get("floor"),
                                  "sparsity_above_floor": a.get("sparsity_above_floor")})
             if not per_seed:
@@ -459,18 +464,26 @@ class Study:
         res["training_precision"] = {"main": {"precision": self.precision, "sparsity": base["sparsity"], "floor": base.get("floor")},
                                      "fp32": {"precision": "fp32", "sparsity": d["grpo_fp32train"]["sparsity"], "floor": d["grpo_fp32train"].get("floor")}}
         # in- vs off-distribution data, for SFT and DPO
+        # in- vs off-distribution with matched size: the off-distribution sets take as many examples as the
+        # in-distribution ones have (the model's own correct samples; its own preference pairs)
         own = pref["correct_samples"]
         sft_in = self.train("sft_in", self.config("sft", sft_data=own)) if len(own["prompt"]) >= 2 else None
-        sft_off = self.train("sft", self.config("sft"))
+        ref = T.generate(self.task, max(len(own["prompt"]), 2), level=self.level, split="train")
+        sft_off = self.train("sft_off", self.config("sft", sft_data={"prompt": [p.prompt for p in ref], "completion": [p.solution for p in ref]}))
         dpo_in = self.train("dpo", self.main_config("dpo"))
-        dpo_off = self.train("dpo_off", self.config("dpo", preference=self.offdist_preferences()))
+        off = self.offdist_preferences()
+        k = max(len(pref["prompt"]), 4)
+        dpo_off = self.train("dpo_off", self.config("dpo", preference={x: v[:k] for x, v in off.items()}))
         rows = []
+        sizes = {"sft_in": len(own["prompt"]), "sft_off": len(ref), "dpo": len(pref["prompt"]), "dpo_off": min(k, len(off["prompt"]))}
         for name, path, method, indist in (("sft_in", sft_in, "SFT on own correct samples (RFT)", True),
-                                           ("sft", sft_off, "SFT on reference solutions", False),
+                                           ("sft_off", sft_off, "SFT on reference solutions", False),
                                            ("dpo", dpo_in, "DPO on own samples", len(pref["prompt"]) >= 4),
                                            ("dpo_off", dpo_off, "DPO on reference vs corrupted", False)):
             if path:
-                rows.append({"name": name, "method": method, "in_distribution": indist, "sparsity": self.analyze(name, path)["sparsity"]})
+                a = self.analyze(name, path)
+                rows.append({"name": name, "method": method, "in_distribution": indist, "examples": sizes[name], "sparsity": a["sparsity"],
+                             "floor": a.get("floor"), "sparsity_above_floor": a.get("sparsity_above_floor")})
         res["distribution"] = rows
         # sparsity over training steps (intermediate checkpoints)
         steps = sorted(int(Path(s).name.split("-")[1]) for s in self.results["runs"]["grpo"]["saved"])
