@@ -18,7 +18,12 @@ from tiny import write_tiny_checkpoint
 def tiny_study(tmp_path_factory):
     d = tmp_path_factory.mktemp("study")
     model = write_tiny_checkpoint(d / "model", seed=0, dtype="bfloat16", hidden=32, layers=2, heads=2, inter=64)
-    res = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100).run()
+    result = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100).run()
+    from rlsubnet.study.results import RQ1Row, StudyResults
+
+    assert isinstance(result, StudyResults) and all(isinstance(r, RQ1Row) for r in result.rq1.rows)  # typed, not dicts
+    res = result.to_dict()
+    assert json.loads((d / "out" / "results.json").read_text())["rq1"]["rows"][0]["algo"] == res["rq1"]["rows"][0]["algo"]
     write_report(res, d / "out")
     return d, model, res
 
@@ -57,7 +62,7 @@ def test_rerun_resumes_from_cache(tiny_study, capsys):
     from rich.console import Console
 
     con = Console(record=True)
-    again = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100, console=con).run()
+    again = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100, console=con).run().to_dict()
     text = con.export_text()
     assert text.count("cached") >= 20 and "steps, lr" not in text  # nothing retrained
     assert again["rq1"]["rows"] == res["rq1"]["rows"] and again["rq4"] == res["rq4"]

@@ -458,7 +458,7 @@ def study(
     check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
     results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision).run()
-    _write_report(results, out)
+    _write_report(results.to_dict(), out)
 
 
 @app.command()
@@ -470,7 +470,7 @@ def demo(
     from .study.pipeline import Study
 
     check_outputs({"--out": out}, [])
-    _write_report(Study(out, budget="quick").run(), out)
+    _write_report(Study(out, budget="quick").run().to_dict(), out)
     Console().print(f"open {safe(Path(out) / 'report.html')} in a browser")
 
 

@@ -24,6 +24,7 @@ from ..masks import Subnetwork, closeness
 from ..masks.overlap import pair_overlap
 from ..training import tasks as T
 from ..training.recipes import TrainConfig, run_training
+from .results import RQ1, RQ2, RQ4, OverlapRow, RQ1Row, RQ2Row, StudyResults
 
 RQS = ("rq1", "rq2", "rq4", "rq5")
 
@@ -329,21 +330,21 @@ class Study:
             if not per_seed:
                 continue
             first = per_seed[0]
-            rows.append({**first, "algo": algo, "seeds": per_seed,
-                         "sparsity_mean_sd": mean_sd([x["sparsity"] for x in per_seed]),
-                         "above_floor_mean_sd": mean_sd([x["sparsity_above_floor"] for x in per_seed]),
-                         "in_rl_average": algo not in ("sft", "ppo")})
+            rows.append(RQ1Row(**first, algo=algo, seeds=per_seed,
+                               sparsity_mean_sd=mean_sd([x["sparsity"] for x in per_seed]),
+                               above_floor_mean_sd=mean_sd([x["sparsity_above_floor"] for x in per_seed]),
+                               in_rl_average=algo not in ("sft", "ppo")))
         # SFT against each RL algorithm run with every seed: a difference is claimed only when its interval excludes 0
         comps = []
-        by = {r["algo"]: r for r in rows}
+        by = {r.algo: r for r in rows}
         if "sft" in by:
             for algo in ("grpo", "dpo"):
                 if algo in by:
                     for what, key in (("sparsity", "sparsity"), ("sparsity above the floor", "sparsity_above_floor")):
-                        comps.append(seed_difference([x[key] for x in by["sft"]["seeds"]], [x[key] for x in by[algo]["seeds"]],
+                        comps.append(seed_difference([x[key] for x in by["sft"].seeds], [x[key] for x in by[algo].seeds],
                                                      what, ("sft", algo)).to_dict())
-        self.results["rq1"] = {"rows": rows, "comparisons": comps, "lr": self.lr, "steps": self.b.steps, "failed": failed,
-                               "ppo_note": PPO_NOTE if "ppo" in self.b.rq1_algos else None}
+        self.results["rq1"] = RQ1(rows=rows, comparisons=comps, lr=self.lr, steps=self.b.steps, failed=failed,
+                                  ppo_note=PPO_NOTE if "ppo" in self.b.rq1_algos else None)
 
     def control_mask(self, name: str, kind: str, seed: int) -> str:
         """A random mask matched to ``name``'s mask (``uniform`` or ``magnitude``), drawn once and kept."""
@@ -397,36 +398,35 @@ class Study:
                         if acc[a_].get("formatted") is not None:
                             comps.append(paired_bootstrap(acc[a_]["formatted"], acc[b_]["formatted"], "format", (a_, b_), seed=k).to_dict())
                 runs = self.results["runs"]
-                rows.append({"algo": algo, "seed": cfg.seed, "run": name, "n_eval": init_acc["n"], "accuracy": summary,
-                             "comparisons": comps, "closeness_to_full": close,
-                             # kept flat for the first variant, as before
-                             "acc_init": summary["init"]["accuracy"], "acc_full": summary["full"]["accuracy"], "acc_sub": summary["sub"]["accuracy"],
-                             "closeness": close["sub"]["all"], "inside_mask": close["sub"]["inside_mask"],
-                             "outside_mask": close["sub"]["outside_mask"], "rel_l2": close["sub"]["rel_l2"],
-                             "mask_density": close["sub"]["mask_density"],
-                             "random_control": {v[len("random_"):]: {"accuracy": summary[v]["accuracy"], "closeness": close[v]}
-                                                for v in variants if v.startswith("random_")},
-                             "loss_full": runs[name]["loss"], "loss_sub": runs[f"{name}_sub"]["loss"],
-                             "reward_full": runs[name]["reward"], "reward_sub": runs[f"{name}_sub"]["reward"],
-                             "reward": {v: runs[f"{name}_{v}" if v != "full" else name]["reward"] for v in models if v != "init"}})
+                rows.append(RQ2Row(
+                    algo=algo, seed=cfg.seed, run=name, n_eval=init_acc["n"], accuracy=summary, comparisons=comps, closeness_to_full=close,
+                    random_control={v[len("random_"):]: {"accuracy": summary[v]["accuracy"], "closeness": close[v]}
+                                    for v in variants if v.startswith("random_")},
+                    reward={v: runs[f"{name}_{v}" if v != "full" else name]["reward"] for v in models if v != "init"},
+                    # θ_sub's figures, flat
+                    acc_init=summary["init"]["accuracy"], acc_full=summary["full"]["accuracy"], acc_sub=summary["sub"]["accuracy"],
+                    closeness=close["sub"]["all"], inside_mask=close["sub"]["inside_mask"], outside_mask=close["sub"]["outside_mask"],
+                    rel_l2=close["sub"]["rel_l2"], mask_density=close["sub"]["mask_density"],
+                    loss_full=runs[name]["loss"], loss_sub=runs[f"{name}_sub"]["loss"],
+                    reward_full=runs[name]["reward"], reward_sub=runs[f"{name}_sub"]["reward"]))
         agg = {}
         for algo in self.b.rq2_algos:
-            rs = [r for r in rows if r["algo"] == algo]
-            agg[algo] = {v: {"accuracy": mean_sd([r["accuracy"][v]["accuracy"] for r in rs]),
-                             "rel_l2": mean_sd([r["closeness_to_full"][v]["rel_l2"] for r in rs]) if v != "init" and v != "full" else None,
-                             "inside_1e-5": mean_sd([_eq(r["closeness_to_full"][v]["inside_mask"], 1e-5) for r in rs]) if v not in ("init", "full") else None}
-                         for v in rs[0]["accuracy"]}
-        self.results["rq2"] = {"rows": rows, "across_seeds": agg}
+            rs = [r for r in rows if r.algo == algo]
+            agg[algo] = {v: {"accuracy": mean_sd([r.accuracy[v]["accuracy"] for r in rs]),
+                             "rel_l2": mean_sd([r.closeness_to_full[v]["rel_l2"] for r in rs]) if v not in ("init", "full") else None,
+                             "inside_1e-5": mean_sd([_eq(r.closeness_to_full[v]["inside_mask"], 1e-5) for r in rs]) if v not in ("init", "full") else None}
+                         for v in rs[0].accuracy}
+        self.results["rq2"] = RQ2(rows=rows, across_seeds=agg)
 
-    def _overlap(self, a: str, b: str) -> dict:
+    def _overlap(self, a: str, b: str, axis: str, paper_row: str | None) -> OverlapRow:
         from ..masks.overlap import stratified_baseline
 
         A, B = Subnetwork.load(self.mask(a)), Subnetwork.load(self.mask(b))
         p = pair_overlap(A, B)
         m = stratified_baseline(A, B, "magnitude", self.model)  # random masks matched per tensor × |w0| exponent
-        return {"a": a, "b": b, "o1": p.o1, "o2": p.o2, "o1_random": p.o1_random, "o2_random": p.o2_random,
-                "jaccard": p.jaccard, "jaccard_random": p.jaccard_random, "ratio": p.ratio, "z": p.z,
-                "s1": 1 - p.count_a / p.numel, "s2": 1 - p.count_b / p.numel, "matched": m}
+        return OverlapRow(axis=axis, paper_row=paper_row, a=a, b=b, o1=p.o1, o2=p.o2, o1_random=p.o1_random, o2_random=p.o2_random,
+                          jaccard=p.jaccard, jaccard_random=p.jaccard_random, ratio=p.ratio, z=p.z,
+                          s1=1 - p.count_a / p.numel, s2=1 - p.count_b / p.numel, matched=m)
 
     def rq4(self) -> None:
         """Overlap of the updated sets: one factor at a time (seed; data; algorithm), and the paper's row 3,
@@ -438,10 +438,10 @@ class Study:
         self.analyze("dpo", self.train("dpo", self.main_config("dpo")), rank=self.b.rank)
         other = self.config("dpo", seed=self.seed + 1, task=self.task2, preference=self.offdist_preferences(self.task2))
         self.analyze("dpo_s1_task2", self.train("dpo_s1_task2", other))
-        self.results["rq4"] = {"rows": [dict(self._overlap("grpo", "grpo_s1"), axis="seed", paper_row="seed"),
-                                        dict(self._overlap("grpo", "grpo_task2"), axis="data", paper_row="data"),
-                                        dict(self._overlap("grpo", "dpo"), axis="algorithm", paper_row=None),
-                                        dict(self._overlap("grpo", "dpo_s1_task2"), axis="seed+data+algorithm", paper_row="algorithm")]}
+        self.results["rq4"] = RQ4(rows=[self._overlap("grpo", "grpo_s1", "seed", "seed"),
+                                        self._overlap("grpo", "grpo_task2", "data", "data"),
+                                        self._overlap("grpo", "dpo", "algorithm", None),
+                                        self._overlap("grpo", "dpo_s1_task2", "seed+data+algorithm", "algorithm")])
 
     def rq5(self) -> None:
         res: dict = {}
@@ -503,7 +503,7 @@ class Study:
         self.results["rq5"] = res
 
     # -- all of it ------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> StudyResults:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -535,9 +535,10 @@ class Study:
         from . import paper
 
         self.results["paper"] = {k.lower(): getattr(paper, k) for k in ("TABLE1", "TABLE2", "TABLE3", "TABLE4", "TABLE5", "TABLE6", "KL", "BF16")}
-        write_text(self.out / "results.json", dumps(self.results, indent=2, default=str) + "\n")
+        result = StudyResults(**self.results)
+        write_text(self.out / "results.json", dumps(result.to_dict(), indent=2, default=str) + "\n")
         self.con.print(f"wrote {safe(self.out / 'results.json')}")
-        return self.results  # rendering is the report layer's job (the CLI calls write_report)
+        return result  # rendering is the report layer's job (the CLI hands result.to_dict() to write_report)
 
 
 def _eq(rows: list[dict] | None, tol: float):

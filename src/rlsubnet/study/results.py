@@ -1,0 +1,122 @@
+"""The study's typed results: one dataclass per research question's rows, all serialising to ``results.json``.
+
+``Study.run()`` returns a :class:`StudyResults`; ``to_dict()`` is exactly what ``results.json`` holds and what
+the report layer renders (the study never renders). Fields whose values are themselves JSON-shaped analysis
+records (a diff's tolerance sweep, a closeness list) stay plain dicts and lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RQ1Row:
+    """One algorithm: its first seed's figures, every seed's, and the spread over seeds."""
+
+    algo: str
+    run: str
+    seed: int
+    sparsity: float
+    atol: list[dict]
+    bf16_rel_sparsity: float
+    rank_mean: float | None
+    stable_rank_mean: float | None
+    effective_rank_mean: float | None
+    by_module: dict
+    in_distribution: bool
+    lr_sum: float | None
+    floor: dict | None
+    sparsity_above_floor: float | None
+    seeds: list[dict]
+    sparsity_mean_sd: dict
+    above_floor_mean_sd: dict
+    in_rl_average: bool
+
+
+@dataclass
+class RQ1:
+    rows: list[RQ1Row]
+    comparisons: list[dict]  # stats.Comparison.to_dict(): SFT against each seeded RL algorithm
+    lr: float
+    steps: int
+    failed: list[dict] = field(default_factory=list)
+    ppo_note: str | None = None
+
+
+@dataclass
+class RQ2Row:
+    """One algorithm × seed: θ_init, θ_full, θ_sub and the random-mask controls, compared."""
+
+    algo: str
+    seed: int
+    run: str
+    n_eval: int
+    accuracy: dict  # model -> {accuracy, format_rate, strict_accuracy}
+    comparisons: list[dict]
+    closeness_to_full: dict  # masked model -> {all, inside_mask, outside_mask, rel_l2, mask_density}
+    random_control: dict  # "uniform" | "magnitude" -> {accuracy, closeness}
+    reward: dict  # model -> per-step mean reward
+    acc_init: float
+    acc_full: float
+    acc_sub: float
+    closeness: list[dict]
+    inside_mask: list[dict] | None
+    outside_mask: list[dict] | None
+    rel_l2: float
+    mask_density: float
+    loss_full: list
+    loss_sub: list
+    reward_full: list
+    reward_sub: list
+
+
+@dataclass
+class RQ2:
+    rows: list[RQ2Row]
+    across_seeds: dict
+
+
+@dataclass
+class OverlapRow:
+    """Overlap of two runs' masks against a uniform random pair and against one matched per tensor × |w0| exponent."""
+
+    axis: str
+    paper_row: str | None
+    a: str
+    b: str
+    o1: float
+    o2: float
+    o1_random: float
+    o2_random: float
+    jaccard: float
+    jaccard_random: float
+    ratio: float
+    z: float
+    s1: float
+    s2: float
+    matched: dict
+
+
+@dataclass
+class RQ4:
+    rows: list[OverlapRow]
+
+
+@dataclass
+class StudyResults:
+    meta: dict
+    paper: dict
+    runs: dict
+    diffs: dict
+    accuracy: dict
+    preferences: dict | None = None
+    rq1: RQ1 | None = None
+    rq2: RQ2 | None = None
+    rq4: RQ4 | None = None
+    rq5: dict | None = None
+
+    def to_dict(self) -> dict:
+        """``results.json``: every field, research questions that did not run left out."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if not (k in ("rq1", "rq2", "rq4", "rq5", "preferences") and v is None)}
