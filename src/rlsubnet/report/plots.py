@@ -55,16 +55,17 @@ def line_chart(path, xs, series: dict[str, Sequence[float]], title: str, xlabel:
     return _save(fig, Path(path))
 
 
-def _data_range(ax, values: Sequence[float], errors: Sequence[float] | None = None) -> None:
-    """Keep the axis where the differences are (a 0-1 axis hides 93% against 96%); say so when it does not start at 0."""
+def _data_range(ax, values: Sequence[float], errors: Sequence[float] | None = None) -> bool:
+    """Keep the axis where the differences are (a 0-1 axis hides 93% against 96%); True when it does not start at 0."""
     vs = [(v, e or 0.0) for v, e in zip(values, errors or [0.0] * len(values)) if v is not None and math.isfinite(v)]
     if not vs:
-        return
+        return False
     lo, hi = min(v - e for v, e in vs), max(v + e for v, e in vs)
     pad = max((hi - lo) * 0.25, abs(hi) * 0.005, 1e-6)
     if lo - pad > 0:
         ax.set_ylim(lo - pad, hi + pad)
-        ax.text(0.0, 1.01, "axis does not start at 0", transform=ax.transAxes, fontsize=7, color="gray")
+        return True
+    return False
 
 
 def bar_chart(path, labels: Sequence[str], values: Sequence[float], title: str, xlabel: str, ylabel: str,
@@ -82,13 +83,13 @@ def bar_chart(path, labels: Sequence[str], values: Sequence[float], title: str, 
             allv += list(vals)
             alle += list(err) if err else [0.0] * len(vals)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the data
-        _data_range(ax, allv, alle)
+        cut = _data_range(ax, allv, alle)
     else:
         ax.bar(range(len(labels)), values)
-        _data_range(ax, list(values))
+        cut = _data_range(ax, list(values))
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel + (" (axis not from 0)" if cut else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, Path(path))

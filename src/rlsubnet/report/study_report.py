@@ -82,15 +82,16 @@ def _ci(c: dict, digits: int = 1) -> str:
     return f"{100 * c['diff']:+.{digits}f} points [{100 * c['lo']:+.{digits}f}, {100 * c['hi']:+.{digits}f}]"
 
 
-def claim(c: dict, subject: str, measure: str) -> str:
+def claim(c: dict, subject: str, measure: str, names: dict | None = None) -> str:
     """One sentence from a comparison: the direction only when its interval excludes 0, else "inconclusive"."""
+    a, b = ((names or {}).get(c[k], c[k]) for k in ("a", "b"))
     if c.get("lo") == c.get("hi") == c["diff"] == 0:
         return f"{subject}: no difference — {measure} is the same on every one of the {c['n']} items"
     if c["verdict"] == "inconclusive":
-        return (f"{subject}: inconclusive — {measure} of {c['b']} against {c['a']} is {_ci(c)}, an interval that includes 0"
+        return (f"{subject}: inconclusive — {measure} of {b} against {a} is {_ci(c)}, an interval that includes 0"
                 if c.get("lo") is not None else f"{subject}: inconclusive — {measure} {_ci(c)} and no interval ({c['method']})")
     word = "higher" if c["verdict"] == "higher" else "lower"
-    return f"{subject}: {measure} of {c['b']} is {word} than {c['a']} by {_ci(c)} (95% interval excludes 0)"
+    return f"{subject}: {measure} of {b} is {word} than {a} by {_ci(c)} (95% interval excludes 0)"
 
 
 class _Paper:
@@ -180,7 +181,7 @@ def render_rq1(res: dict, figdir: Path) -> Section:
         else:
             text.append(f"The floor is at most {pct(worst[1], 1)} of the parameters here, so the sparsity measures which entries the runs moved.")
     for c in rq.get("comparisons", []):
-        text.append(claim(c, f"SFT against {c['b'].upper()}", c["what"]) + ".")
+        text.append(claim(c, f"SFT against {c['b'].upper()}", c["what"], {c["a"]: c["a"].upper(), c["b"]: c["b"].upper()}) + ".")
     ranks = [r["rank_mean"] for r in rows_in if r.get("rank_mean") is not None]
     if ranks:
         text.append(f"Mean update rank ratio {pct(min(ranks), 1)}–{pct(max(ranks), 1)} of the maximum (paper 99.2–99.8%)")
@@ -250,10 +251,10 @@ def render_rq2(res: dict, figdir: Path) -> Section:
                           (("random_uniform", "sub", "accuracy"), f"{tag}, θ_sub against a uniform random mask of its density"),
                           (("random_magnitude", "sub", "accuracy"), f"{tag}, θ_sub against a |w0|-matched random mask")):
             if key in cs:
-                text.append(claim(cs[key], subj, "accuracy") + ".")
+                text.append(claim(cs[key], subj, "accuracy", VARIANT) + ".")
         fmt = cs.get(("init", "full", "format"))
         if fmt:
-            text.append(claim(fmt, f"{tag}, answer format", "the share of number-only answers") + ".")
+            text.append(claim(fmt, f"{tag}, answer format", "the share of number-only answers", VARIANT) + ".")
         sub = r["closeness_to_full"]["sub"]
         rnd = [(k, v) for k, v in r["closeness_to_full"].items() if k.startswith("random_")]
         text.append(f"Inside its mask θ_sub equals θ_full at |Δ| ≤ 1e-5 for {pct(_eq(sub['inside_mask'], 1e-5), 1)} of entries and at 1e-4 for "
