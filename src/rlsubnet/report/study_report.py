@@ -306,9 +306,11 @@ def render_rq5(res: dict, figdir: Path) -> Section:
     f = res["rq5"]
     sec = Section("RQ5: what makes updates sparse?")
     kl_paper = P.KL["with KL"] - P.KL["without KL"]
-    rows = [["KL term (GRPO β)", f"without {pct(f['kl']['without'], 1)}", f"with {pct(f['kl']['with'], 1)}",
+    af = lambda x, k: f" ({pct((x.get('above_floor') or {}).get(k), 1)} above the floor)" if (x.get("above_floor") or {}).get(k) is not None else ""
+    rows = [["KL term (GRPO β)", f"without {pct(f['kl']['without'], 1)}{af(f['kl'], 'without')}", f"with {pct(f['kl']['with'], 1)}{af(f['kl'], 'with')}",
              f"paper: with {P.KL['with KL']}%, without {P.KL['without KL']}% ({kl_paper:+.1f} points)"],
-            ["gradient clipping", f"with {pct(f['clip']['with'], 1)}", f"without {pct(f['clip']['without'], 1)}", "paper: comparable"],
+            ["gradient clipping", f"with {pct(f['clip']['with'], 1)}{af(f['clip'], 'with')}", f"without {pct(f['clip']['without'], 1)}{af(f['clip'], 'without')}",
+             "paper: comparable"],
             ["storage precision (one run)", f"bf16 {pct(f['precision']['bf16']['sparsity'], 2)}", f"fp32 copy {pct(f['precision']['fp32']['sparsity'], 2)}",
              "RL's Razor / 2511.08567: sparsity mostly vanishes in fp32"]]
     tp = f.get("training_precision")
@@ -318,7 +320,9 @@ def render_rq5(res: dict, figdir: Path) -> Section:
     sec.add("Single runs (one seed each): a difference smaller than the seed spread of RQ1 is not evidence.",
             Table(["factor", "A", "B", "published"], rows))
     sec.add("Learning rate (same run at 1×, 4×, 16×):",
-            Table(["lr", "bits identical", "bf16-relative"], [[f"{x['scale']}×", pct(x["sparsity"], 2), pct(x["bf16_rel_sparsity"], 2)] for x in f["lr"]]))
+            Table(["lr", "bits identical", "below the floor", "sparsity above the floor", "bf16-relative"],
+                  [[f"{x['scale']}×", pct(x["sparsity"], 2), pct((x.get("floor") or {}).get("fraction"), 2), pct(x.get("sparsity_above_floor"), 2),
+                    pct(x["bf16_rel_sparsity"], 2)] for x in f["lr"]]))
     sec.add("Table 5 analogue (in- vs off-distribution data; the off-distribution sets have as many examples as the in-distribution ones):",
             Table(["method", "in-dist", "examples", "sparsity", "sparsity above the floor"],
                   [[x["method"], "✓" if x["in_distribution"] else "✗", x.get("examples", "—"), pct(x["sparsity"], 1), pct(x.get("sparsity_above_floor"), 1)]

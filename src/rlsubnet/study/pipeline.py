@@ -453,9 +453,12 @@ class Study:
         for name, kw in variants.items():
             self.analyze(name, self.train(name, self.config("grpo", **kw)))
         d = self.results["diffs"]
-        res["kl"] = {"without": base["sparsity"], "with": d["grpo_kl"]["sparsity"]}
-        res["clip"] = {"with": base["sparsity"], "without": d["grpo_noclip"]["sparsity"]}
-        res["lr"] = [{"scale": s, "sparsity": d[n]["sparsity"], "bf16_rel_sparsity": d[n]["bf16_rel_sparsity"]}
+        res["kl"] = {"without": base["sparsity"], "with": d["grpo_kl"]["sparsity"],
+                     "above_floor": {"without": base.get("sparsity_above_floor"), "with": d["grpo_kl"].get("sparsity_above_floor")}}
+        res["clip"] = {"with": base["sparsity"], "without": d["grpo_noclip"]["sparsity"],
+                       "above_floor": {"with": base.get("sparsity_above_floor"), "without": d["grpo_noclip"].get("sparsity_above_floor")}}
+        res["lr"] = [{"scale": s, "sparsity": d[n]["sparsity"], "bf16_rel_sparsity": d[n]["bf16_rel_sparsity"],
+                      "floor": d[n].get("floor"), "sparsity_above_floor": d[n].get("sparsity_above_floor")}
                      for s, n in ((1, "grpo"), (4, "grpo_lr4"), (16, "grpo_lr16"))]
         fp32 = self.analyze("grpo_fp32", str(Path(main) / "fp32"))
         res["precision"] = {"bf16": {"sparsity": base["sparsity"], "atol": base["atol"]},
