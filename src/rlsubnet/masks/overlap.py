@@ -109,6 +109,20 @@ def pair_overlap(A: Subnetwork, B: Subnetwork, ia: int = 0, ib: int = 1) -> Pair
 BASELINES = ("uniform", "tensor", "magnitude")
 
 
+def _exponent_bins(ck, name: str, n: int) -> int:
+    """Number of exponent values of ``name`` in the base checkpoint, which must hold it as a float tensor of n entries."""
+    info = ck.tensors.get(name)
+    if info is None or info.numel != n or not info.dtype.is_float:
+        raise InputError(f"{ck.path}: has no floating tensor '{name}' of the mask's shape, so it is not the mask's base.")
+    return 1 << info.dtype.exponent_bits
+
+
+def _exponents(ck, name: str, start: int, count: int) -> np.ndarray:
+    """The stored exponent field of entries [start, start + count) of a base tensor: the |w0| magnitude bin."""
+    dt = ck.tensors[name].dtype
+    return ((ck.read(name, start, count) >> dt.raw(dt.mantissa_bits)) & dt.raw((1 << dt.exponent_bits) - 1)).astype(np.int64)
+
+
 def stratified_baseline(A: Subnetwork, B: Subnetwork, kind: str = "magnitude", base=None, chunk: int = 1 << 20) -> dict:
     """Overlap against random masks matched to A and B within strata, exactly (no sampling).
 
@@ -152,15 +166,11 @@ def stratified_baseline(A: Subnetwork, B: Subnetwork, kind: str = "magnitude", b
             if kind == "tensor":
                 add(np.array([n]), np.array([a]), np.array([b]))
                 continue
-            info = ck.tensors.get(name)
-            if info is None or info.numel != n or not info.dtype.is_float:
-                raise InputError(f"{ck.path}: has no floating tensor '{name}' of the masks' shape, so it is not their base.")
-            dt = info.dtype
-            bins = 1 << dt.exponent_bits
+            bins = _exponent_bins(ck, name, n)
             nn, aa, bb = (np.zeros(bins, np.int64) for _ in range(3))
             for s0 in range(0, n, chunk):
                 c = min(chunk, n - s0)
-                e = ((ck.read(name, s0, c) >> dt.raw(dt.mantissa_bits)) & dt.raw(bins - 1)).astype(np.int64)
+                e = _exponents(ck, name, s0, c)
                 nn += np.bincount(e, minlength=bins)
                 aa += np.bincount(e, weights=A.bits(name, s0, c), minlength=bins).astype(np.int64)
                 bb += np.bincount(e, weights=B.bits(name, s0, c), minlength=bins).astype(np.int64)
@@ -241,15 +251,12 @@ def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed:
     try:
         for name in A.names:
             n = A.numel(name)
-            info = ck.tensors.get(name)
-            if info is None or info.numel != n or not info.dtype.is_float:
-                raise InputError(f"{ck.path}: has no floating tensor '{name}' of the mask's shape, so it is not its base.")
-            dt = info.dtype
-            e = ((ck.read(name, 0, n) >> dt.raw(dt.mantissa_bits)) & dt.raw((1 << dt.exponent_bits) - 1)).astype(np.int64)
-            want = np.bincount(e, weights=A.bits(name, 0, n), minlength=1 << dt.exponent_bits).astype(np.int64)
+            bins = _exponent_bins(ck, name, n)
+            e = _exponents(ck, name, 0, n)
+            want = np.bincount(e, weights=A.bits(name, 0, n), minlength=bins).astype(np.int64)
             # order entries by (exponent bin, random key) and keep the first want[bin] of every bin
             order = np.lexsort((rng.random(n), e))
-            starts = np.concatenate([[0], np.cumsum(np.bincount(e, minlength=1 << dt.exponent_bits))[:-1]])
+            starts = np.concatenate([[0], np.cumsum(np.bincount(e, minlength=bins))[:-1]])
             rank_in_bin = np.arange(n) - starts[e[order]]
             b = np.zeros(n, bool)
             b[order[rank_in_bin < want[e[order]]]] = True
