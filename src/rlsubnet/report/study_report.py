@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.atomic import write_text
+from ..study.results import equal_at
 from .fmt import pct
 from .plots import bar_chart, heatmap, interval_chart, line_chart
 
@@ -62,9 +63,6 @@ def _para_html(p: str) -> str:
 def _atol(a: list[dict], tol: float):
     return next((x["sparsity"] for x in a if x["atol"] == tol), None)
 
-
-def _eq(rows: list[dict] | None, tol: float):
-    return next((x["equal_fraction"] for x in rows or [] if x["atol"] == tol), None)
 
 
 def _pm(ms: dict | None, digits: int = 1) -> str:
@@ -211,8 +209,8 @@ def render_rq2(res: dict, figdir: Path) -> Section:
         for v, a in r["accuracy"].items():
             acc_rows.append([tag, VARIANT.get(v, v), pct(a["accuracy"], 1), pct(a.get("format_rate"), 1), pct(a.get("strict_accuracy"), 1)])
         for v, c in r["closeness_to_full"].items():
-            close_rows.append([tag, VARIANT.get(v, v), pct(c["mask_density"], 2), pct(_eq(c["inside_mask"], 0), 1), pct(_eq(c["inside_mask"], 1e-5), 1),
-                               pct(_eq(c["inside_mask"], 1e-4), 1), pct(_eq(c["all"], 1e-5), 2), f"{c['rel_l2']:.3f}"])
+            close_rows.append([tag, VARIANT.get(v, v), pct(c["mask_density"], 2), pct(equal_at(c["inside_mask"], 0), 1), pct(equal_at(c["inside_mask"], 1e-5), 1),
+                               pct(equal_at(c["inside_mask"], 1e-4), 1), pct(equal_at(c["all"], 1e-5), 2), f"{c['rel_l2']:.3f}"])
         for c in r["comparisons"]:
             comp_rows.append([tag, c["what"], f"{VARIANT.get(c['b'], c['b'])} − {VARIANT.get(c['a'], c['a'])}", _ci(c), c["verdict"]])
             if c["what"] == "accuracy":
@@ -257,8 +255,8 @@ def render_rq2(res: dict, figdir: Path) -> Section:
             text.append(claim(fmt, f"{tag}, answer format", "the share of number-only answers", VARIANT) + ".")
         sub = r["closeness_to_full"]["sub"]
         rnd = [(k, v) for k, v in r["closeness_to_full"].items() if k.startswith("random_")]
-        text.append(f"Inside its mask θ_sub equals θ_full at |Δ| ≤ 1e-5 for {pct(_eq(sub['inside_mask'], 1e-5), 1)} of entries and at 1e-4 for "
-                    f"{pct(_eq(sub['inside_mask'], 1e-4), 1)} (the paper reports 100% at 1e-4 over all parameters); relative distance "
+        text.append(f"Inside its mask θ_sub equals θ_full at |Δ| ≤ 1e-5 for {pct(equal_at(sub['inside_mask'], 1e-5), 1)} of entries and at 1e-4 for "
+                    f"{pct(equal_at(sub['inside_mask'], 1e-4), 1)} (the paper reports 100% at 1e-4 over all parameters); relative distance "
                     f"{sub['rel_l2']:.3f}" + ("" if not rnd else " against " + ", ".join(f"{v['rel_l2']:.3f} for the {k[7:]} random mask" for k, v in rnd)) + ".")
     sec.add(" ".join(text))
     return sec

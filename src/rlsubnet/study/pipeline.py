@@ -24,7 +24,7 @@ from ..masks import Subnetwork, closeness
 from ..masks.overlap import pair_overlap
 from ..training import tasks as T
 from ..training.recipes import TrainConfig, run_training
-from .results import RQ1, RQ2, RQ4, OverlapRow, RQ1Row, RQ2Row, StudyResults
+from .results import RQ1, RQ2, RQ4, OverlapRow, RQ1Row, RQ2Row, StudyResults, equal_at
 
 RQS = ("rq1", "rq2", "rq4", "rq5")
 
@@ -414,7 +414,7 @@ class Study:
             rs = [r for r in rows if r.algo == algo]
             agg[algo] = {v: {"accuracy": mean_sd([r.accuracy[v]["accuracy"] for r in rs]),
                              "rel_l2": mean_sd([r.closeness_to_full[v]["rel_l2"] for r in rs]) if v not in ("init", "full") else None,
-                             "inside_1e-5": mean_sd([_eq(r.closeness_to_full[v]["inside_mask"], 1e-5) for r in rs]) if v not in ("init", "full") else None}
+                             "inside_1e-5": mean_sd([equal_at(r.closeness_to_full[v]["inside_mask"], 1e-5) for r in rs]) if v not in ("init", "full") else None}
                          for v in rs[0].accuracy}
         self.results["rq2"] = RQ2(rows=rows, across_seeds=agg)
 
@@ -543,9 +543,6 @@ class Study:
         self.con.print(f"wrote {safe(self.out / 'results.json')}")
         return result  # rendering is the report layer's job (the CLI hands result.to_dict() to write_report)
 
-
-def _eq(rows: list[dict] | None, tol: float):
-    return next((x["equal_fraction"] for x in rows or [] if x["atol"] == tol), None)
 
 
 def _quant_note(model: str) -> str | None:

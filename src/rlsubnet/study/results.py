@@ -120,3 +120,8 @@ class StudyResults:
         """``results.json``: every field, research questions that did not run left out."""
         d = asdict(self)
         return {k: v for k, v in d.items() if not (k in ("rq1", "rq2", "rq4", "rq5", "preferences") and v is None)}
+
+
+def equal_at(rows: list[dict] | None, tol: float) -> float | None:
+    """From a closeness list ``[{atol, equal, equal_fraction}]``: the fraction equal at ``tol`` (None if not swept)."""
+    return next((x["equal_fraction"] for x in rows or [] if x["atol"] == tol), None)
