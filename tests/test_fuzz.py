@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError, safe_open
@@ -200,3 +201,118 @@ def test_huge_claimed_mask_allocates_nothing(tmp_path, shape):
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+# -- patches and live payloads (issue 15) ------------------------------------------------------------------
+def _valid_payload():
+    """(payload bytes, the state dict it applies to) of a live delta touching two tensors."""
+    import torch
+
+    from rlsubnet.deltas import DeltaPublisher
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a": torch.randn(300, generator=g).bfloat16(), "b": torch.randn(5, 7, generator=g), "c": torch.zeros(3, dtype=torch.int32)}
+    base = {k: v.clone() for k, v in sd.items()}
+    pub = DeltaPublisher(sd, dtype=None, chunk=64)
+    sd["a"][::7] += 1
+    sd["b"][1, :] *= 2
+    return pub.delta(), base
+
+
+_PAYLOAD, _BASE = _valid_payload()
+_VALUES = st.one_of(st.integers(-3, 3), st.sampled_from([2**31, 2**63, -(2**40), 10**30]), st.none(), st.text(max_size=3),
+                    st.lists(st.integers(0, 3), max_size=2), st.booleans(), st.floats(allow_nan=True))
+
+
+def _split(data: bytes):
+    (n,) = struct.unpack("<Q", data[-16:-8])
+    return data[: len(data) - 16 - n], json.loads(zstandard.ZstdDecompressor().decompress(data[len(data) - 16 - n : -16]))
+
+
+def _join(blobs: bytes, header: dict) -> bytes:
+    comp = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    return blobs + comp + struct.pack("<Q", len(comp)) + b"RLSPEND1"
+
+
+@st.composite
+def payloads(draw):
+    """A valid payload with random corruptions: header fields set to hostile values, bytes flipped, frames swapped
+    for others that decompress to other sizes (bombs in miniature), or truncation."""
+    blobs, h = _split(_PAYLOAD)
+    kind = draw(st.sampled_from(["field", "field", "flip", "frame", "truncate", "none"]))
+    if kind == "field":
+        t = draw(st.sampled_from(h["tensors"]))
+        where = t
+        if t["chunks"] and draw(st.booleans()):
+            c = draw(st.sampled_from(t["chunks"]))
+            where = c
+            if draw(st.booleans()):
+                where = c["values"] if c["positions"] is None or draw(st.booleans()) else c["positions"]
+        key = draw(st.sampled_from(sorted(where)))
+        where[key] = draw(_VALUES)
+        return _join(blobs, h)
+    if kind == "frame":
+        t = draw(st.sampled_from([t for t in h["tensors"] if t["chunks"]]))
+        v = draw(st.sampled_from(t["chunks"]))["values"]
+        size = draw(st.sampled_from([0, 1, v["raw"] - 1, v["raw"] + 1, 10**6]))
+        frame = zstandard.ZstdCompressor(write_content_size=draw(st.booleans())).compress(b"\1" * size)
+        v["off"], v["len"] = len(blobs), len(frame)
+        return _join(blobs + frame, h)
+    data = bytearray(_PAYLOAD)
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] ^= draw(st.integers(1, 255))
+    elif kind == "truncate":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    return bytes(data)
+
+
+@FUZZ
+@given(payload=payloads())
+def test_live_payloads_apply_exactly_or_refuse_in_bounded_memory(payload):
+    from rlsubnet.deltas import DeltaError, apply_delta
+
+    target = {k: v.clone() for k, v in _BASE.items()}
+    tracemalloc.start()
+    try:
+        try:
+            apply_delta(target, payload)
+            ok = True
+        except DeltaError:
+            ok = False
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    event("applied" if ok else "refused")
+    assert peak < 8 * (1 << 20) + 64 * len(payload), peak
+    if not ok:  # a refused payload leaves the target as it was
+        assert all(v.equal(_BASE[k]) for k, v in target.items())
+
+
+@FUZZ
+@given(payload=payloads())
+def test_patch_reader_reads_every_chunk_or_refuses(tmp_path, payload):
+    """Patch files go through the same reader; every chunk of an accepted patch decodes or is refused cleanly."""
+    from rlsubnet.deltas.format import PatchReader
+    from rlsubnet.io.bits import torch_raw
+
+    f = tmp_path / "p.rlspatch"
+    f.write_bytes(payload)
+    tracemalloc.start()
+    try:
+        try:
+            with PatchReader(f) as r:
+                for t in r.header["tensors"]:
+                    old = torch_raw(_BASE[t["name"]]) if t["name"] in _BASE else None
+                    for c in t["chunks"]:
+                        if old is not None and old.size >= c["start"] + c["count"]:
+                            r.apply_chunk(c, old[c["start"] : c["start"] + c["count"]])
+                    for fd in r.header["files"]:
+                        r.file_data(fd)
+        except InputError:
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * (1 << 20) + 64 * len(payload), peak

@@ -356,6 +356,7 @@ def patch_create(
     tuned: str = typer.Argument(..., help="finetuned checkpoint with the same tensors"),
     out: str = typer.Option(..., "-o", "--out", help="patch file to write"),
     level: int = typer.Option(3, "--level", help="zstd level (1-22)"),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="also carry this file of TUNED's folder (repeatable); config, generation config, tokenizer and chat template are carried by default"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -366,13 +367,15 @@ def patch_create(
     if not 1 <= level <= 22:
         raise InputError(f"--level: {level} must be between 1 and 22.")
     check_outputs({"-o": out}, _inputs(base, tuned))
-    st = create(base, tuned, out, level=level, cache_dir=cache_dir, progress=not quiet)
+    st = create(base, tuned, out, level=level, cache_dir=cache_dir, progress=not quiet, include=tuple(include or ()))
     con = Console()
     con.print(f"wrote {safe(out)}: {num(st.total)} bytes for {num(st.changed)} changed of {num(st.numel)} entries "
               f"in {st.tensors} tensors ({st.elapsed_s:.2f} s)")
     con.print(f"  positions {num(st.positions)}  values {num(st.values)}  files {num(st.files)}  header {num(st.header)}")
     con.print(f"  {st.ratio_full:.1f}x smaller than the tuned checkpoint ({num(st.tuned_checkpoint)} bytes); "
               f"{st.ratio_plain:.2f}x smaller than int32 positions + raw values ({num(st.plain)} bytes)")
+    if st.files_left_out:
+        con.print("  not carried (name them with --include to carry them): " + ", ".join(safe(f) for f in st.files_left_out))
 
 
 @patch_app.command("apply")
@@ -430,13 +433,15 @@ def patch_info(
         return
     con = Console()
     s = i["sizes"]
-    con.print(f"{safe(i['path'])}: {i['format']}, {i['tensors']} tensors, {num(i['changed'])} of {num(i['numel'])} entries changed")
-    con.print(f"  applies to {i['parent']}\n  produces   {i['result']}")
+    con.print(f"{safe(i['path'])}: {safe(i['format'])}, {i['tensors']} tensors, {num(i['changed'])} of {num(i['numel'])} entries changed")
+    con.print(f"  applies to {safe(i['parent'])}\n  produces   {safe(i['result'])}")
     con.print(f"  bytes: total {num(s['total'])}, positions {num(s['positions'])}, values {num(s['values'])}, "
               f"files {num(s['files'])}, header {num(s['header'])}; plain int32 + raw {num(s['plain'])}")
-    con.print(f"  encodings: positions {i['encodings']['positions']}, values {i['encodings']['values']}")
+    con.print(f"  encodings: positions {safe(str(i['encodings']['positions']))}, values {safe(str(i['encodings']['values']))}")
     if i["files"]:
         con.print("  files: " + ", ".join(safe(f) for f in i["files"]))
+    if i.get("files_left_out"):
+        con.print("  not carried: " + ", ".join(safe(str(f)) for f in i["files_left_out"]))
 
 
 @app.command()

@@ -58,9 +58,9 @@ FORMAT = "rlsubnet-patch/1"
 MAGIC = b"RLSPATC1"
 END = b"RLSPEND1"
 CHUNK = 1 << 20
-MAX_HEADER = 256 * 1024 * 1024
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _DELTA = {"delta-u8": np.uint8, "delta-u16": np.uint16, "delta-u32": np.uint32}
+POSITION_ENCODINGS = ("bitmap", "delta-esc", *_DELTA)
 
 
 def tensor_line(name: str, dtype: str, shape, digest: str) -> str:
@@ -240,12 +240,90 @@ class PatchWriter:
 
 
 # -- reading ----------------------------------------------------------------------------------------------
+MAX_HEADER_RAW = 64 * 1024 * 1024  # a decompressed header never exceeds this, whatever the file
+MAX_TENSORS = 1_000_000  # tensors one patch may list (DeepSeek-V3 has ~92,000)
+MAX_SIDE_FILE = 64 * 1024 * 1024  # one non-tensor file carried by a patch
+MIN_FRAME = 9  # the smallest zstd frame: magic, frame header, one empty block header
+# names a carried file may not take: they would replace the weights or the index a patch has just verified
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json", ".rlspatch")
+RESERVED_FILES = (".rlsubnet-output.json", "manifest.json")
+
+
+def header_limits(compressed: int, blob_area: int) -> tuple[int, int]:
+    """(max decompressed bytes, max JSON containers) for a header of ``compressed`` bytes in a patch whose blob
+    area holds ``blob_area`` bytes.
+
+    A genuine header grows with the tensors and chunks it lists: every tensor carries two sha256 digests that
+    do not compress (at least 32 compressed bytes each) and every chunk points at blobs of at least
+    :data:`MIN_FRAME` bytes. So the containers (``{``, ``[``) a header may hold are bounded by what the file
+    pays for, and its text by 64 bytes of JSON per compressed byte (real headers compress 2-5x) plus 1 MiB,
+    whichever is smaller than :data:`MAX_HEADER_RAW`. A few kilobytes can therefore never expand into
+    gigabytes of Python objects.
+    """
+    raw = min(MAX_HEADER_RAW, (1 << 20) + 64 * compressed)
+    containers = 64 + 3 * (blob_area // MIN_FRAME) + 3 * (compressed // 32)
+    return raw, containers
+
+
+def bounded_decompress(comp: bytes, expected: int, what: str) -> bytes:
+    """Decompress one zstd frame that must hold exactly ``expected`` bytes, never allocating more than that.
+
+    python-zstandard's ``max_output_size`` is ignored when a frame records its content size, so the recorded
+    size is checked against ``expected`` first, and the frame is then read through a stream with a hard cap of
+    ``expected + 1`` bytes (which also catches a frame that records no size). Raises ``ValueError``.
+    """
+    import zstandard
+
+    if expected == 0 and not comp:
+        return b""
+    try:
+        size = zstandard.frame_content_size(comp)
+    except zstandard.ZstdError:
+        raise ValueError(f"{what} is not a zstd frame") from None
+    if size not in (-1, expected):  # -1: the frame does not record its size
+        raise ValueError(f"{what} records {size} bytes, the header says {expected}")
+    out = read_capped(comp, expected, what)
+    got = len(out)
+    if got != expected:
+        raise ValueError(f"{what} holds {'more' if got > expected else got} bytes, the header says {expected}")
+    return out
+
+
+def carried_name_problem(name) -> str | None:
+    """Why ``name`` may not be a file carried by a patch (None when it may)."""
+    if not isinstance(name, str) or not name:
+        return "it is not a name"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "it contains control characters"
+    if os.path.basename(name) != name or name in (".", "..") or name.startswith("."):
+        return "it is not a plain visible file name"
+    if name.endswith(WEIGHT_SUFFIXES) or name in RESERVED_FILES:
+        return "it would replace the weights, an index or rlsubnet's own marker"
+    return None
+
+
+class _Bad(Exception):
+    """A header rule broken (explicit checks: ``assert`` vanishes under ``python -O``)."""
+
+
+def _need(cond: bool, why: str) -> None:
+    if not cond:
+        raise _Bad(why)
+
+
+def _is_int(x) -> bool:
+    return type(x) is int
+
+
 class PatchReader:
-    """A validated patch: its header, and its blobs decompressed on demand with bounded sizes."""
+    """A validated patch: its header, and its blobs decompressed on demand with bounded sizes.
+
+    Before any blob is read the header is checked rule by rule: sizes within the file, chunks in order and
+    in range, decompressed lengths bounded by what each chunk can hold, carried file names that cannot land on
+    weights, and the recorded checkpoint hashes equal to the hashes computed from the tensors it lists.
+    """
 
     def __init__(self, src: str | os.PathLike | bytes, name: str | None = None):
-        import zstandard
-
         self.name = name or (str(src) if not isinstance(src, bytes) else "payload")
         if isinstance(src, bytes):
             self._fh: BinaryIO = io.BytesIO(src)
@@ -258,10 +336,13 @@ class PatchReader:
                 raise InputError(f"{p}: no such patch file.")
             require_regular(p)
             self._fh = open(p, "rb")
-            size = os.path.getsize(p)
+            size = os.fstat(self._fh.fileno()).st_size
         self.size = size
-        self._d = zstandard.ZstdDecompressor()
-        self.header = self._read_header()
+        try:
+            self.header = self._read_header()
+        except BaseException:
+            self._fh.close()
+            raise
 
     def _bad(self, why: str) -> InputError:
         return InputError(f"{self.name}: corrupt or truncated patch ({why}).")
@@ -278,77 +359,132 @@ class PatchReader:
         if tail[8:] != END:
             raise self._bad("its end marker is missing")
         (n,) = struct.unpack("<Q", tail[:8])
-        if n > MAX_HEADER or n > size - 24:
+        if n > size - 24:
             raise self._bad("header length exceeds the file")
-        fh.seek(size - 16 - n)
+        self._blob_end = size - 16 - n
+        raw_max, containers = header_limits(n, self._blob_end - 8)
+        fh.seek(self._blob_end)
+        comp = fh.read(n)
         import zstandard
 
         try:
-            text = zstandard.ZstdDecompressor().decompress(fh.read(n), max_output_size=MAX_HEADER)
+            rec = zstandard.frame_content_size(comp)
+        except zstandard.ZstdError:
+            raise self._bad("its header is not a zstd frame") from None
+        if rec > raw_max:
+            raise self._bad(f"its header would decompress to {rec} bytes, more than a header of this size may hold ({raw_max})")
+        try:
+            text = bounded_decompress(comp, rec, "its header") if rec >= 0 else read_capped(comp, raw_max, "its header")
+        except ValueError as e:
+            raise self._bad(str(e)) from None
+        if len(text) > raw_max:
+            raise self._bad(f"its header decompresses to more than a header of this size may hold ({raw_max} bytes)")
+        if text.count(b"{") + text.count(b"[") > containers:
+            raise self._bad(f"its header lists more objects than the file holds data for (at most {containers})")
+        try:
             h = json.loads(text.decode("utf-8"))
-        except (zstandard.ZstdError, UnicodeDecodeError, ValueError, RecursionError):
-            raise self._bad("its header is not a zstd-compressed JSON object") from None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise self._bad("its header is not a JSON object") from None
         if not isinstance(h, dict) or h.get("format") != FORMAT:
             raise InputError(f"{self.name}: not an {FORMAT} patch.")
-        self._blob_end = size - 16 - n
         try:
             self._validate(h)
-        except (KeyError, TypeError, ValueError, AssertionError):
-            raise self._bad("its header is malformed") from None
+        except _Bad as e:
+            raise self._bad(f"its header is malformed: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+            raise self._bad(f"its header is malformed: {type(e).__name__} {str(e)[:80]}") from None
         return h
 
     def _validate(self, h: dict) -> None:
         from ..io.dtypes import DTYPES
 
         chunk = h["chunk"]
-        assert type(chunk) is int and 8 <= chunk <= 1 << 30
-        assert isinstance(h["base"]["hash"], str) and isinstance(h["result"]["hash"], str)
+        _need(_is_int(chunk) and 8 <= chunk <= 1 << 30, "chunk size")
+        for k in ("parent",):
+            _need(isinstance(h[k], str), k)
+        _need(isinstance(h["base"], dict) and isinstance(h["result"], dict), "base/result")
+        _need(isinstance(h["base"]["hash"], str) and isinstance(h["result"]["hash"], str), "hashes")
+        _need(isinstance(h["sizes"], dict) and all(_is_int(v) and v >= 0 for v in h["sizes"].values()), "sizes")
+        for k in ("positions", "values", "files", "header", "plain"):
+            _need(_is_int(h["sizes"].get(k)), f"sizes.{k}")
+        _need(isinstance(h["tensors"], list) and len(h["tensors"]) <= MAX_TENSORS, "tensor list")
+        _need(isinstance(h["files"], list), "file list")
         names = set()
+        base_e, res_e = [], []
         for t in h["tensors"]:
-            assert isinstance(t["name"], str) and t["name"] not in names
+            _need(isinstance(t, dict) and isinstance(t["name"], str) and t["name"] not in names, "tensor name")
             names.add(t["name"])
+            _need(isinstance(t["dtype"], str) and t["dtype"] in DTYPES, f"dtype of '{t['name']}'")
             dt = DTYPES[t["dtype"]]
             shape = t["shape"]
-            assert isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)
-            numel = int(np.prod(shape)) if shape else 1
-            assert isinstance(t["base_sha256"], str) and isinstance(t["result_sha256"], str)
-            last = -1
+            _need(isinstance(shape, list) and len(shape) <= 16 and all(_is_int(x) and 0 <= x < 1 << 48 for x in shape),
+                  f"shape of '{t['name']}'")
+            numel = 1
+            for x in shape:
+                numel *= x
+            _need(numel < 1 << 48, f"size of '{t['name']}'")
+            for k in ("base_sha256", "result_sha256"):
+                _need(isinstance(t[k], str) and len(t[k]) == 64 and all(c in "0123456789abcdef" for c in t[k]), f"{k} of '{t['name']}'")
+            _need(_is_int(t["changed"]) and 0 <= t["changed"] <= numel, f"changed count of '{t['name']}'")
+            _need(isinstance(t["chunks"], list), f"chunks of '{t['name']}'")
+            last, total = -1, 0
             for c in t["chunks"]:
+                _need(isinstance(c, dict), "chunk")
                 start, count, ch = c["start"], c["count"], c["changed"]
-                assert type(start) is int and start % chunk == 0 and start > last and count == min(chunk, numel - start) > 0
-                assert type(ch) is int and 0 < ch <= count
+                _need(_is_int(start) and start % chunk == 0 and start > last and _is_int(count) and count == min(chunk, numel - start) > 0,
+                      f"chunk at {start!r} of '{t['name']}'")
+                _need(_is_int(ch) and 0 < ch <= count, f"changed count of a chunk of '{t['name']}'")
                 last = start
+                total += ch
                 p = c["positions"]
                 if p is None:
-                    assert ch == count
+                    _need(ch == count, "positions")
                 else:
-                    raw_max = max((count + 7) // 8, ch * 5)
-                    self._check_blob(p, raw_max)
+                    _need(isinstance(p, dict) and p.get("enc") in POSITION_ENCODINGS, "positions encoding")
+                    self._check_blob(p, max((count + 7) // 8, ch * 5))
                 v = c["values"]
+                _need(isinstance(v, dict) and v.get("enc") in ("raw", "xor", "sub") and isinstance(v.get("planes"), bool), "values encoding")
                 self._check_blob(v, ch * dt.itemsize)
-                assert v["raw"] == ch * dt.itemsize and v["enc"] in ("raw", "xor", "sub") and isinstance(v["planes"], bool)
+                _need(v["raw"] == ch * dt.itemsize, "values length")
+            _need(total == t["changed"], f"changed count of '{t['name']}'")
+            base_e.append((t["name"], t["dtype"], tuple(shape), t["base_sha256"]))
+            res_e.append((t["name"], t["dtype"], tuple(shape), t["result_sha256"]))
+        fnames = set()
         for f in h["files"]:
-            assert isinstance(f["name"], str) and os.path.basename(f["name"]) == f["name"] and f["name"] not in ("", ".", "..")
-            self._check_blob(f, 1 << 30)
+            _need(isinstance(f, dict), "file entry")
+            why = carried_name_problem(f["name"])
+            _need(why is None, f"carried file {f['name']!r}: {why}")
+            _need(f["name"] not in fnames, "a carried file is listed twice")
+            fnames.add(f["name"])
+            _need(isinstance(f["sha256"], str) and len(f["sha256"]) == 64, "file hash")
+            self._check_blob(f, MAX_SIDE_FILE)
+        # the checkpoint hashes are what the listed tensors hash to, never taken on trust
+        _need(h["base"]["hash"] == checkpoint_hash(base_e), "its base hash is not the hash of the tensors it lists")
+        _need(h["result"]["hash"] == checkpoint_hash(res_e), "its result hash is not the hash of the tensors it lists")
+        _need(h["parent"] == h["base"]["hash"], "its parent is not its base hash")
 
     def _check_blob(self, b: dict, raw_max: int) -> None:
         off, ln, raw = b["off"], b["len"], b["raw"]
-        assert all(type(x) is int for x in (off, ln, raw))
-        assert 8 <= off and ln >= 0 and off + ln <= self._blob_end and 0 <= raw <= raw_max
+        _need(all(_is_int(x) for x in (off, ln, raw)), "blob fields")
+        _need(8 <= off and ln >= 0 and off + ln <= self._blob_end and 0 <= raw <= raw_max, "blob range")
 
     def blob(self, b: dict) -> bytes:
-        """Decompressed bytes of one blob; its size is checked against the header before and after."""
-        import zstandard
-
+        """Decompressed bytes of one blob: never more than the (checked) size the header gives it."""
         self._fh.seek(b["off"])
         comp = self._fh.read(b["len"])
+        if not b["raw"]:
+            return b""
         try:
-            out = self._d.decompress(comp, max_output_size=max(b["raw"], 1)) if b["raw"] else b""
-        except zstandard.ZstdError as e:
-            raise self._bad(f"a data block does not decompress: {e}") from None
-        if len(out) != b["raw"]:
-            raise self._bad("a data block has the wrong length")
-        return out
+            return bounded_decompress(comp, b["raw"], "a data block")
+        except ValueError as e:
+            raise self._bad(str(e)) from None
+
+    def file_data(self, f: dict) -> bytes:
+        """The bytes of a carried file, checked against its recorded sha256."""
+        data = self.blob(f)
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise self._bad(f"file '{f['name']}' fails its hash")
+        return data
 
     def apply_chunk(self, c: dict, old: np.ndarray) -> np.ndarray:
         """The new raw bits of one chunk, from its old bits."""
@@ -371,6 +507,26 @@ class PatchReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_capped(comp: bytes, cap: int, what: str) -> bytes:
+    """Decompress one zstd frame through a stream, stopping after ``cap + 1`` bytes (so a caller can tell
+    "more than cap" without ever holding more); output buffers grow 1 MiB at a time with what the frame
+    really yields, so a size claimed by a header costs nothing until the data is there. Raises ``ValueError``."""
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(comp), read_across_frames=False)
+    parts, got = [], 0
+    try:
+        while got <= cap:
+            b = reader.read(min(cap + 1 - got, 1 << 20))
+            if not b:
+                break
+            parts.append(b)
+            got += len(b)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"{what} does not decompress: {e}") from None
+    return b"".join(parts)
 
 
 def raw_dtype(itemsize: int):

@@ -14,10 +14,12 @@ The TRL callback that publishes during training is :class:`rlsubnet.training.syn
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -96,34 +98,76 @@ class DeltaPublisher:
 def apply_delta(target: torch.nn.Module | dict, payload: bytes) -> int:
     """Apply a payload to a model's parameters or a state dict in place; returns the entries changed.
 
-    Every tensor's base hash is checked before and its result hash after decoding; only when all match
-    are the target's tensors updated, so a payload that fails (:class:`DeltaError`) leaves the target
-    unchanged.
+    Everything is verified before anything is written: every tensor's base hash, every decoded result hash,
+    that each target tensor can be written in place (not an inference-mode tensor), and that names sharing
+    storage (tied weights) receive the same result. Only then are the tensors written, and each written
+    tensor is read back and checked against its recorded result. A payload that fails (:class:`DeltaError`)
+    leaves the target unchanged.
     """
     try:
-        updates, changed, named = _decode_delta(target, payload)
+        updates, changed, named, results = _decode_delta(target, payload)
     except DeltaError:
         raise
     except InputError as e:
         raise DeltaError(e.message) from None
+    check = _check_writable(updates, named, results)
     with torch.no_grad():
         for name, new in updates.items():
             dst = named[name]
             src = torch.from_numpy(new.view(_signed(new.dtype.itemsize))).view(dst.dtype).reshape(dst.shape)
             dst.copy_(src.to(dst.device))
+    for name in check:  # read back: what the target now holds is the recorded result
+        if hashlib.sha256(torch_raw(named[name].detach().cpu()).data).hexdigest() != results[name]:
+            raise DeltaError(f"delta payload: tensor '{name}' does not hold the recorded result after writing "
+                             "(another tensor of the target shares its storage).")
     return changed
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _check_writable(updates: dict, named: dict, results: dict) -> list[str]:
+    """Refuse, before any write, targets that cannot take the update in place or that share storage with a
+    tensor the payload gives another result; returns the names to read back after writing."""
+    for name in updates:
+        dst = named[name]
+        if dst.is_inference() and not torch.is_inference_mode_enabled():
+            raise DeltaError(f"delta payload: tensor '{name}' of the target was made under torch.inference_mode() and "
+                             "cannot be updated in place outside it; apply the delta inside torch.inference_mode().")
+    by_storage: dict = {}
+    for name in results:
+        k = _storage_key(named[name])
+        if k is not None:
+            by_storage.setdefault(k, []).append(name)
+    check = list(updates)
+    for names in by_storage.values():
+        if len(names) < 2 or not any(n in updates for n in names):
+            continue
+        if len({results[n] for n in names}) > 1:
+            raise DeltaError(f"delta payload: tensors {', '.join(repr(n) for n in names)} of the target share storage "
+                             "but the payload gives them different results; nothing was written.")
+        check += [n for n in names if n not in updates]
+    return check
 
 
 def _decode_delta(target, payload: bytes):
     r = PatchReader(payload, name="delta payload")
     named = dict(target.items() if isinstance(target, dict) else target.named_parameters())
     updates = {}
+    results = {}
     changed = 0
     for t in r.header["tensors"]:
         name = t["name"]
+        results[name] = t["result_sha256"]
         dst = named.get(name)
         if dst is None:
             raise DeltaError(f"delta payload: the target has no tensor '{name}'.")
+        if not isinstance(dst, torch.Tensor):
+            raise DeltaError(f"delta payload: '{name}' of the target is not a tensor.")
         if _code(dst) != t["dtype"] or list(dst.shape) != t["shape"]:
             raise DeltaError(f"delta payload: tensor '{name}' is {t['dtype']}{t['shape']} in the payload but "
                              f"{_code(dst)}{list(dst.shape)} in the target.")
@@ -141,7 +185,7 @@ def _decode_delta(target, payload: bytes):
             raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
         updates[name] = new
         changed += t["changed"]
-    return updates, changed, named
+    return updates, changed, named, results
 
 
 def _signed(itemsize: int):
@@ -163,27 +207,112 @@ class DirectorySink:
         write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=1) + "\n")
 
 
+MAX_MANIFEST = 64 * 1024 * 1024
+MAX_STEP_FILE = 1 << 40  # a payload the manifest may announce (the size itself is checked against the file)
+
+
+class ReceiveError(DeltaError):
+    """A failure of :func:`receive_directory`; ``last`` is the last step applied, so ``after=last`` resumes."""
+
+    def __init__(self, message: str, last: int):
+        super().__init__(message)
+        self.last = last
+
+
+def _manifest_steps(path: Path) -> list[dict] | None:
+    """The manifest's steps, checked; None while there is no manifest yet."""
+    mp = path / "manifest.json"
+    try:
+        fd = os.open(mp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DeltaError(f"{mp}: cannot be read ({e.strerror}).") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST:
+            raise DeltaError(f"{mp}: not a regular file of at most {MAX_MANIFEST} bytes.")
+        text = fh.read(MAX_MANIFEST + 1)
+    try:
+        m = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise DeltaError(f"{mp}: not a JSON manifest.") from None
+    steps = m.get("steps") if isinstance(m, dict) else None
+    if not isinstance(m, dict) or m.get("format") != "rlsubnet-delta-manifest/1" or not isinstance(steps, list):
+        raise DeltaError(f"{mp}: not an rlsubnet-delta-manifest/1 manifest.")
+    prev = None
+    for s in steps:
+        ok = (isinstance(s, dict) and type(s.get("step")) is int and s["step"] >= 0 and isinstance(s.get("file"), str)
+              and type(s.get("bytes")) is int and 24 <= s["bytes"] <= MAX_STEP_FILE)
+        if not ok:
+            raise DeltaError(f"{mp}: malformed step entry {str(s)[:80]!r}.")
+        f = s["file"]
+        if os.path.basename(f) != f or f in ("", ".", "..") or "\x00" in f:
+            raise DeltaError(f"{mp}: step {s['step']} names {f!r}, which is not a file in the sync folder.")
+        if prev is not None and s["step"] <= prev:
+            raise DeltaError(f"{mp}: steps are not in increasing order ({prev} then {s['step']}).")
+        prev = s["step"]
+    return steps
+
+
+def _read_step(path: Path, entry: dict) -> bytes | None:
+    """The payload of one step, read only if it is a regular file inside the sync folder of exactly the size
+    the manifest announces (None: not there yet)."""
+    p = path / entry["file"]
+    try:  # O_NOFOLLOW: a symbolic link (out of the folder or not) is never followed; O_NONBLOCK: a FIFO never blocks
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise DeltaError(f"{p}: refusing to read this step file ({why}).") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise DeltaError(f"{p}: not a regular file (a device, FIFO or socket); refusing to read it.")
+        if st.st_size != entry["bytes"]:
+            if st.st_size < entry["bytes"]:
+                return None  # still arriving (a copy that is not atomic)
+            raise DeltaError(f"{p}: {st.st_size} bytes, the manifest announces {entry['bytes']}.")
+        data = fh.read(entry["bytes"] + 1)
+    if len(data) != entry["bytes"]:
+        raise DeltaError(f"{p}: changed size while being read.")
+    return data
+
+
 def receive_directory(path: str | os.PathLike, target, after: int = -1, until: int | None = None,
                       timeout: float = 0.0, poll: float = 0.2) -> int:
     """Apply, in order, every published step after ``after`` (up to ``until``); returns the last step applied.
 
     With ``timeout > 0`` it waits for new steps until ``until`` is reached or the time is up (a receiver
-    loop); each file is applied only after its manifest entry appears, so a half-copied file is never read.
+    loop); each file is applied only after its manifest entry appears, and a listed file that is not there
+    yet (or not whole yet) is waited for within ``timeout``. Only regular files directly inside ``path`` are
+    read, never more bytes than the manifest announces. A malformed manifest, a step file that is a link,
+    device, FIFO or of the wrong size, or a payload that does not apply raises :class:`ReceiveError`, whose
+    ``last`` says how far the receiver got (retry with ``after=e.last``).
     """
     path = Path(path)
     deadline = time.monotonic() + timeout
     last = after
     while True:
+        waiting = None
         try:
-            steps = json.loads((path / "manifest.json").read_text())["steps"]
-        except (OSError, ValueError, KeyError):
-            steps = []
-        for s in steps:
-            if s["step"] <= last or (until is not None and s["step"] > until):
-                continue
-            apply_delta(target, (path / s["file"]).read_bytes())
-            last = s["step"]
+            steps = _manifest_steps(path) or []
+            for s in steps:
+                if s["step"] <= last or (until is not None and s["step"] > until):
+                    continue
+                data = _read_step(path, s)
+                if data is None:
+                    waiting = s
+                    break
+                apply_delta(target, data)
+                last = s["step"]
+        except DeltaError as e:
+            raise ReceiveError(f"{e.message} (applied through step {last}; retry with after={last})", last) from None
         if (until is not None and last >= until) or time.monotonic() >= deadline:
+            if waiting is not None and not (until is not None and last >= until):
+                raise ReceiveError(f"{path / waiting['file']}: listed in the manifest but not there (whole) within the "
+                                   f"timeout (applied through step {last}; retry with after={last}).", last)
             return last
         time.sleep(poll)
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,32 +25,42 @@ from rich.progress import Progress
 from ..io.atomic import atomic_dir, atomic_path
 from ..io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, iter_chunks, open_checkpoint
 from ..io.errors import InputError
-from .format import CHUNK, PatchReader, PatchWriter, checkpoint_hash
+from .format import CHUNK, MAX_SIDE_FILE, PatchReader, PatchWriter, carried_name_problem, checkpoint_hash
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-MAX_SIDE_FILE = 64 * 1024 * 1024
+# what a checkpoint needs beside its weights: carried by default; anything else only when asked for by name
+CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+           "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+           "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
 
 
-def side_files(ck: Checkpoint) -> list[Path]:
-    """The tuned checkpoint's non-tensor files: config, generation config, tokenizer, chat template, ...
+def side_files(ck: Checkpoint, include: tuple[str, ...] = ()) -> tuple[list[Path], list[str]]:
+    """(files a patch carries, names it leaves out) of the tuned checkpoint's non-tensor files.
 
-    Regular files directly in the checkpoint folder (or Hugging Face cache snapshot) that are not weights,
-    indexes or hidden, up to 64 MB; none when the checkpoint was named as a single weight file.
+    Carried: the files a checkpoint needs to load and chat (config, generation config, tokenizer, chat
+    template: :data:`CARRIED`, and ``*.jinja`` templates) plus the names in ``include``; regular files directly
+    in the checkpoint folder (or Hugging Face cache snapshot), up to 64 MB. Everything else in the folder
+    (notes, logs, optimizer state, subfolders) is listed as left out, never shipped silently. None when the
+    checkpoint was named as a single weight file.
     """
     from ..io.checkpoint import allowed_roots, within_roots
 
     named = Path(ck.path)
     if named.exists() and not named.is_dir():  # a single weight file: its folder is not the checkpoint
-        return []
+        return [], []
+    weights = {os.path.realpath(f) for f in ck.files}
     roots = allowed_roots(Path(ck.root))  # symbolic links only inside the folder (or a cache snapshot's blobs)
-    out = []
+    out, left = [], []
     for p in sorted(Path(ck.root).iterdir()):
         n = p.name
-        if n.startswith(".") or n.endswith(WEIGHT_SUFFIXES) or n in (SAFETENSORS_INDEX, BIN_INDEX) or n.endswith(".index.json"):
+        if n.startswith(".") or n in (SAFETENSORS_INDEX, BIN_INDEX) or os.path.realpath(p) in weights:
             continue
-        if p.is_file() and within_roots(str(p), roots) and p.stat().st_size <= MAX_SIDE_FILE:
+        wanted = n in CARRIED or n.endswith(".jinja") or n in include
+        if (wanted and carried_name_problem(n) is None and p.is_file() and within_roots(str(p), roots)
+                and p.stat().st_size <= MAX_SIDE_FILE):
             out.append(p)
-    return out
+        else:
+            left.append(n + ("/" if p.is_dir() else ""))
+    return out, left
 
 
 class HashThread:
@@ -100,6 +110,8 @@ class PatchStats:
     plain: int
     tuned_checkpoint: int
     elapsed_s: float
+    files_carried: list[str] = field(default_factory=list)
+    files_left_out: list[str] = field(default_factory=list)  # non-tensor files of TUNED the patch does not carry
 
     @property
     def ratio_full(self) -> float:
@@ -117,8 +129,17 @@ def _bar(progress: bool) -> Progress:
 
 
 def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, level: int = 3,
-           cache_dir: str | None = None, progress: bool = False, chunk: int = CHUNK) -> PatchStats:
-    """Write the patch that turns ``base`` into ``tuned`` (same tensor names, dtypes and shapes)."""
+           cache_dir: str | None = None, progress: bool = False, chunk: int = CHUNK,
+           include: tuple[str, ...] = ()) -> PatchStats:
+    """Write the patch that turns ``base`` into ``tuned`` (same tensor names, dtypes and shapes).
+
+    The tuned folder's config, generation config, tokenizer and chat template travel with it, plus the
+    files named in ``include``; every other file there is listed in ``PatchStats.files_left_out``.
+    """
+    for n in include:
+        why = carried_name_problem(n)
+        if why is not None:
+            raise InputError(f"--include: {n!r} cannot be carried by a patch ({why}).")
     t0 = time.perf_counter()
     with open_checkpoint(base, cache_dir) as cb, open_checkpoint(tuned, cache_dir) as ct:
         src, omitted = _sources(cb, ct, base, tuned)
@@ -141,15 +162,19 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
                 base_entries.append((name, info.dtype.name, tuple(info.shape), t["base_sha256"]))
                 result_entries.append((name, info.dtype.name, tuple(info.shape), t["result_sha256"]))
                 numel += info.numel
-            for f in side_files(ct):
+            carried, left_out = side_files(ct, tuple(include))
+            missing = [n for n in include if n not in {f.name for f in carried}]
+            if missing:
+                raise InputError(f"{tuned}: --include {missing[0]!r} is not a regular file of at most {MAX_SIDE_FILE} bytes in the checkpoint folder.")
+            for f in carried:
                 w.add_file(f.name, f.read_bytes())
             tuned_bytes = sum(os.path.getsize(f) for f in ct.files)
             h = w.finish(checkpoint_hash(base_entries), checkpoint_hash(result_entries),
                          source={"base": str(base), "tuned": str(tuned)}, tuned_checkpoint_bytes=tuned_bytes,
-                         omitted=omitted)
+                         omitted=omitted, files_left_out=left_out)
     s = h["sizes"]
     return PatchStats(str(out), len(h["tensors"]), numel, changed, s["positions"], s["values"], s["files"], s["header"],
-                      s["total"], s["plain"], tuned_bytes, time.perf_counter() - t0)
+                      s["total"], s["plain"], tuned_bytes, time.perf_counter() - t0, [f.name for f in carried], left_out)
 
 
 def _sources(cb: Checkpoint, ct: Checkpoint, base, tuned) -> tuple[dict[str, str], list[dict]]:
@@ -208,18 +233,22 @@ def open_chain(patches: list[str | os.PathLike]) -> list[PatchReader]:
     return readers
 
 
-def _stream(cb: Checkpoint, readers: list[PatchReader], sink, progress: bool) -> tuple[int, list[str]]:
+def _stream(cb: Checkpoint, readers: list[PatchReader], sink, progress: bool) -> tuple[int, list[str], str]:
     """Apply a chain tensor by tensor in the base's file order; ``sink(file, tensor, bits)`` receives output.
 
-    Returns (changed entries in the last result vs base, names whose result hash did not match).
+    Returns (changed entries in the last result vs base, names whose result hash did not match, the checkpoint
+    hash of the result as computed from the bytes produced).
     """
     tables = [{t["name"]: t for t in r.header["tensors"]} for r in readers]
     for n in cb.tensors:
-        if n not in tables[0]:
-            raise InputError(f"{readers[0].name}: does not cover tensor '{n}' of {cb.path}; it was made from another base.")
-    extra = [n for n in tables[0] if n not in cb.tensors]
-    if extra:
-        raise InputError(f"{cb.path}: has no tensor '{extra[0]}', which {readers[0].name} expects; it is not this patch's base.")
+        for r, tb in zip(readers, tables):
+            if n not in tb:
+                raise InputError(f"{r.name}: does not cover tensor '{n}' of {cb.path}; it was made from another base.")
+    for r, tb in zip(readers, tables):
+        extra = [n for n in tb if n not in cb.tensors]
+        if extra:
+            raise InputError(f"{cb.path}: has no tensor '{extra[0]}', which {r.name} expects; it is not this patch's base.")
+    computed: list[tuple[str, str, tuple, str]] = []
     chunk = readers[0].header["chunk"]
     bad: list[str] = []
     changed = 0
@@ -253,7 +282,8 @@ def _stream(cb: Checkpoint, readers: list[PatchReader], sink, progress: bool) ->
             for i, t in enumerate(ts):
                 if hashes[i + 1].hexdigest() != t["result_sha256"]:
                     bad.append(f"{readers[i].name}: {name}")
-    return changed, bad
+            computed.append((name, info.dtype.name, tuple(info.shape), hashes[-1].hexdigest()))
+    return changed, bad, checkpoint_hash(computed)
 
 
 def apply(base: str | os.PathLike, patches: list[str | os.PathLike], out: str | os.PathLike,
@@ -264,7 +294,7 @@ def apply(base: str | os.PathLike, patches: list[str | os.PathLike], out: str | 
         with open_checkpoint(base, cache_dir) as cb:
             if not cb.format.startswith("safetensors"):
                 raise InputError(f"{base}: patches are applied to safetensors checkpoints (this one is {cb.format}).")
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, guard="-o") as tmp:
                 handles: dict[str, object] = {}
                 root = Path(cb.root)
 
@@ -282,7 +312,7 @@ def apply(base: str | os.PathLike, patches: list[str | os.PathLike], out: str | 
                     fh.write(bits.tobytes())
 
                 try:
-                    changed, bad = _stream(cb, readers, sink, progress)
+                    changed, bad, result = _stream(cb, readers, sink, progress)
                 finally:
                     for fh in handles.values():
                         fh.close()
@@ -298,18 +328,15 @@ def apply(base: str | os.PathLike, patches: list[str | os.PathLike], out: str | 
                     if (root / idx).is_file():
                         shutil.copyfile(root / idx, tmp / idx)
                 last = readers[-1]
-                for f in last.header["files"]:
-                    data = last.blob(f)
-                    if hashlib.sha256(data).hexdigest() != f["sha256"]:
-                        raise InputError(f"{last.name}: corrupt or truncated patch (file '{f['name']}' fails its hash).")
-                    (tmp / f["name"]).write_bytes(data)
+                for f in last.header["files"]:  # names checked by the reader: never a weight file, index or marker
+                    (tmp / f["name"]).write_bytes(last.file_data(f))
                 from ..io.guard import write_marker
 
                 write_marker(tmp, "patch apply", base=str(base), patches=[str(p) for p in patches])
     finally:
         for r in readers:
             r.close()
-    return {"out": str(out), "changed": changed, "result": readers[-1].header["result"]["hash"]}
+    return {"out": str(out), "changed": changed, "result": result}
 
 
 def verify(base: str | os.PathLike, patches: list[str | os.PathLike], cache_dir: str | None = None,
@@ -318,11 +345,16 @@ def verify(base: str | os.PathLike, patches: list[str | os.PathLike], cache_dir:
     readers = open_chain(patches)
     try:
         with open_checkpoint(base, cache_dir) as cb:
-            changed, bad = _stream(cb, readers, lambda info, bits: None, progress)
+            changed, bad, result = _stream(cb, readers, lambda info, bits: None, progress)
+        for f in readers[-1].header["files"]:  # the carried files, too, must be what the patch recorded
+            try:
+                readers[-1].file_data(f)
+            except InputError:
+                bad.append(f"{readers[-1].name}: file {f['name']}")
     finally:
         for r in readers:
             r.close()
-    return {"ok": not bad, "changed": changed, "mismatched": bad, "result": readers[-1].header["result"]["hash"]}
+    return {"ok": not bad, "changed": changed, "mismatched": bad, "result": result}
 
 
 def info(patch: str | os.PathLike) -> dict:
@@ -343,5 +375,7 @@ def info(patch: str | os.PathLike) -> dict:
         return {"path": str(patch), "format": h["format"], "parent": h["parent"], "result": h["result"]["hash"],
                 "chunk": h["chunk"], "tensors": len(h["tensors"]), "numel": numel, "changed": changed,
                 "files": [f["name"] for f in h["files"]], "sizes": {**h["sizes"], "total": r.size},
-                "tuned_checkpoint_bytes": h.get("tuned_checkpoint_bytes"),
-                "encodings": {"positions": enc_p, "values": enc_v}, "source": h.get("source")}
+                "files_left_out": [f for f in h.get("files_left_out", []) if isinstance(f, str)],
+                "tuned_checkpoint_bytes": h.get("tuned_checkpoint_bytes") if type(h.get("tuned_checkpoint_bytes")) is int else None,
+                "encodings": {"positions": enc_p, "values": enc_v},
+                "source": h.get("source") if isinstance(h.get("source"), dict) else None}

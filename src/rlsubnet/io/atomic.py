@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -137,13 +138,57 @@ def _prepare(dest: str | os.PathLike, want_dir: bool) -> Path:
     return dest
 
 
+def stream_kind(dest: str | os.PathLike) -> str | None:
+    """"stream" for an existing character device or FIFO (``/dev/null``, ``/dev/stdout``, ``>(jq .)``), which
+    is written into, never replaced; "refused" for a block device or socket; None for anything else."""
+    try:
+        st = os.stat(dest)  # follows links: /dev/fd/63 is a link to the pipe
+    except OSError:
+        return None
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return "stream"
+    if stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        return "refused"
+    return None
+
+
+@contextlib.contextmanager
+def _into_stream(dest: Path) -> Iterator[Path]:
+    """The caller writes a private temporary file; on success its bytes are written into ``dest`` (a device or
+    pipe, opened without creating or truncating anything), and the temporary is removed either way."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="rlsubnet-out-"))
+    tmp = folder / (dest.name or "out")
+    try:
+        yield tmp
+        try:
+            fd = os.open(dest, os.O_WRONLY)
+            with os.fdopen(fd, "wb") as out, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except OSError as e:
+            raise _os_error(dest, e) from None
+        _WRITTEN.append(str(dest))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is renamed onto ``dest``.
 
     The caller writes the file (with any library) to the yielded path. On an exception the temporary
-    file is removed and ``dest`` is left untouched.
+    file is removed and ``dest`` is left untouched. A ``dest`` that is a character device or a FIFO is
+    written into instead (renaming over ``/dev/null`` would replace the machine's device node); a block
+    device or a socket is refused.
     """
+    kind = stream_kind(dest)
+    if kind == "refused":
+        raise InputError(f"{dest}: cannot write output (it is a block device or a socket).")
+    if kind == "stream":
+        with _into_stream(Path(dest)) as tmp:
+            yield tmp
+        return
     dest = _prepare(dest, want_dir=False)
     tmp = temp_name(dest, "tmp")
     try:
@@ -186,18 +231,19 @@ def write_with(dest: str | os.PathLike, writer: Callable[[Path], None], suffix: 
         writer(tmp)
 
 
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one step (Linux ``renameat2``); False where the system cannot."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """``renameat2(a, b, flags)``; False where the system cannot (no such call, or a file system without it)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):
         return False
     AT_FDCWD = -100
-    r = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE)
+    r = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), flags)
     if r == 0:
         return True
     err = ctypes.get_errno()
@@ -206,12 +252,49 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move folder ``tmp`` onto ``dest`` atomically, replacing an existing ``dest`` folder as a whole."""
-    if not dest.exists():
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2``); False where the system cannot."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_new(tmp: Path, dest: Path) -> bool:
+    """Move ``tmp`` to ``dest`` only if nothing is there (False: something appeared at ``dest``)."""
+    try:
+        if _renameat2(tmp, dest, _RENAME_NOREPLACE):
+            return True
+    except FileExistsError:
+        return False
+    try:  # no renameat2: rename(2) replaces only an empty folder, and fails on anything else
         os.rename(tmp, dest)
+        return True
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            raise
+        return False
+
+
+def replace_dir(tmp: Path, dest: Path, guard: str | None = None) -> None:
+    """Move folder ``tmp`` onto ``dest`` atomically, replacing an existing ``dest`` folder as a whole.
+
+    With ``guard`` (the option that named ``dest``) an existing ``dest`` is replaced only if it is rlsubnet's
+    to replace (empty, or holding the marker: :func:`rlsubnet.io.guard.replaceable_problem`), checked at the
+    moment of the swap: the two folders are exchanged in one step and, if what came out of ``dest`` was not
+    ours (it appeared or changed while the command ran), exchanged back and refused. Nothing of the user's
+    is ever deleted. Without ``guard`` a folder that did not exist is still never replaced by surprise.
+    """
+    from .guard import replaceable_problem
+
+    if not os.path.lexists(dest) and _rename_new(tmp, dest):
         return
+    if guard is not None:
+        why = replaceable_problem(dest, guard)
+        if why:
+            raise InputError(f"{dest}: {why}")
     if exchange(tmp, dest):
+        why = replaceable_problem(tmp, guard) if guard is not None else None
+        if why:  # something not ours was put there between the check and the swap: put it back
+            exchange(tmp, dest)
+            raise InputError(f"{dest}: {why}")
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
         return
     old = temp_name(dest, "old")  # fallback: two renames; the old folder survives under a visible name
@@ -221,12 +304,16 @@ def replace_dir(tmp: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(dest: str | os.PathLike, guard: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to ``dest``; on success it replaces ``dest`` as a whole.
 
-    Callers that may replace an existing folder must first check that it is theirs to replace
-    (:func:`rlsubnet.io.guard.check_replaceable`).
+    ``guard`` names the option of a user-chosen output folder: it is then checked to be rlsubnet's to replace
+    before the work starts and again at the swap (:func:`replace_dir`).
     """
+    if guard is not None:
+        from .guard import check_replaceable
+
+        check_replaceable(dest, guard)
     dest = _prepare(dest, want_dir=True)
     tmp = temp_name(dest, "tmp")
     try:
@@ -236,7 +323,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
             raise _os_error(dest, e) from None
         yield tmp
         try:
-            replace_dir(tmp, dest)
+            replace_dir(tmp, dest, guard)
         except OSError as e:
             raise _os_error(dest, e) from None
         _WRITTEN.append(str(dest))

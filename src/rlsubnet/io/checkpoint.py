@@ -41,7 +41,7 @@ import numpy as np
 from .dtypes import DTYPES, TORCH_TO_CODE, DType
 from .errors import InputError
 
-MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER = 100_000_000  # the safetensors library's own limit (N_MAX = 100_000_000 bytes, not 100 MiB)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")

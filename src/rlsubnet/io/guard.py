@@ -59,23 +59,27 @@ def write_marker(folder: str | os.PathLike, what: str, **info) -> None:
     (Path(folder) / MARKER).write_text(json.dumps({"written_by": "rlsubnet", "what": what, **info}) + "\n")
 
 
-def check_replaceable(dest: str | os.PathLike, option: str = "--out") -> None:
-    """Refuse to replace ``dest`` unless it does not exist, is an empty folder, or holds rlsubnet's marker."""
+def replaceable_problem(dest: str | os.PathLike, option: str = "--out") -> str | None:
+    """Why rlsubnet may not replace ``dest`` (None when it does not exist, is an empty folder, or holds the marker)."""
     p = Path(dest)
     if not os.path.lexists(p):
-        return
+        return None
     if p.is_symlink():
-        raise InputError(f"{dest}: {option} is a symbolic link; refusing to replace it.")
+        return f"{option} is a symbolic link; refusing to replace it."
     if not p.is_dir():
-        raise InputError(f"{dest}: {option} exists and is not a folder; refusing to replace it.")
+        return f"{option} exists and is not a folder; refusing to replace it."
     try:
         entries = os.listdir(p)
     except OSError as e:
-        raise InputError(f"{dest}: cannot read {option} ({e.strerror}).") from None
-    if not entries:
-        return
-    if MARKER not in entries:
-        raise InputError(
-            f"{dest}: {option} exists, is not empty and was not written by rlsubnet; refusing to replace it "
-            "(choose a new folder or remove it yourself)."
-        )
+        return f"cannot read {option} ({e.strerror})."
+    if entries and MARKER not in entries:
+        return (f"{option} exists, is not empty and was not written by rlsubnet; refusing to replace it "
+                "(choose a new folder or remove it yourself).")
+    return None
+
+
+def check_replaceable(dest: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse to replace ``dest`` unless it does not exist, is an empty folder, or holds rlsubnet's marker."""
+    why = replaceable_problem(dest, option)
+    if why:
+        raise InputError(f"{dest}: {why}")

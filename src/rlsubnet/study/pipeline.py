@@ -17,6 +17,7 @@ from rich.console import Console
 
 from ..analysis import diff as run_diff
 from ..io.atomic import write_text
+from ..io.content import content_key
 from ..io.display import safe
 from ..io.errors import InputError
 from ..io.jsonout import dumps
@@ -105,22 +106,6 @@ def default_model(cache: str | None = None) -> str:
     return str(out)
 
 
-def content_key(path: str | Path) -> str:
-    """A digest of a checkpoint folder's weights and config (not its name): cache keys that follow content."""
-    import hashlib
-
-    p = Path(path)
-    h = hashlib.blake2b(digest_size=8)
-    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + [p / "config.json"] if p.is_dir() else [p]
-    for f in files:
-        if f.is_file():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-    return h.hexdigest()
-
-
 class Study:
     def __init__(self, out: str, model: str | None = None, budget: str = "quick", only: tuple | None = None, seed: int = 0,
                  task: str = "add", task2: str = "compare", level: int | None = None, console: Console | None = None,
@@ -133,6 +118,12 @@ class Study:
         self.con = console or Console()
         self.seed, self.task, self.task2, self.reward = seed, task, task2, reward
         self.level = self.b.level if level is None else level
+        from ..training.recipes import MAX_LEVEL, MAX_SEED
+
+        if type(self.level) is not int or not 1 <= self.level <= MAX_LEVEL:
+            raise InputError(f"--level: {self.level!r} must be between 1 and {MAX_LEVEL}.")
+        if type(seed) is not int or not 0 <= seed <= MAX_SEED - 2000:
+            raise InputError(f"--seed: {seed!r} must be an integer between 0 and {MAX_SEED - 2000}.")
         self.precision = precision or self.b.precision
         if self.precision not in ("fp32", "mixed", "bf16"):
             raise InputError(f"--precision: {self.precision!r} is not mixed, fp32 or bf16.")
@@ -145,26 +136,28 @@ class Study:
         self.model = ""
         self.results: dict = {"runs": {}, "diffs": {}, "accuracy": {}}
         self.n_runs = 0
-        self._keys: dict[str, str] = {}
 
     # -- building blocks --------------------------------------------------------------------------------
-    def _cached(self, key: str, fn):
+    def _cached(self, key: str, fn, fields: tuple[str, ...] = ()):
+        """``fn()``'s JSON value, kept under ``OUT/cache/KEY.json``; a cached entry that does not parse or lacks
+        one of ``fields`` (written by another version, edited, truncated) is recomputed, and says so."""
         p = self.out / "cache" / f"{key}.json"
         if p.exists():
             try:
-                return json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError):
-                self.con.print(f"[yellow]cache entry {safe(p)} is unreadable; recomputing it[/yellow]")
+                val = json.loads(p.read_text(encoding="utf-8"))
+                if fields and not (isinstance(val, dict) and all(f in val for f in fields)):
+                    raise ValueError("wrong shape")
+                return val
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+                what = "is not what this version writes" if str(e) == "wrong shape" else "is unreadable"
+                self.con.print(f"[yellow]cache entry {safe(p)} {what}; recomputing it[/yellow]")
         val = fn()
         write_text(p, dumps(val, indent=None))
         return val
 
     def key_of(self, path: str | Path) -> str:
-        """Content digest of a checkpoint (computed once per study)."""
-        k = str(path)
-        if k not in self._keys:
-            self._keys[k] = content_key(path)
-        return self._keys[k]
+        """Content digest of a checkpoint (each file hashed once while it stays unchanged)."""
+        return content_key(path)
 
     @property
     def lr(self) -> float:
@@ -226,11 +219,11 @@ class Study:
         import hashlib
 
         lr_sum = run_lr_sum(tuned) if base == self.model else None
-        key = f"diff-{name}-" + hashlib.sha256(f"{tuned}|{base}|{int(rank)}|{lr_sum}".encode()).hexdigest()[:12]
+        key = f"diff-{name}-" + hashlib.sha256(f"{self.key_of(tuned)}|{self.key_of(base)}|{int(rank)}|{lr_sum}".encode()).hexdigest()[:12]
 
         def go():
             r = run_diff(base, tuned, rank=rank, mask_criterion="bitwise", lr_sum=lr_sum)
-            Subnetwork.from_diff(r).save(self.out / "masks" / f"{name}.safetensors")
+            self._save_mask(name, Subnetwork.from_diff(r), base, tuned)
             grid = {}
             for t in r.tensors:
                 if t.layer is not None:
@@ -257,12 +250,32 @@ class Study:
                 out["effective_rank_mean"] = sum(m.effective_rank / m.max_rank for m in ms) / len(ms) if ms else None
             return out
 
-        d = self._cached(key, go)
+        d = self._cached(key, go, fields=("numel", "changed", "sparsity", "atol", "by_module", "by_layer", "grid"))
+        self.ensure_mask(name, base, tuned)
         self.results["diffs"][name] = d
         return d
 
     def mask(self, name: str) -> str:
         return str(self.out / "masks" / f"{name}.safetensors")
+
+    def _save_mask(self, name: str, sub: Subnetwork, base: str, tuned: str) -> None:
+        sub.meta["base_content"], sub.meta["tuned_content"] = self.key_of(base), self.key_of(tuned)
+        sub.save(self.mask(name))
+
+    def ensure_mask(self, name: str, base: str, tuned: str) -> str:
+        """The bitwise mask of ``tuned`` against ``base``, its own step: a mask file that is missing, truncated or
+        made from other checkpoints (its recorded content keys differ) is rebuilt from the checkpoints."""
+        p = self.mask(name)
+        try:
+            m = Subnetwork.load(p)
+            if m.meta.get("base_content") == self.key_of(base) and m.meta.get("tuned_content") == self.key_of(tuned):
+                return p
+            why = "was made from other checkpoints"
+        except InputError:
+            why = "is missing or unreadable"
+        self.con.print(f"[yellow]mask {safe(p)} {why}; rebuilding it[/yellow]")
+        self._save_mask(name, Subnetwork.from_checkpoints(base, tuned, criterion="bitwise"), base, tuned)
+        return p
 
     def accuracy(self, name: str, path: str, task: str | None = None) -> float:
         """Greedy accuracy on the held-out split, every per-problem outcome kept (cached by the model's content)."""
@@ -272,7 +285,7 @@ class Study:
         probs = T.generate(task, self.b.n_eval, level=self.level, split="test")
         key = f"acc-{task}-{self.level}-{len(probs)}-{self.precision}-{self.key_of(path)}"
         prec = "mixed" if self.precision == "mixed" else "fp32"
-        r = self._cached(key, lambda: accuracy(path, probs, max_new_tokens=self.b.max_new_tokens + 8, precision=prec))
+        r = self._cached(key, lambda: accuracy(path, probs, max_new_tokens=self.b.max_new_tokens + 8, precision=prec), fields=("accuracy",))
         self.results["accuracy"][name] = {"task": task, "model": str(path), **r}
         return r["accuracy"]
 
@@ -286,7 +299,8 @@ class Study:
         key = f"pref-{self.task}-{self.level}-{self.b.pref_prompts}-{self.key_of(self.model)}-{self.seed}"
         self.con.print("sampling the model's own answers for in-distribution preference pairs")
         self._pref = self._cached(key, lambda: sample_preferences(self.model, probs, k=4, temperature=0.7,
-                                                                  max_new_tokens=self.b.max_new_tokens, seed=self.seed))
+                                                                  max_new_tokens=self.b.max_new_tokens, seed=self.seed),
+                                  fields=("prompt", "chosen", "rejected"))
         return self._pref
 
     def offdist_preferences(self, task: str | None = None) -> dict:

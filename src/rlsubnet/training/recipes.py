@@ -59,8 +59,14 @@ class TrainConfig:
     sft_data: dict | None = None  # {"prompt": [...], "completion": [...]}
 
     def key(self) -> str:
+        """A content key of the run: the model's weights and config (not its path), the mask's bits, the data
+        and every hyperparameter; the same key means the same run."""
+        from ..io.content import content_key
+
         d = dataclasses.asdict(self)
         d.pop("out")
+        if self.model and os.path.exists(self.model):
+            d["model"] = content_key(self.model)
         for flag in ("sparse_state", "master_in_mask", "fsdp"):
             if not d[flag]:
                 d.pop(flag)  # keeps the keys of runs cached before these options existed
@@ -233,6 +239,7 @@ def optimizer_state_bytes(opt) -> int:
 
 
 MAX_LEVEL = 9
+MAX_SEED = 2**32 - 1  # numpy's seed range, which transformers' set_seed also seeds
 
 
 def _finite(x, what: str, lo: float = 0.0, strict: bool = False) -> None:
@@ -252,8 +259,10 @@ def validate_config(cfg: TrainConfig) -> None:
     for what, v, lo in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
                         ("--save-every", cfg.save_every, 0), ("--track-every", cfg.track_every, 0), ("--seed", cfg.seed, 0),
                         ("grad_accum", cfg.grad_accum, 1), ("n_train", cfg.n_train, 1)):
-        if not isinstance(v, int) or v < lo:
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise InputError(f"{what}: {v!r} must be an integer \u2265 {lo}.")
+    if cfg.seed > MAX_SEED:
+        raise InputError(f"--seed: {cfg.seed} must be at most {MAX_SEED} (the range numpy and transformers seed).")
     if not (1 <= cfg.level <= MAX_LEVEL):
         raise InputError(f"--level: {cfg.level!r} must be between 1 and {MAX_LEVEL}.")
     _finite(cfg.lr, "--lr", strict=True)
@@ -279,9 +288,14 @@ def validate_config(cfg: TrainConfig) -> None:
             raise InputError(f"--batch-size: {cfg.batch_size} is not a multiple of --num-generations {cfg.num_generations}.")
 
 
+_CHECKED: set[str] = set()  # content keys of model folders already checked in this process
+
+
 def check_model_folder(path: str) -> None:
-    """The model folder must be a local checkpoint rlsubnet can read safely (no unsafe pickles) with a usable config."""
+    """The model folder must be a local checkpoint rlsubnet can read safely (no unsafe pickles) with a usable
+    config that describes the weights the folder holds."""
     from ..io.checkpoint import open_checkpoint
+    from ..io.content import content_key
 
     p = Path(path)
     if not p.is_dir():
@@ -295,7 +309,54 @@ def check_model_folder(path: str) -> None:
         raise InputError(f"{cfg_path}: not valid JSON.") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise InputError(f"{cfg_path}: has no 'model_type', so transformers cannot tell which model it is.")
-    open_checkpoint(path).close()  # validates every weight file (safe unpickling, headers, index)
+    with open_checkpoint(path) as ck:  # validates every weight file (safe unpickling, headers, index)
+        shapes = {n: tuple(t.shape) for n, t in ck.tensors.items()}
+    key = content_key(path)
+    if key not in _CHECKED:
+        check_config_matches_weights(cfg_path, shapes)
+        _CHECKED.add(key)
+
+
+def check_config_matches_weights(cfg_path: Path, shapes: dict[str, tuple]) -> None:
+    """The model ``config.json`` describes must be the model the weight files hold, checked on the meta device
+    (no memory spent) before transformers builds it: ``{"model_type": "llama"}`` beside 16 KB of weights
+    would otherwise build the 6.7B default first. A parameter stored under its own name must have the shape
+    the config gives it, and the config may not describe more parameters than the files hold (a tied output
+    head counts once; names transformers converts on load, such as per-expert MoE tensors, are compared by
+    size), so nothing the weights do not hold is allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(cfg_path.parent), local_files_only=True)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"{cfg_path}: transformers cannot build the model it describes ({first}).") from None
+    stored = dict(shapes)
+    for n, shp in shapes.items():  # checkpoints saved without the base model's prefix
+        stored.setdefault(f"{meta.base_model_prefix}.{n}", shp)
+    params = list(meta.named_parameters())  # tied parameters (the output head) appear once
+    del meta
+    held = sum(_numel(s) for s in shapes.values())
+    described = sum(p.numel() for _, p in params)
+    for name, p in params:
+        shp = stored.get(name)
+        if shp is not None and tuple(shp) != tuple(p.shape):
+            raise InputError(f"{cfg_path}: describes parameter '{name}' as {list(p.shape)}, the weight files hold {list(shp)}; "
+                             "this config.json does not belong to these weights.")
+    if described > held:  # names may differ (transformers renames some layouts on load), sizes may not
+        missing = next((n for n, _ in params if n not in stored), None)
+        raise InputError(f"{cfg_path}: describes {described:,} parameters, the weight files hold {held:,}"
+                         + (f" (no '{missing}' among them)" if missing else "") + "; this config.json does not belong to these weights.")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
 
 
 def _nonfinite_params(model) -> str | None:
@@ -328,15 +389,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process trains (DDP, or FSDP2 with
     ``cfg.fsdp``; ``cfg.batch_size`` is per process) and only the main process writes; the others write nothing.
     """
-    import torch
-    from transformers import set_seed
-
     from ..io.atomic import clean_stale, live_writer, record_written, replace_dir, temp_name
     from ..io.guard import check_outputs, check_replaceable, write_marker
-    from .checkpoints import save_as
-    from .tracking import SaveEvery, SparsityTracker, StepProgress, TrainLog, write_log
 
-    validate_config(cfg)
+    validate_config(cfg)  # options first: a refused run answers before torch is imported
     if cfg.mask and not os.path.isfile(cfg.mask):
         raise InputError(f"{cfg.mask}: no such mask file.")
     out = Path(os.path.abspath(os.path.expanduser(cfg.out)))
@@ -344,6 +400,12 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     check_replaceable(out)
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise InputError("--fsdp: shards over several processes; start the run with torchrun or accelerate launch.")
+    check_model_folder(cfg.model)  # the config against the weights, on the meta device, before anything is allocated
+    import torch
+    from transformers import set_seed
+
+    from .checkpoints import save_as
+    from .tracking import SaveEvery, SparsityTracker, StepProgress, TrainLog, write_log
     rank, world, state = _distributed()
     main = rank == 0
     if main:
@@ -403,8 +465,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
             for s in saver.saved if saver else []:
                 os.replace(s, final / Path(s).name)
             write_marker(final, "train", algo=cfg.algo, model=str(cfg.model))
-            check_replaceable(out)  # again: something may have appeared there during the run
-            replace_dir(final, out)
+            replace_dir(final, out, guard="--out")  # checked again at the swap: something may have appeared there
             record_written(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -129,7 +129,34 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
                     n += v.numel() * v.element_size()
         return n
 
+    def mask_digest(self) -> str:
+        """sha256 of the mask this state belongs to: every parameter's size and masked positions, in order."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p, idx in self.index.items():
+            h.update(f"{local(p).numel()}|{'all' if idx is None else idx.numel()}\n".encode())
+            if idx is not None:
+                h.update(idx.to(torch.int64).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus ``mask_digest``: the state is meaningful only with the mask it was built for."""
+        sd = super().state_dict()
+        sd["mask_digest"] = self.mask_digest()
+        return sd
+
     def load_state_dict(self, state_dict) -> None:
+        """Load a state saved by :meth:`state_dict`; refused (``ValueError``) when it was saved with another mask,
+        even one of the same size, since its moments belong to other entries."""
+        state_dict = dict(state_dict)
+        digest = state_dict.pop("mask_digest", None)
+        if digest is None:
+            raise ValueError("this optimizer state records no mask digest, so the mask it was saved with cannot be "
+                             "checked; it was not saved by SparseMaskedOptimizer.state_dict()")
+        if digest != self.mask_digest():
+            raise ValueError("this optimizer state was saved with another mask (its mask digest differs); "
+                             "resume with the mask the run was started with")
         super().load_state_dict(state_dict)
         for p, idx in self.index.items():
             st = self.state.get(p) or {}
