@@ -79,8 +79,8 @@ def test_diff_reports_the_floor(tmp_path):
         numel += v.numel()
         changed += int(ch.sum())
     fl = r.floor
-    assert fl["frozen"] == frozen and fl["changed_above_floor"] == changed_above and 0 < frozen < numel
-    assert fl["sparsity_above_floor"] == 1 - changed_above / (numel - frozen)
+    assert fl.frozen == frozen and fl.changed_above_floor == changed_above and 0 < frozen < numel
+    assert fl.sparsity_above_floor == 1 - changed_above / (numel - frozen)
     assert sum(x["numel"] for x in r.by_exponent) == numel and sum(x["changed"] for x in r.by_exponent) == changed
     assert {g.key for g in r.by_module if g.floor} == {"up", "q"}
     res = run("diff", tmp_path / "a", tmp_path / "b", "--lr-sum", "1e-5", "--json", "-", "-q")

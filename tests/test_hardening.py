@@ -25,7 +25,7 @@ from rlsubnet.io import InputError, open_checkpoint
 from rlsubnet.io.atomic import write_text
 from rlsubnet.io.guard import MARKER, check_outputs
 from rlsubnet.masks import Subnetwork, overlap
-from rlsubnet.training.verify import verify_frozen
+from rlsubnet.masks.verify import verify_frozen
 
 from conftest import EXE, bump_ulps, run, save_folder
 
@@ -122,7 +122,7 @@ def test_train_replaces_its_own_output_atomically_and_cleans_after_kill(tmp_path
     p = subprocess.Popen([*EXE, *TRAIN, "--steps", "100000", "--model", str(tiny_model), "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while len(list(tmp_path.glob(".run.*.work"))) < 2 and time.time() - t0 < 120:
+    while not list(tmp_path.glob(f".run.{p.pid}.*.work")) and time.time() - t0 < 120:  # its own work folder
         time.sleep(0.2)
     time.sleep(3)  # inside trainer.train()
     p.send_signal(signal.SIGTERM)
@@ -638,9 +638,11 @@ def test_train_options_validated(tiny_model, tmp_path, opts, needle):
              "--level": "level", "--num-generations": "num_generations", "--max-new-tokens": "max_new_tokens", "--algo": "algo"}
     for k, v in zip(opts[::2], opts[1::2]):
         kw[names[k]] = v if k == "--algo" else (float(v) if k in ("--lr", "--weight-decay", "--beta") else int(v))
-    with pytest.raises(InputError, match=needle):
+    with pytest.raises(InputError, match=names.get(needle, needle)):  # the Python API names the argument
         run_training(TrainConfig(**kw), progress=False)
     assert not (tmp_path / "o").exists()
+    r = run(*TRAIN, *opts, "--model", tiny_model, "--out", tmp_path / "o")  # a repeated option: the last one counts
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr  # the command line names its flag
 
 
 def test_train_cli_bad_models_one_sentence(tmp_path, tiny_model):

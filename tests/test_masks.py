@@ -13,7 +13,7 @@ import torch
 import rlsubnet
 from rlsubnet.io import InputError
 from rlsubnet.masks import Subnetwork, closeness, overlap, overlap_stats
-from rlsubnet.training.verify import verify_frozen as changes_by_mask
+from rlsubnet.masks.verify import verify_frozen as changes_by_mask
 
 from conftest import bump_ulps, save_folder
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+from enum import Enum
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -13,7 +14,22 @@ from rich.console import Console
 from .io.display import safe
 from .io.errors import InputError
 from .io.guard import check_outputs
-from .training.recipes import TrainConfig
+from .training.config import TrainConfig
+
+# options shared by several commands, declared once (huggingface_hub's CLI does the same)
+JsonOut = Annotated[Optional[str], typer.Option("--json", help="write the JSON result to PATH (- for stdout)")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="parallel worker processes (default: the CPU count, at most 8, at most one per tensor)")]
+CacheDir = Annotated[Optional[str], typer.Option("--cache-dir", help="Hugging Face cache folder for org/name references (read offline)")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no table, no progress bar")]
+Criterion = Annotated[str, typer.Option("--criterion", help="what counts as changed: bitwise | atol:TOL | bf16rel:ETA")]
+
+
+class By(str, Enum):
+    tensor = "tensor"
+    layer = "layer"
+    module = "module"
+    expert = "expert"
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="What did this finetuning run change, and how? (arXiv 2505.11711)")
@@ -97,26 +113,26 @@ def diff(
     tuned: str = typer.Argument(..., help="finetuned checkpoint of the same model"),
     atol: Optional[List[str]] = typer.Option(None, "--atol", help="absolute tolerances (repeat or comma-separate); default 0,1e-8,1e-7,1e-6,1e-5,1e-4"),
     eta: float = typer.Option(1e-3, "--eta", help="η of the bf16-relative test |Δ| ≤ η·max(|w0|,|w1|)"),
-    by: str = typer.Option("module", "--by", help="table rows: tensor, layer or module"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON result to PATH (- for stdout)"),
+    by: str = typer.Option("module", "--by", help="table rows: " + " | ".join(b.value for b in By)),
+    json_out: JsonOut = None,
     csv_out: Optional[str] = typer.Option(None, "--csv", help="write the --by table as CSV"),
     md_out: Optional[str] = typer.Option(None, "--markdown", help="write a Markdown summary"),
     plot: Optional[str] = typer.Option(None, "--plot", help="write PNG plots into DIR"),
     common_slice: bool = typer.Option(False, "--common-slice", help="compare the shared leading rows of tensors whose first dimension differs"),
     mask_out: Optional[str] = typer.Option(None, "--mask-out", help="also write the changed-mask (rlsubnet-mask/1) to MASK"),
-    criterion: str = typer.Option("bitwise", "--criterion", help="mask criterion: bitwise | atol:TOL | bf16rel:ETA"),
+    criterion: Criterion = "bitwise",
     rank: bool = typer.Option(False, "--rank", help="also compute the rank of every update matrix"),
     lr_sum: Optional[float] = typer.Option(None, "--lr-sum", help="Σ learning rate of the run: report the precision floor and the sparsity above it"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count, at most one per tensor)"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no table, no progress bar"),
+    workers: Workers = None,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Compare two checkpoints parameter by parameter: which elements changed, by every criterion."""
     from .analysis import diff as run_diff
     from .report.diff_report import diff_csv, diff_markdown, diff_plots, print_diff, write_json_to
 
-    if by not in ("tensor", "layer", "module"):
-        raise InputError(f"--by: {by!r} is not one of tensor, layer, module.")
+    if by not in {b.value for b in By}:
+        raise InputError(f"--by: {by!r} is not one of {', '.join(b.value for b in By)}.")
     _check_workers(workers)
     check_outputs({"--json": json_out, "--csv": csv_out, "--markdown": md_out, "--mask-out": mask_out, "--plot": plot},
                   _inputs(base, tuned))
@@ -125,6 +141,8 @@ def diff(
     result = run_diff(base, tuned, eta=eta, common_slice=common_slice, workers=workers, cache_dir=cache_dir,
                       mask_criterion=criterion if mask_out else None, progress=not quiet, rank=rank, lr_sum=lr_sum, **kwargs)
     con = _out_console(json_out == "-")
+    if by == "expert" and result.moe is None:
+        raise InputError(f"--by expert: {safe(base)} and {safe(tuned)} have no mixture-of-experts layers this version recognises.")
     if not quiet:
         print_diff(result, by=by, console=con)
         if result.rank is not None:
@@ -162,10 +180,10 @@ def mask(
     base: str = typer.Argument(..., help="base checkpoint (θ_init)"),
     tuned: str = typer.Argument(..., help="finetuned checkpoint"),
     out: str = typer.Option(..., "-o", "--out", help="mask file to write (rlsubnet-mask/1)"),
-    criterion: str = typer.Option("bitwise", "--criterion", help="bitwise | atol:TOL | bf16rel:ETA"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count, at most one per tensor)"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    criterion: Criterion = "bitwise",
+    workers: Workers = None,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write the set of updated parameters (the subnetwork of Conjecture 1) as a mask file."""
     from .masks import Subnetwork
@@ -181,11 +199,11 @@ def mask(
 @clean_errors
 def overlap(
     masks: List[str] = typer.Argument(..., help="two or more mask files"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write JSON to PATH (- for stdout)"),
+    json_out: JsonOut = None,
     plot: Optional[str] = typer.Option(None, "--plot", help="write PNG plots into DIR"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="matched random baseline: uniform | tensor | magnitude (needs --base)"),
     base: Optional[str] = typer.Option(None, "--base", help="the checkpoint the masks were made from (for --baseline magnitude)"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    cache_dir: CacheDir = None,
 ) -> None:
     """Overlap of subnetworks against chance: o1/o2, Jaccard, z-score; consensus for 3+ masks."""
     from .masks import overlap as run_overlap
@@ -228,10 +246,10 @@ def closeness(
     b: str = typer.Argument(..., help="second finetuned checkpoint (e.g. θ_sub)"),
     mask_path: Optional[str] = typer.Option(None, "--mask", help="also report inside/outside this mask"),
     atol: Optional[List[str]] = typer.Option(None, "--atol", help="tolerances; default 0,1e-8,1e-7,1e-6,1e-5,1e-4"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write JSON to PATH (- for stdout)"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count)"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    json_out: JsonOut = None,
+    workers: Workers = None,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """How close two models finetuned from one init are: fraction equal at each tolerance."""
     from .masks import closeness as run
@@ -255,10 +273,10 @@ def rank(
     tuned: str = typer.Argument(...),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="relative singular-value threshold (default max(m,n)·eps)"),
     precision: str = typer.Option("float32", "--precision", help="float32 or float64"),
-    json_out: Optional[str] = typer.Option(None, "--json"),
+    json_out: JsonOut = None,
     plot: Optional[str] = typer.Option(None, "--plot", help="write the per-layer plot into DIR"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Rank, stable rank and effective rank of every 2-D update matrix (the paper's Table 2)."""
     from .analysis import rank as run
@@ -280,16 +298,16 @@ def verify_frozen(
     init: str = typer.Argument(..., help="checkpoint training started from"),
     trained: str = typer.Argument(..., help="checkpoint after masked training"),
     mask_path: str = typer.Argument(..., help="the mask that was trained"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write JSON to PATH (- for stdout)"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="parallel worker processes (default: CPU count)"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for org/name references"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    json_out: JsonOut = None,
+    workers: Workers = None,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Check a finished masked run from its files: frozen entries must be bit-identical, and every entry
     must have been checked (exit 1 if a frozen entry moved or something could not be checked)."""
+    from .masks.verify import verify_frozen as run
     from .report.diff_report import write_json_to
     from .report.mask_report import print_frozen
-    from .training.verify import verify_frozen as run
 
     _check_workers(workers)
     check_outputs({"--json": json_out}, _inputs(init, trained, mask_path))
@@ -318,7 +336,7 @@ def train(
     lr: float = typer.Option(_TC.lr, "--lr"),
     seed: int = typer.Option(_TC.seed, "--seed"),
     beta: Optional[float] = typer.Option(_TC.beta, "--beta", help="KL / preference strength (default per algorithm)"),
-    max_grad_norm: float = typer.Option(_TC.max_grad_norm, "--max-grad-norm", help="gradient clipping (0 = off)"),
+    max_grad_norm: float = typer.Option(_TC.max_grad_norm, "--max-grad-norm", help="gradient clipping norm (0 = no clipping)"),
     weight_decay: float = typer.Option(_TC.weight_decay, "--weight-decay"),
     save_every: int = typer.Option(_TC.save_every, "--save-every", help="write out/step-N every K steps"),
     precision: str = typer.Option(_TC.precision, "--precision", help="fp32 | mixed (fp32 master weights, bf16 compute) | bf16 weights"),
@@ -331,14 +349,19 @@ def train(
     fsdp: bool = typer.Option(_TC.fsdp, "--fsdp", help="under torchrun / accelerate launch: shard with FSDP2 (default there: DDP)"),
 ) -> None:
     """Train with a real TRL trainer, optionally only a subnetwork; writes a checkpoint + train_log.json."""
-    from .training.recipes import TrainConfig, run_training
+    from .training.config import ConfigError, validate_config
 
-    if reward not in ("exact", "digits"):
-        raise InputError(f"--reward: {reward!r} is not exact or digits.")
     cfg = TrainConfig(algo=algo, model=model, task=task, out=out, mask=mask_path, sparse_state=sparse_state, master_in_mask=master_in_mask, steps=steps, lr=lr, seed=seed, beta=beta,
-                      max_grad_norm=max_grad_norm or None, weight_decay=weight_decay, save_every=save_every,
+                      max_grad_norm=max_grad_norm if max_grad_norm != 0 else None,  # --max-grad-norm 0: no clipping (None)
+                      weight_decay=weight_decay, save_every=save_every,
                       precision=precision, level=level, batch_size=batch_size, num_generations=num_generations,
                       max_new_tokens=max_new_tokens, reward=reward, track_every=track_every, fsdp=fsdp)
+    try:
+        validate_config(cfg)  # before anything heavy is imported: a refused run answers at once
+    except ConfigError as e:
+        raise e.for_cli() from None
+    from .training.recipes import run_training
+
     res = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
         Console().print(f"wrote {safe(res.out)} ({len(res.step_times)} steps in {res.elapsed_s:.1f} s; train_log.json inside)")
@@ -357,8 +380,8 @@ def patch_create(
     out: str = typer.Option(..., "-o", "--out", help="patch file to write"),
     level: int = typer.Option(3, "--level", help="zstd level (1-22)"),
     include: Optional[List[str]] = typer.Option(None, "--include", help="also carry this file of TUNED's folder (repeatable); config, generation config, tokenizer and chat template are carried by default"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write the patch that turns BASE into TUNED, streaming, and print its size breakdown."""
     from .deltas import create
@@ -384,8 +407,8 @@ def patch_apply(
     base: str = typer.Argument(..., help="base checkpoint (safetensors)"),
     patches: List[str] = typer.Argument(..., help="one patch, or a chain in order"),
     out: str = typer.Option(..., "-o", "--out", help="output checkpoint folder (base's layout)"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Apply a patch (or a chain) to BASE; every result tensor is checked against its recorded hash."""
     from .deltas import apply
@@ -402,8 +425,8 @@ def patch_apply(
 def patch_verify(
     base: str = typer.Argument(...),
     patches: List[str] = typer.Argument(..., help="one patch, or a chain in order"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Exit 0 when applying the patch(es) to BASE would reproduce the recorded result, 1 when not."""
     from .deltas import verify

@@ -14,8 +14,11 @@ from ..io.align import Pair, align, tie_notes
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.errors import InputError
 from .engine import DEFAULT_CHUNK, Job, map_chunks
+from .experts import expert_role, moe_section
+from .floor import attach_floor, floor_probe
 from .naming import layer_index, module_kind, paper_layer_index
-from .probes import ULP_LABELS, ChunkStats, floor_probe, parse_criterion, probe_chunk
+from .probes import ULP_LABELS, ChunkStats, differing, parse_criterion, probe_chunk
+from .quantized import quant_chunk, quant_probe, quant_spec, same_format
 from .results import DiffResult, Group, TensorDiff
 
 DEFAULT_ATOL = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
@@ -85,17 +88,32 @@ def diff(
     cb, ct = _as_checkpoint(base, cache_dir), _as_checkpoint(tuned, cache_dir)
     try:
         pairs, skipped = align(cb, ct, common_slice=common_slice)
-        jobs = [Job(p.name, [(cb, p.src_a), (ct, p.src_b)], p.numel, payload=p) for p in pairs]
+        both = {p.name for p in pairs if same_format(cb, ct, p.src_a, p.src_b) and not p.sliced}  # read by their codes
+        jobs = [Job(p.name, [(cb, p.src_a), (ct, p.src_b)], p.numel, payload=p, read=p.name not in both) for p in pairs]
         stats: dict[str, ChunkStats] = {p.name: ChunkStats(atol_changed=np.zeros(tols.size, np.int64)) for p in pairs}
         masks: dict[str, np.ndarray] | None = None
         if crit is not None:
             masks = {p.name: np.zeros((p.numel + 7) // 8, np.uint8) for p in pairs}
 
-        def fn(job: Job, start: int, raws: list[np.ndarray]):
+        quantized = {p.name for p in pairs if quant_spec(cb, p.src_a) or quant_spec(ct, p.src_b)}
+        fused = {p.name: p.shape[0] for p in pairs if len(p.shape) >= 2 and (r := expert_role(p.name)) is not None and r.role == "fused"}
+
+        def fn(job: Job, start: int, raws: list[np.ndarray] | int):
             p: Pair = job.payload
-            st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit)
-            if lr_sum is not None:
+            if p.name in both:  # raws is the chunk's length: codes and scales are read by the probe
+                st, m = quant_chunk(cb, ct, p.src_a, p.src_b, start, raws, tols, eta, crit, lr_sum)
+                if p.name in fused:
+                    st.per_expert = _per_expert(cb, ct, p, start, raws, fused[p.name])
+                return st, (np.packbits(m, bitorder="little") if m is not None else None)
+            kept = {} if p.name in quantized and quant_spec(cb, p.src_a) else None
+            st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit, keep=kept)
+            if p.name in quantized:  # codes, scales, ULPs in the stored grid, the floor with the scale held fixed
+                quant_probe(st, raws[0], raws[1], p.a.dtype, p.b.dtype, cb, ct, p.src_a, p.src_b, start, lr_sum, kept)
+            elif lr_sum is not None:
                 floor_probe(raws[0], raws[1], p.a.dtype, p.b.dtype, lr_sum, st)
+            if p.name in fused:  # changed entries per expert: expert e holds flat range [e·per, (e+1)·per)
+                idx = differing(raws[0], raws[1], p.a.dtype, p.b.dtype)[0]
+                st.per_expert = np.bincount((start + idx) // (p.numel // fused[p.name]), minlength=fused[p.name])
             return st, (np.packbits(m, bitorder="little") if m is not None else None)
 
         for job, results in map_chunks(jobs, fn, workers=workers, chunk=chunk, desc="diff", progress=progress):
@@ -106,8 +124,10 @@ def diff(
                     masks[job.name][pos8 : pos8 + packed.size] = packed
                     pos8 += packed.size
         result = _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta)
+        _quantized(result, cb, ct, pairs, stats)
+        result.moe = moe_section(result.tensors, {n: stats[n].per_expert.tolist() for n in fused if stats[n].per_expert is not None})
         if lr_sum is not None:
-            _floor(result, pairs, stats, float(lr_sum))
+            attach_floor(result, pairs, stats, float(lr_sum))
         if masks is not None:
             masks = {p.name: masks[p.name] for p in pairs if not p.buffer}  # buffers are not parameters
         result.mask_bits = masks
@@ -137,7 +157,7 @@ def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult
             TensorDiff(
                 name=p.name,
                 shape=list(p.shape),
-                dtype=p.a.dtype.torch_name,
+                dtype=_stored(cb, p.src_a, p.a),
                 numel=p.numel,
                 changed=s.changed,
                 atol=[{"atol": t, "changed": int(s.atol_changed[pos[t]])} for t in tols_user],
@@ -149,7 +169,7 @@ def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult
                 nonfinite=s.nonfinite,
                 layer=layer_index(p.name),
                 kind=module_kind(p.name),
-                tuned_dtype=p.b.dtype.torch_name,
+                tuned_dtype=_stored(ct, p.src_b, p.b),
                 sliced=p.sliced,
             )
         )
@@ -190,46 +210,56 @@ def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult
     )
 
 
-def floor_summary(numel: int, changed: int, frozen: int, changed_frozen: int, lr_sum: float) -> dict:
-    """The floor numbers of one set of entries: frozen (below the floor), and sparsity above it."""
-    above = numel - frozen
-    ch_above = changed - changed_frozen
-    return {"lr_sum": lr_sum, "frozen": frozen, "fraction": frozen / numel if numel else 0.0,
-            "changed_above_floor": ch_above, "changed_below_floor": changed_frozen,
-            "sparsity_above_floor": 1 - ch_above / above if above else None}
+def _per_expert(cb, ct, p, start: int, count: int, experts: int) -> np.ndarray:
+    """Changed entries per expert of a fused quantized expert tensor (values compared exactly)."""
+    va = cb.values(p.src_a, start, count)[2]
+    vb = ct.values(p.src_b, start, count)[2]
+    with np.errstate(invalid="ignore"):
+        idx = np.flatnonzero(~((va == vb) | (np.isnan(va) & np.isnan(vb))))
+    return np.bincount((start + idx) // (p.numel // experts), minlength=experts)
 
 
-def _floor(result: DiffResult, pairs, stats, lr_sum: float) -> None:
-    """Attach the precision floor (global, per tensor, per module kind) and the per-exponent table."""
+def _stored(ck, name: str, info) -> str:
+    """How a tensor is stored: its dtype, or the quantized format a parameter's values come from."""
+    q = quant_spec(ck, name)
+    return ck.stored_dtype(name) if q is not None else info.dtype.torch_name
+
+
+def _quantized(result: DiffResult, cb, ct, pairs, stats) -> None:
+    """Per quantized tensor: format, block, codes and scales changed; totals in ``result.quantized``; notes."""
     by_name = {p.name: p for p in pairs}
-    tot = [0, 0, 0, 0]
-    kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    exp: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    n = codes = scales = survive = 0
+    mixed = 0
     for t in result.tensors:
+        p = by_name[t.name]
+        qa, qb = quant_spec(cb, p.src_a), quant_spec(ct, p.src_b)
+        q = qa or qb
+        if q is None:
+            continue
         s = stats[t.name]
-        t.floor = floor_summary(t.numel, t.changed, s.frozen, s.changed_frozen, lr_sum)
-        for acc in (tot, kinds[t.kind]):
-            acc[0] += t.numel
-            acc[1] += t.changed
-            acc[2] += s.frozen
-            acc[3] += s.changed_frozen
-        if s.exp_numel is not None:
-            dt = by_name[t.name].a.dtype
-            for field in np.flatnonzero(s.exp_numel):
-                key = (dt.name, int(field))
-                exp[key][0] += int(s.exp_numel[field])
-                exp[key][1] += int(s.exp_changed[field])
-    result.floor = floor_summary(*tot, lr_sum)
-    for g in result.by_module:
-        g.floor = floor_summary(*kinds[g.key], lr_sum)
-    from ..io.dtypes import DTYPES
-
-    rows = []
-    for (dname, field), (n, c) in sorted(exp.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        dt = DTYPES[dname]
-        e = None if field == 0 else field - dt.exponent_bias  # |w0| in [2^e, 2^(e+1)); None: zero or subnormal
-        rows.append({"dtype": dt.torch_name, "exponent": e, "numel": n, "changed": c, "changed_fraction": c / n if n else 0.0})
-    result.by_exponent = rows
+        n += 1
+        t.quantized = {"format": q.format, "block": list(q.block)}
+        if qa is not None and qb is not None and qa.format == qb.format:
+            t.quantized.update(codes_changed=s.codes_changed, scales_changed=s.scales_changed)
+            codes += s.codes_changed
+            scales += s.scales_changed
+        else:
+            mixed += 1
+            t.quantized.update(codes_changed=None, scales_changed=None, compared="by value: one side is not stored in this format")
+            if qa is not None:
+                t.quantized["survive_requantize"] = s.survive_requantize
+                survive += s.survive_requantize
+    if not n:
+        return
+    result.quantized = {"tensors": n, "codes_changed": codes, "scales_changed": scales}
+    result.notes.append(f"{n} quantized parameters were compared by value (code × scale, exact in float64); 'changed' counts "
+                        "entries whose value differs, codes_changed and scales_changed count stored codes and scales; ULPs are "
+                        "those of the stored grid")
+    if mixed:
+        result.quantized["compared_by_value_only"] = mixed
+        result.quantized["survive_requantize"] = survive
+        result.notes.append(f"{mixed} parameters are quantized on one side only and were compared by value; "
+                            f"{survive:,} of their changes survive rounding the tuned values into the base's grid (base scales held)")
 
 
 def group(tensors: list[TensorDiff], key, tols_user) -> list[Group]:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ..io.checkpoint import Checkpoint, iter_chunks
+from ..io.display import make_progress
 from ..io.errors import InputError
 
 DEFAULT_CHUNK = 1 << 18  # elements per chunk (cache-sized buffers) (a multiple of 8, so packed mask bits concatenate)
@@ -29,6 +29,7 @@ class Job:
     sources: Sequence[tuple[Checkpoint, str]]
     numel: int
     payload: Any = None  # anything the caller wants back with the results
+    read: bool = True  # False: the function reads its chunks itself (it gets None for the raws)
 
     @property
     def nbytes(self) -> int:
@@ -37,19 +38,6 @@ class Job:
 
 def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
-
-
-def make_progress(enabled: bool = True) -> Progress:
-    """A rich progress bar on stderr that measures bytes read."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=True,
-    )
 
 
 # -- process-parallel map over whole tensors ----------------------------------------------------------
@@ -85,7 +73,8 @@ def _worker_init(task: tuple, parent: int) -> None:
 def _run(task: tuple, i: int):
     jobs, fn, chunk = task
     job = jobs[i]
-    return i, [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources]) for start, count in iter_chunks(job.numel, chunk)]
+    return i, [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count)
+               for start, count in iter_chunks(job.numel, chunk)]
 
 
 def _run_in_worker(i: int):

@@ -15,7 +15,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..io.bits import changed_index
-from ..io.dtypes import DType, below_floor, dot, sumsq, ulp_exponent, widen, widen32
+from ..io.dtypes import DType, dot, sumsq, ulp_exponent, widen, widen32
 
 # Buckets of |Δ| / ULP(w0): "0" (unchanged), "<1", "1" = [1,2), "2" = [2,3), "3-4" = [3,5), ...
 ULP_EDGES = np.array([1, 2, 3, 5, 9, 17, 33, 65, 129, 257], dtype=np.float64)
@@ -51,6 +51,10 @@ class ChunkStats:
     changed_frozen: int = 0  # ... of which changed anyway
     exp_numel: np.ndarray | None = None  # per exponent field of the base value: entries ...
     exp_changed: np.ndarray | None = None  # ... and changed entries
+    codes_changed: int = 0  # quantized storage: weights whose stored code differs
+    scales_changed: int = 0  # ... stored scale entries that differ
+    survive_requantize: int = 0  # ... changes that survive rounding the (unquantized) tuned value into base's grid
+    per_expert: np.ndarray | None = None  # fused MoE tensors: changed entries per expert
 
     def add(self, o: ChunkStats) -> None:
         self.numel += o.numel
@@ -64,6 +68,11 @@ class ChunkStats:
         self.nonfinite += o.nonfinite
         self.frozen += o.frozen
         self.changed_frozen += o.changed_frozen
+        self.codes_changed += o.codes_changed
+        self.scales_changed += o.scales_changed
+        self.survive_requantize += o.survive_requantize
+        if o.per_expert is not None:
+            self.per_expert = o.per_expert.copy() if self.per_expert is None else self.per_expert + o.per_expert
         if o.exp_numel is not None:
             self.exp_numel = o.exp_numel.copy() if self.exp_numel is None else self.exp_numel + o.exp_numel
             self.exp_changed = o.exp_changed.copy() if self.exp_changed is None else self.exp_changed + o.exp_changed
@@ -195,10 +204,13 @@ def probe_chunk(
     eta: float,
     mask_criterion: tuple[str, float] | None = None,
     base_norm: bool = True,
+    keep: dict | None = None,
 ) -> tuple[ChunkStats, np.ndarray | None]:
     """All probes for one chunk. ``tols`` must be sorted ascending and unique.
 
-    Returns the stats and, when ``mask_criterion`` is given, the boolean changed-mask of the chunk.
+    Returns the stats and, when ``mask_criterion`` is given, the boolean changed-mask of the chunk. With a
+    ``keep`` dict, the general path leaves its changed indices and float64 values there (``idx``, ``fa``,
+    ``fb``) and skips the ULP histogram, for a caller that takes ULPs in another grid (quantized storage).
     """
     st = ChunkStats(numel=int(ra.size), atol_changed=np.zeros(tols.size, np.int64))
     if base_norm:
@@ -227,7 +239,16 @@ def probe_chunk(
     st.ulp_hist[0] = st.numel - n
     if n == 0:
         return st, mask
-    k, relm, absd = _slow(fa, fb, ra[idx], da, tols, eta, st)
+    if keep is not None:
+        keep.update(idx=idx, fa=fa, fb=fb)
+    probe_changed(st, idx, fa, fb, ra[idx], da, tols, eta, mask_criterion, mask, ulp=keep is None)
+    return st, mask
+
+
+def probe_changed(st: ChunkStats, idx, fa, fb, sa, da, tols, eta, mask_criterion, mask, ulp: bool = True) -> None:
+    """The value probes of a chunk's changed entries (indices ``idx``, float64 values ``fa``/``fb``, raw base bits
+    ``sa`` for the ULP histogram), and their entries of ``mask`` under ``mask_criterion``."""
+    k, relm, absd = _slow(fa, fb, sa, da, tols, eta, st, ulp=ulp)
     if mask is not None:
         kind, val = mask_criterion
         if kind == "bitwise":
@@ -240,25 +261,9 @@ def probe_chunk(
                 mask[idx[atol_exceed(absd, fa, fb, np.array([val])) > 0]] = True
         else:
             mask[idx[relm if val == eta else rel_changed_mask(absd, fa, fb, val)]] = True
-    return st, mask
 
 
-def floor_probe(ra: np.ndarray, rb: np.ndarray, da: DType, db: DType, bound: float, st: ChunkStats) -> None:
-    """The precision floor of a chunk: base entries that no update of size ≤ ``bound`` could move, how many of
-    those changed anyway, and entries and changes per exponent field of the base value."""
-    if not da.is_float or da.name != db.name or da.name not in ("BF16", "F16", "F32"):
-        return
-    idx = changed_index(ra, rb)
-    frozen = below_floor(ra, da, bound)
-    st.frozen += int(np.count_nonzero(frozen))
-    st.changed_frozen += int(np.count_nonzero(frozen[idx]))
-    e = (ra >> ra.dtype.type(da.mantissa_bits)) & ra.dtype.type((1 << da.exponent_bits) - 1)
-    bins = 1 << da.exponent_bits
-    st.exp_numel = np.bincount(e, minlength=bins).astype(np.int64)
-    st.exp_changed = np.bincount(e[idx], minlength=bins).astype(np.int64)
-
-
-def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats):
+def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats, ulp: bool = True):
     """Probes for changed elements in float64 (any dtype pair), exact ties settled exactly."""
     with np.errstate(invalid="ignore", over="ignore"):
         absd = np.abs(fb - fa)
@@ -270,10 +275,12 @@ def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats):
     st.atol_changed += np.cumsum(bc[::-1])[::-1][1:].astype(np.int64)  # count(k > j) for each j
     relm = rel_changed_mask(absd, fa, fb, eta)
     st.rel_changed += int(np.count_nonzero(relm))
-    r = np.ldexp(np.where(finite, absd, 0.0), -ulp_exponent(sa, da).astype(np.int32))
-    buckets = np.searchsorted(ULP_EDGES, r, side="right") + 1
-    buckets[~finite] = len(ULP_LABELS) - 1
-    st.ulp_hist += np.bincount(buckets, minlength=len(ULP_LABELS))
+    if ulp:
+        with np.errstate(over="ignore"):
+            r = np.ldexp(np.where(finite, absd, 0.0), -ulp_exponent(sa, da).astype(np.int32))
+        buckets = np.searchsorted(ULP_EDGES, r, side="right") + 1
+        buckets[~finite] = len(ULP_LABELS) - 1
+        st.ulp_hist += np.bincount(buckets, minlength=len(ULP_LABELS))
     if finite.any():
         af = absd[finite]
         st.max_abs = max(st.max_abs, float(af.max()))

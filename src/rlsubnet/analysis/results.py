@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..io.jsonout import dumps
+from .floor import FloorSummary
 
 
 def _sparsity(changed: int, numel: int) -> float:
@@ -32,7 +33,10 @@ class TensorDiff:
     tuned_dtype: str
     sliced: bool = False
     nonfinite: int = 0  # changed entries whose value or difference is not finite (then max/L2 are NaN → null)
-    floor: dict | None = None  # with lr_sum: the precision floor of this tensor
+    floor: FloorSummary | None = None  # with lr_sum: the precision floor of this tensor
+    # quantized storage: {"format", "block", "codes_changed", "scales_changed"} (and, for a quantized base against
+    # an unquantized tuned side, "survive_requantize": changes still there after rounding tuned into base's grid)
+    quantized: dict | None = None
 
     @property
     def sparsity(self) -> float:
@@ -46,6 +50,8 @@ class TensorDiff:
         d = asdict(self)
         if d["floor"] is None:
             d.pop("floor")
+        if d["quantized"] is None:
+            d.pop("quantized")
         d["sparsity"] = self.sparsity
         return d
 
@@ -60,7 +66,7 @@ class Group:
     changed: int
     atol: list[dict]
     bf16_rel_changed: int
-    floor: dict | None = None
+    floor: FloorSummary | None = None
 
     @property
     def sparsity(self) -> float:
@@ -100,8 +106,10 @@ class DiffResult:
     rank: Any = None  # a RankResult when requested
     mask_bits: dict | None = field(default=None, repr=False)  # name -> packed uint8 bits (--mask-out)
     fingerprints: dict | None = None  # {"base": str, "tuned": str} when a mask was collected
-    floor: dict | None = None  # with lr_sum: {"lr_sum", "frozen", "fraction", "changed_above_floor", ...}
+    floor: FloorSummary | None = None  # with lr_sum: the precision floor of the whole model
     by_exponent: list[dict] | None = None  # with lr_sum: changed fraction per exponent of |w0|
+    quantized: dict | None = None  # {"tensors", "codes_changed", "scales_changed"} over quantized parameters
+    moe: dict | None = None  # per layer: router, shared experts, routed experts (see analysis/experts.py)
 
     @property
     def sparsity(self) -> float:
@@ -131,7 +139,8 @@ class DiffResult:
                 "bf16_rel": {"eta": self.eta, "changed": self.bf16_rel_changed, "sparsity": self.bf16_rel_sparsity},
                 "ulp_hist": dict(self.ulp_hist),
                 "paper_layerwise_density": self.paper_layerwise_density,
-                **({"floor": self.floor, "by_exponent": self.by_exponent} if self.floor is not None else {}),
+                **({"floor": self.floor.to_dict(), "by_exponent": self.by_exponent} if self.floor is not None else {}),
+                **({"quantized": dict(self.quantized)} if self.quantized is not None else {}),
             },
             "tensors": [t.to_dict() for t in self.tensors],
             "skipped": list(self.skipped),
@@ -143,6 +152,8 @@ class DiffResult:
         }
         if self.rank is not None:
             out["rank"] = self.rank.to_dict()
+        if self.moe is not None:
+            out["moe"] = self.moe
         return out
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -12,9 +12,11 @@ each chunk with at least one changed entry (stored bits differ: +0 → -0 is a c
 exact) there are two blobs:
 
 - **positions**, relative to the chunk start, in whichever encoding compresses smaller:
-  ``bitmap`` (``numpy.packbits(changed, bitorder="little")``, ⌈count/8⌉ bytes) or ``delta-u8``/``-u16``/
-  ``-u32`` (gaps ``g[0] = i[0]``, ``g[k] = i[k] - i[k-1] - 1``, in the narrowest unsigned width that holds
-  them); ``all`` (every entry changed) has no blob;
+  ``bitmap`` (``numpy.packbits(changed, bitorder="little")``, ⌈count/8⌉ bytes), ``delta-u8`` (gaps
+  ``g[0] = i[0]``, ``g[k] = i[k] - i[k-1] - 1``, one byte each, when every gap is below 255) or
+  ``delta-esc`` (one byte per gap, a byte 255 meaning "the next u32 of the tail"; the tail of u32 gaps
+  follows the ``changed`` bytes); ``delta-u16``/``delta-u32`` are read, not written; ``null`` positions
+  (every entry of the chunk changed) have no blob;
 - **values**, the new stored bits of the changed entries, as ``raw`` (the new bits), ``xor`` (new XOR base)
   or ``sub`` (new − base modulo 2^bits), optionally as byte ``planes`` (all first bytes, then all second
   bytes, ...), whichever compresses smaller.
@@ -30,14 +32,20 @@ Header::
      "base": {"hash": str}, "result": {"hash": str},
      "tensors": [{"name", "dtype", "shape", "base_sha256", "result_sha256", "changed",
                   "chunks": [{"start", "count", "changed", "positions": {"enc", "off", "len", "raw"} | null,
-                              "values": {"enc", "planes", "off", "len", "raw"}}]}],
-     "files": [{"name", "off", "len", "raw", "sha256"}],   # the tuned checkpoint's non-tensor files
-     "sizes": {"positions", "values", "files", "header", "total", "plain", "tuned_checkpoint"},
-     "source": {"base": str, "tuned": str}}
+                              "values": {"enc", "planes", "off", "len", "raw"}}]}],   # every tensor, changed or not
+     "files": [{"name", "off", "len", "raw", "sha256"}],   # the tuned checkpoint's files a checkpoint needs
+     "files_left_out": [str],                              # the other files of its folder (not carried)
+     "sizes": {"positions", "values", "files", "header", "plain"},
+     "source": {"base": str, "tuned": str}, ...}           # unknown keys are ignored by readers
 
 A tensor hash is ``sha256`` of its raw stored bytes; a checkpoint hash is ``sha256`` of the lines
 ``name|dtype|shape|tensor_sha256`` of its tensors sorted by name. ``plain`` is the size of the plain
 encoding (int32 positions + raw values, what verl's ``delta_sharded`` sends).
+
+The reader (:class:`PatchReader`) trusts nothing: the header's size is bounded before it is decompressed
+(:func:`header_limits`), every blob is decompressed through a stream capped at its recorded size
+(:func:`bounded_decompress`), every rule is an explicit check, and the checkpoint hashes are recomputed
+from the tensor list.
 """
 
 from __future__ import annotations

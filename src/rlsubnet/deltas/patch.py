@@ -123,7 +123,7 @@ class PatchStats:
 
 
 def _bar(progress: bool) -> Progress:
-    from ..analysis.engine import make_progress
+    from ..io.display import make_progress
 
     return make_progress(progress)
 
@@ -141,7 +141,7 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
         if why is not None:
             raise InputError(f"--include: {n!r} cannot be carried by a patch ({why}).")
     t0 = time.perf_counter()
-    with open_checkpoint(base, cache_dir) as cb, open_checkpoint(tuned, cache_dir) as ct:
+    with open_checkpoint(base, cache_dir, storage=True) as cb, open_checkpoint(tuned, cache_dir, storage=True) as ct:
         src, omitted = _sources(cb, ct, base, tuned)
         base_entries, result_entries = [], []
         numel = changed = 0
@@ -291,7 +291,7 @@ def apply(base: str | os.PathLike, patches: list[str | os.PathLike], out: str | 
     """Apply ``patches`` (a chain) to ``base`` and write the result as a folder in the base's layout."""
     readers = open_chain(patches)
     try:
-        with open_checkpoint(base, cache_dir) as cb:
+        with open_checkpoint(base, cache_dir, storage=True) as cb:
             if not cb.format.startswith("safetensors"):
                 raise InputError(f"{base}: patches are applied to safetensors checkpoints (this one is {cb.format}).")
             with atomic_dir(out, guard="-o") as tmp:
@@ -344,7 +344,7 @@ def verify(base: str | os.PathLike, patches: list[str | os.PathLike], cache_dir:
     """Would applying ``patches`` to ``base`` reproduce the recorded result? Nothing is written."""
     readers = open_chain(patches)
     try:
-        with open_checkpoint(base, cache_dir) as cb:
+        with open_checkpoint(base, cache_dir, storage=True) as cb:
             changed, bad, result = _stream(cb, readers, lambda info, bits: None, progress)
         for f in readers[-1].header["files"]:  # the carried files, too, must be what the patch recorded
             try:

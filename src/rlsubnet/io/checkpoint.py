@@ -28,23 +28,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import stat
 import struct
-from dataclasses import dataclass
-from math import prod
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from .dtypes import DTYPES, TORCH_TO_CODE, DType
+from .dtypes import DTYPES, TORCH_TO_CODE
 from .errors import InputError
+from .guard import _inside, allowed_roots, require_regular, within_roots
+from .hfcache import HF_REPO_RE, hf_cache_dir, resolve_hf_cache  # noqa: F401  (re-exported)
+from .index import CheckpointIndex, TensorInfo
+from .safetensors_header import MAX_HEADER, printable_key, read_safetensors_header  # noqa: F401  (re-exported)
 
-MAX_HEADER = 100_000_000  # the safetensors library's own limit (N_MAX = 100_000_000 bytes, not 100 MiB)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 # Names under which the output head is stored, and the embeddings it is commonly tied to.
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
@@ -57,39 +55,6 @@ EMBED_NAMES = (
     "embed_tokens.weight",
     "wte.weight",
 )
-
-
-@dataclass
-class TensorInfo:
-    """Where one tensor lives and what it is."""
-
-    name: str
-    dtype: DType
-    shape: tuple[int, ...]
-    file: str  # path of the file holding it
-    offset: int = 0  # absolute byte offset (safetensors)
-    obj: Any = None  # the torch tensor (``.bin``), memory-mapped where possible
-
-    @property
-    def numel(self) -> int:
-        return int(prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-
-@dataclass
-class CheckpointIndex:
-    """What a checkpoint holds and where: plain data, no open files."""
-
-    path: str  # as the user named it
-    root: Path  # the folder (or the file's folder)
-    format: str
-    files: list[str]
-    tensors: dict[str, TensorInfo]
-    config: dict | None = None
-    shared_head: bool = False  # a .bin stores its head in the embedding's storage (how torch saves ties)
 
 
 class Checkpoint:
@@ -193,104 +158,6 @@ def tie_word_embeddings(config: dict | None) -> bool:
         return False
 
 
-# -- safetensors --------------------------------------------------------------------------------------
-def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header; returns its tensors and metadata.
-
-    Checks the header length, the JSON, every dtype name and shape, that every tensor's byte range has
-    the size its shape and dtype imply, lies inside the file and overlaps no other tensor.
-    """
-    require_regular(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise InputError(f"{path}: corrupt safetensors file (header length {n} exceeds the limit of {MAX_HEADER} bytes).")
-            if 8 + n > size:
-                raise InputError(f"{path}: corrupt or truncated safetensors file (header length {n} exceeds the file).")
-            raw = fh.read(n)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read file ({e.strerror}).") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _Duplicate as e:
-        raise InputError(f"{path}: corrupt safetensors header (key {printable_key(e.key)} appears twice).") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InputError(f"{path}: corrupt safetensors file (its header is not valid JSON).") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: corrupt safetensors file (its header is not a JSON object).")
-    meta = header.pop("__metadata__", None)
-    meta = {} if meta is None else meta
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise InputError(f"{path}: corrupt safetensors file (__metadata__ must map strings to strings).")
-    data_start = 8 + n
-    data_len = size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    ranges = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise InputError(f"{path}: corrupt safetensors header (entry '{name}' is not an object).")
-        dt = entry.get("dtype")
-        if not isinstance(dt, str) or dt not in DTYPES:
-            raise InputError(f"{path}: unsupported or invalid dtype {dt!r} for tensor '{name}'.")
-        shape = entry.get("shape")
-        offs = entry.get("data_offsets")
-        if (
-            not isinstance(shape, list)
-            or not all(type(s) is int and 0 <= s < 2**48 for s in shape)
-            or not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(type(o) is int for o in offs)
-        ):
-            raise InputError(f"{path}: corrupt safetensors header (bad shape or data_offsets for '{name}').")
-        b, e = offs
-        dtype = DTYPES[dt]
-        if not (0 <= b <= e <= data_len):
-            raise InputError(f"{path}: corrupt or truncated safetensors file (tensor '{name}' lies outside the file).")
-        if e - b != prod(shape) * dtype.itemsize:
-            raise InputError(
-                f"{path}: corrupt safetensors header (tensor '{name}' has {e - b} bytes, its shape needs "
-                f"{prod(shape) * dtype.itemsize})."
-            )
-        ranges.append((b, e, name))
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + b)
-    # as the safetensors library requires: byte ranges contiguous from 0, covering the data exactly
-    end, prev = 0, None
-    for b, e, name in sorted(ranges):
-        if b < end:
-            raise InputError(f"{path}: corrupt safetensors header (tensors '{prev}' and '{name}' overlap).")
-        if b > end:
-            raise InputError(f"{path}: corrupt safetensors header (a gap of {b - end} bytes before tensor '{name}').")
-        end, prev = e, name
-    if end != data_len:
-        raise InputError(f"{path}: corrupt safetensors file ({data_len - end} bytes after the last tensor's data).")
-    return tensors, meta
-
-
-class _Duplicate(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list) -> dict:
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise _Duplicate(k)
-        d[k] = v
-    return d
-
-
-def printable_key(k: str) -> str:
-    return repr(k[:80])
-
-
-# -- .bin ---------------------------------------------------------------------------------------------
 def _load_bin(path: str) -> dict[str, TensorInfo]:
     import pickle
     import zipfile
@@ -336,49 +203,6 @@ def _bin_shared_head(tensors: dict[str, TensorInfo]) -> bool:
 
 
 # -- resolving a user's path ---------------------------------------------------------------------------
-def require_regular(path: str | os.PathLike) -> None:
-    """Refuse anything but a regular file (a FIFO would block forever, a device never ends)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read file ({e.strerror}).") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{path}: not a regular file (a FIFO, device or socket cannot be a checkpoint).")
-
-
-def allowed_roots(root: Path) -> list[Path]:
-    """Where files of the folder ``root`` may really live: the folder, and for a Hugging Face cache
-    snapshot (``models--org--name/snapshots/REV``) the repository's ``blobs`` folder it links into."""
-    real = Path(os.path.realpath(root))
-    roots = [real]
-    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
-        roots.append(real.parent.parent / "blobs")
-    return roots
-
-
-def within_roots(path: str, roots: list[Path]) -> bool:
-    """True when ``path``, symbolic links resolved, lies in one of ``roots``."""
-    real = Path(os.path.realpath(path))
-    return any(real == r or r in real.parents for r in roots)
-
-
-def _inside(root: Path, rel: str, index_path: Path) -> str:
-    """Join an index entry to its folder, refusing absolute paths and any escape from the folder
-    (including through symbolic links)."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\0" in rel:
-        raise InputError(f"{index_path}: index entry {rel!r} is not a file name inside the checkpoint folder.")
-    norm = os.path.normpath(rel)
-    if norm == "." or norm == ".." or norm.startswith("../"):
-        raise InputError(f"{index_path}: index entry {rel!r} points outside the checkpoint folder.")
-    full = root / norm
-    if not os.path.lexists(full):
-        raise InputError(f"{index_path}: index entry {rel!r} names a file that does not exist.")
-    if not within_roots(str(full), allowed_roots(root)):
-        raise InputError(f"{index_path}: index entry {rel!r} links to a file outside the checkpoint folder.")
-    require_regular(full)
-    return str(full)
-
-
 def _read_index(index_path: Path) -> dict[str, str]:
     try:
         data = json.loads(index_path.read_text(encoding="utf-8"))
@@ -388,54 +212,6 @@ def _read_index(index_path: Path) -> dict[str, str]:
     if not isinstance(wm, dict) or not wm:
         raise InputError(f"{index_path}: index has no weight_map.")
     return {k: _inside(index_path.parent, v, index_path) for k, v in wm.items()}
-
-
-def hf_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The Hugging Face hub cache folder, as huggingface_hub would choose it (offline)."""
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(os.path.expanduser(home)) / "hub"
-
-
-_REV_RE = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")
-
-
-def resolve_hf_cache(ref: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Resolve ``org/name[@revision]`` to its snapshot folder in the local cache, never downloading.
-
-    The revision is a branch or tag (looked up in ``refs/``) or a commit hash; it may not climb out of
-    the repository (``..``), and the snapshot it names must be a folder under ``snapshots/``.
-    """
-    repo, _, rev = ref.partition("@")
-    rev = rev or "main"
-    if not _REV_RE.match(rev) or any(part in (".", "..") for part in rev.split("/")):
-        raise InputError(f"{ref}: revision {rev!r} is not a branch, tag or commit name.")
-    root = hf_cache_dir(cache_dir) / ("models--" + repo.replace("/", "--"))
-    if not root.is_dir():
-        raise InputError(f"{ref}: no such path, and not in the Hugging Face cache at {root.parent} (rlsubnet never downloads).")
-    ref_file = root / "refs" / rev
-    commit = rev
-    if ref_file.is_file():
-        try:
-            commit = ref_file.read_bytes().decode("utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            raise InputError(f"{ref_file}: not a readable reference (expected a commit hash in UTF-8).") from None
-        if not re.fullmatch(r"[\w.\-]+", commit) or commit in (".", ".."):
-            raise InputError(f"{ref_file}: does not hold a commit hash.")
-    snaps_dir = root / "snapshots"
-    snap = snaps_dir / commit
-    if not snap.is_dir():
-        snaps = sorted(snaps_dir.glob("*")) if snaps_dir.is_dir() else []
-        if len(snaps) == 1 and not ref_file.is_file() and rev == "main":
-            snap = snaps[0]
-        else:
-            raise InputError(f"{ref}: revision '{rev}' is not in the Hugging Face cache at {root}.")
-    if not within_roots(str(snap), [Path(os.path.realpath(snaps_dir))]):
-        raise InputError(f"{ref}: snapshot '{commit}' links outside the cache folder {root}.")
-    return snap
 
 
 def _load_config(folder: Path) -> dict | None:
@@ -449,12 +225,16 @@ def _load_config(folder: Path) -> dict | None:
         return None
 
 
-def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, storage: bool = False) -> Checkpoint:
     """Find and validate a checkpoint.
 
     ``path`` may be a folder holding ``model.safetensors``, a sharded ``model.safetensors.index.json``,
     ``pytorch_model.bin`` or its sharded index (or other ``*.safetensors`` files), a single
     ``.safetensors``/``.bin`` file, an index file, or a Hugging Face cache reference ``org/name[@rev]``.
+
+    Quantized storage (fp8 with scales, MXFP4) is presented by value: the result is a
+    :class:`rlsubnet.io.quant.ValueCheckpoint` whose tensors are the model's parameters. ``storage=True``
+    gives the stored tensors as they are (codes and scales apart), which is what a patch carries.
     """
     shown = str(path)
     p = Path(path).expanduser()
@@ -523,7 +303,13 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
     if not tensors:
         raise InputError(f"{shown}: checkpoint holds no tensors.")
     config = _load_config(root)
-    return Checkpoint(CheckpointIndex(shown, root, kind, files, tensors, config, shared_head))
+    ck = Checkpoint(CheckpointIndex(shown, root, kind, files, tensors, config, shared_head))
+    if storage:
+        return ck
+    from .quant import ValueCheckpoint, detect
+
+    specs = detect(ck)  # quantized storage is read by value; an unknown quantization is refused here
+    return ValueCheckpoint(ck, specs) if specs else ck
 
 
 def iter_chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
 
 def printable(s: object) -> str:
     """``s`` with control and format characters (ESC, BEL, bidi overrides, ...) shown as escapes.
@@ -23,3 +25,16 @@ def safe(s: object) -> str:
     from rich.markup import escape
 
     return escape(printable(s))
+
+
+def make_progress(enabled: bool = True) -> Progress:
+    """A rich progress bar on stderr that measures bytes read."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )

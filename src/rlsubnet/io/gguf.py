@@ -52,6 +52,19 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "rlsubnet_source.json").write_text(json.dumps({"gguf": str(g), "dtype": dtype,
-            "note": "weights were 4-bit quantized (Q4_1) before publication and dequantized here"}, indent=2))
+        types = gguf_tensor_types(g)
+        (tmp / "rlsubnet_source.json").write_text(json.dumps({"gguf": str(g), "dtype": dtype, "gguf_tensor_types": types,
+            "note": f"weights were stored in GGUF as {', '.join(f'{k} ({v} tensors)' for k, v in types.items())} and dequantized here"}, indent=2))
     return str(out)
+
+
+def gguf_tensor_types(gguf_file: str | os.PathLike) -> dict[str, int]:
+    """How many tensors of the GGUF file are stored in each type (``Q8_0``, ``Q4_K``, ``F32``, ...), read from
+    its own header (a GGUF may mix types; its name says nothing reliable about them)."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for t in GGUFReader(str(gguf_file)).tensors:
+        k = t.tensor_type.name
+        counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

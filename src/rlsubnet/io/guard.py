@@ -10,10 +10,58 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from .errors import InputError
+
+
+# -- containment: nothing outside what the user named is read ------------------------------------------------
+def require_regular(path: str | os.PathLike) -> None:
+    """Refuse anything but a regular file (a FIFO would block forever, a device never ends)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read file ({e.strerror}).") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket cannot be a checkpoint).")
+
+
+def allowed_roots(root: Path) -> list[Path]:
+    """Where files of the folder ``root`` may really live: the folder, and for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/REV``) the repository's ``blobs`` folder it links into."""
+    real = Path(os.path.realpath(root))
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def within_roots(path: str, roots: list[Path]) -> bool:
+    """True when ``path``, symbolic links resolved, lies in one of ``roots``."""
+    real = Path(os.path.realpath(path))
+    return any(real == r or r in real.parents for r in roots)
+
+
+def _inside(root: Path, rel: str, index_path: Path) -> str:
+    """Join an index entry to its folder, refusing absolute paths and any escape from the folder
+    (including through symbolic links)."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\0" in rel:
+        raise InputError(f"{index_path}: index entry {rel!r} is not a file name inside the checkpoint folder.")
+    norm = os.path.normpath(rel)
+    if norm == "." or norm == ".." or norm.startswith("../"):
+        raise InputError(f"{index_path}: index entry {rel!r} points outside the checkpoint folder.")
+    full = root / norm
+    if not os.path.lexists(full):
+        raise InputError(f"{index_path}: index entry {rel!r} names a file that does not exist.")
+    if not within_roots(str(full), allowed_roots(root)):
+        raise InputError(f"{index_path}: index entry {rel!r} links to a file outside the checkpoint folder.")
+    require_regular(full)
+    return str(full)
+
+
+# -- outputs ----------------------------------------------------------------------------------------------
 
 MARKER = ".rlsubnet-output.json"  # written into every output folder; its presence makes the folder ours
 

@@ -15,8 +15,39 @@ from ..io.atomic import write_text
 from .fmt import num, pct, safe, tol
 
 
+def expert_rows(result: DiffResult) -> list[dict]:
+    """One row per layer and MoE part (router, router bias, shared experts, each routed expert)."""
+    rows = []
+    for L in (result.moe or {}).get("layers", []):
+        parts = [("router", L["router"]), ("router_bias", L["router_bias"]), ("shared", L["shared"])]
+        parts += [(f"expert {x['expert']}", x) for x in L["experts"]]
+        for part, d in parts:
+            if d:
+                rows.append({"layer": L["layer"], "part": part, "numel": d["numel"], "changed": d["changed"],
+                             "sparsity": 1 - d["changed"] / d["numel"] if d["numel"] else 1.0})
+    return rows
+
+
+def print_experts(result: DiffResult, con: Console, limit: int = 60) -> None:
+    """Per MoE layer: router, its load-balancing bias, shared experts and how many routed experts RL touched."""
+    m = result.moe
+    t = Table(title="Mixture of experts: per layer (sparsity = 1 − changed/numel)")
+    for c in ("layer", "router", "router bias", "shared experts", "routed experts touched", "routed sparsity"):
+        t.add_column(c, justify="right")
+    sp = lambda d: "-" if not d else pct(1 - d["changed"] / d["numel"] if d["numel"] else 1.0)
+    for L in m["layers"][:limit]:
+        n = sum(x["numel"] for x in L["experts"])
+        c = sum(x["changed"] for x in L["experts"])
+        t.add_row(str(L["layer"]), sp(L["router"]), sp(L["router_bias"]), sp(L["shared"]),
+                  f"{L['experts_total'] - L['experts_untouched']} of {L['experts_total']}", pct(1 - c / n if n else 1.0))
+    con.print(t)
+    con.print(f"routed experts untouched by the run: {m['experts_untouched']} of {m['experts_total']}")
+
+
 def _rows(result: DiffResult, by: str) -> list[dict]:
     """One row per tensor, layer or module kind, with sparsity at every criterion."""
+    if by == "expert":
+        return expert_rows(result)
     if by == "tensor":
         items = [(t.name, t.numel, t.changed, t.atol, t.bf16_rel_changed) for t in result.tensors]
     else:
@@ -40,20 +71,34 @@ def print_diff(result: DiffResult, by: str = "module", console: Console | None =
     head.add_column("criterion")
     head.add_column("changed", justify="right")
     head.add_column("sparsity", justify="right")
-    head.add_row("bits identical", num(result.changed), pct(result.sparsity))
+    head.add_row("values identical" if result.quantized else "bits identical", num(result.changed), pct(result.sparsity))
     for a in result.atol:
         head.add_row(f"|Δ| ≤ {tol(a['atol'])}", num(a["changed"]), pct(a["sparsity"]))
     head.add_row(f"bf16-relative η={result.eta:g}", num(result.bf16_rel_changed), pct(result.bf16_rel_sparsity))
     con.print(head)
     con.print(f"parameters compared: {num(result.numel)} in {len(result.tensors)} tensors"
               + (f"; paper's layer-wise mean density: {pct(result.paper_layerwise_density)}" if result.paper_layerwise_density is not None else ""))
+    if result.quantized is not None:
+        q = result.quantized
+        qt = Table(title="Quantized parameters: what moved, values, codes or scales")
+        for c in ("parameter", "format", "values changed", "codes changed", "scales changed"):
+            qt.add_column(c, justify="left" if c in ("parameter", "format") else "right")
+        shown = [t for t in result.tensors if t.quantized is not None]
+        for t in shown[:limit]:
+            qi = t.quantized
+            qt.add_row(safe(t.name), f"{qi['format']} {'x'.join(map(str, qi['block']))}", num(t.changed),
+                       "-" if qi.get("codes_changed") is None else num(qi["codes_changed"]),
+                       "-" if qi.get("scales_changed") is None else num(qi["scales_changed"]))
+        con.print(qt)
+        con.print(f"quantized: {q['tensors']} parameters; codes changed {num(q['codes_changed'])}, scales changed "
+                  f"{num(q['scales_changed'])} (changed counts values: code × scale, exact)")
     if result.floor is not None:
         f = result.floor
-        above = "-" if f["sparsity_above_floor"] is None else pct(f["sparsity_above_floor"])
-        con.print(f"precision floor at Σlr = {f['lr_sum']:g}: {num(f['frozen'])} entries ({pct(f['fraction'])}) could not move "
+        above = "-" if f.sparsity_above_floor is None else pct(f.sparsity_above_floor)
+        con.print(f"precision floor at Σlr = {f.lr_sum:g}: {num(f.frozen)} entries ({pct(f.fraction)}) could not move "
                   f"(every value within Σlr rounds back to them); sparsity above the floor {above} "
-                  f"({num(f['changed_above_floor'])} changed of {num(result.numel - f['frozen'])}); "
-                  f"{num(f['changed_below_floor'])} changed below it")
+                  f"({num(f.changed_above_floor)} changed of {num(result.numel - f.frozen)}); "
+                  f"{num(f.changed_below_floor)} changed below it")
         e = Table(title="Changed fraction by |w0| exponent (|w0| in [2^e, 2^(e+1)))")
         for c in ("dtype", "e", "entries", "changed", "changed fraction"):
             e.add_column(c, justify="right")
@@ -61,7 +106,14 @@ def print_diff(result: DiffResult, by: str = "module", console: Console | None =
             e.add_row(x["dtype"], "zero/subnormal" if x["exponent"] is None else str(x["exponent"]), num(x["numel"]),
                       num(x["changed"]), pct(x["changed_fraction"]))
         con.print(e)
-    rows = _rows(result, by)
+    if by == "expert":
+        print_experts(result, con, limit)
+    else:
+        _print_rows(con, _rows(result, by), by, limit)
+    _print_tail(result, con)
+
+
+def _print_rows(con: Console, rows: list[dict], by: str, limit: int) -> None:
     t = Table(title=f"By {by}")
     cols = [by, "numel", "sparsity"] + [k for k in rows[0] if k.startswith("sparsity@")] + ["bf16_rel_sparsity"]
     for c in cols:
@@ -71,6 +123,9 @@ def print_diff(result: DiffResult, by: str = "module", console: Console | None =
     if len(rows) > limit:
         t.caption = f"{len(rows) - limit} more rows in --csv/--json"
     con.print(t)
+
+
+def _print_tail(result: DiffResult, con: Console) -> None:
     h = Table(title="|Δ| in ULPs of the base value (storage dtype)")
     h.add_column("ULPs")
     h.add_column("elements", justify="right")
@@ -113,7 +168,7 @@ def diff_markdown(result: DiffResult, by: str = "module") -> str:
     lines = ["# rlsubnet diff", "", f"- base: `{result.base}`", f"- tuned: `{result.tuned}`",
              f"- parameters compared: {num(result.numel)} in {len(result.tensors)} tensors", "",
              "| criterion | changed | sparsity |", "|---|---:|---:|",
-             f"| bits identical | {num(result.changed)} | {pct(result.sparsity)} |"]
+             f"| {'values' if result.quantized else 'bits'} identical | {num(result.changed)} | {pct(result.sparsity)} |"]
     for a in result.atol:
         lines.append(f"| \\|Δ\\| ≤ {tol(a['atol'])} | {num(a['changed'])} | {pct(a['sparsity'])} |")
     lines.append(f"| bf16-relative η={result.eta:g} | {num(result.bf16_rel_changed)} | {pct(result.bf16_rel_sparsity)} |")
@@ -121,7 +176,7 @@ def diff_markdown(result: DiffResult, by: str = "module") -> str:
     cols = list(rows[0])
     lines += ["", f"## By {by}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r[c]) if c in (by, "numel", "changed") else pct(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(pct(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     if result.skipped:
         lines += ["", "## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in result.skipped]
     return "\n".join(lines) + "\n"
@@ -147,6 +202,13 @@ def diff_plots(result: DiffResult, out_dir: str | os.PathLike) -> list[Path]:
             grid.append(row)
         written.append(heatmap(out / "sparsity_heatmap.png", grid, [str(L) for L in layers], kinds,
                                "Update sparsity (bits identical) per layer × module", "module kind", "layer"))
+    if result.moe:
+        layers_m = result.moe["layers"]
+        n_exp = max(L["experts_total"] for L in layers_m)
+        grid = [[next((1 - x["changed"] / x["numel"] for x in L["experts"] if x["expert"] == e and x["numel"]), float("nan"))
+                 for e in range(n_exp)] for L in layers_m]
+        written.append(heatmap(out / "expert_heatmap.png", grid, [str(L["layer"]) for L in layers_m], [str(e) for e in range(n_exp)],
+                               "Update sparsity per routed expert × layer", "expert", "layer"))
     xs = [a["atol"] for a in result.atol]
     written.append(line_chart(out / "tolerance_sweep.png", [max(x, 1e-12) for x in xs],
                               {"|Δ| ≤ tol": [a["sparsity"] for a in result.atol]},

@@ -24,7 +24,8 @@ from ..io.jsonout import dumps
 from ..masks import Subnetwork, closeness
 from ..masks.overlap import pair_overlap
 from ..training import tasks as T
-from ..training.recipes import TrainConfig, run_training
+from ..training.config import GENERATIVE, PREFERENCE, TrainConfig
+from ..training.recipes import run_training
 from .results import RQ1, RQ2, RQ4, OverlapRow, RQ1Row, RQ2Row, StudyResults, equal_at
 
 RQS = ("rq1", "rq2", "rq4", "rq5")
@@ -118,7 +119,7 @@ class Study:
         self.con = console or Console()
         self.seed, self.task, self.task2, self.reward = seed, task, task2, reward
         self.level = self.b.level if level is None else level
-        from ..training.recipes import MAX_LEVEL, MAX_SEED
+        from ..training.config import MAX_LEVEL, MAX_SEED
 
         if type(self.level) is not int or not 1 <= self.level <= MAX_LEVEL:
             raise InputError(f"--level: {self.level!r} must be between 1 and {MAX_LEVEL}.")
@@ -165,7 +166,7 @@ class Study:
 
     def config(self, algo: str, **kw) -> TrainConfig:
         b = self.b
-        rl = algo in ("grpo", "rloo")
+        rl = algo in GENERATIVE
         base = dict(algo=algo, model=self.model, task=self.task, level=self.level, steps=b.steps, seed=self.seed,
                     lr=self.lr, batch_size=b.batch if rl else b.pref_batch, num_generations=b.gens, precision=self.precision,
                     max_new_tokens=b.max_new_tokens, n_train=b.n_train, reward=self.reward, out="")
@@ -180,7 +181,7 @@ class Study:
             every = (self.b.save_every or max(1, self.b.steps // 5)) if "rq5" in self.rqs and not seed_offset else 0
             # track_every=1: every step records the bytes a delta weight sync would send (issue 10)
             return self.config("grpo", seed=seed, save_every=every, fp32_copy="rq5" in self.rqs and not seed_offset, track_every=1)
-        if algo in ("dpo", "kto", "orpo", "simpo"):
+        if algo in PREFERENCE:
             pref = self.own_preferences()
             return self.config(algo, seed=seed, preference=pref if len(pref["prompt"]) >= 4 else self.offdist_preferences())
         return self.config(algo, seed=seed)
@@ -238,8 +239,8 @@ class Study:
                    "paper_layerwise_density": r.paper_layerwise_density, "skipped": len(r.skipped), "notes": r.notes}
             if r.floor is not None:
                 out["lr_sum"] = lr_sum
-                out["floor"] = r.floor
-                out["sparsity_above_floor"] = r.floor["sparsity_above_floor"]
+                out["floor"] = r.floor.to_dict()
+                out["sparsity_above_floor"] = r.floor.sparsity_above_floor
                 out["by_exponent"] = r.by_exponent
             if r.rank is not None:
                 out["rank_mean"] = r.rank.mean_rank_ratio
@@ -576,8 +577,13 @@ def _quant_note(model: str) -> str | None:
                 even += int(np.count_nonzero((raw & 1) == 0))
                 total += info.numel
     share = f"{100 * even / total:.0f}%" if total else "an unmeasured share"
-    return ("The weights come from a GGUF file that was 4-bit quantized (Q4_1: each block of 32 weights holds at most 16 distinct "
-            "values, a scale times a 4-bit level plus an offset) and were dequantized to bf16 here. What that changes is the "
+    try:
+        types = json.loads(src.read_text(encoding="utf-8")).get("gguf_tensor_types") or {}
+    except (OSError, ValueError):
+        types = {}
+    stored = ", ".join(f"{v} tensors in {k}" for k, v in types.items()) if isinstance(types, dict) and types else "Q4_1"
+    return ("The weights come from a GGUF file that was quantized before publication (" + stored + "; in Q4_1 each block of 32 "
+            "weights holds at most 16 distinct values, a scale times a 4-bit level plus an offset) and were dequantized to bf16 here. What that changes is the "
             "distribution of values, not their bf16 bit patterns: the lowest mantissa bit is zero in " + share + " of the weights "
             "(50% for random bits), so the precision floor applies exactly as to any bf16 checkpoint; but the model has lost the "
             "fine structure of the original's weights, and its absolute sparsities are not directly comparable with those of "

@@ -7,8 +7,7 @@ import random
 
 from ..io.errors import InputError
 from . import tasks as T
-
-ALGOS = ("sft", "grpo", "dpo", "kto", "rloo", "orpo", "simpo", "ppo")
+from .config import ALGOS, GENERATIVE, PREFERENCE
 
 
 def _chat(tok) -> bool:
@@ -38,13 +37,13 @@ def make_dataset(cfg, tok):
     probs = T.generate(cfg.task, cfg.n_train, seed=0, level=cfg.level, split="train")
     r = random.Random(cfg.seed)
     a = cfg.algo
-    if a in ("grpo", "rloo"):
+    if a in GENERATIVE:
         return Dataset.from_dict({"prompt": [format_prompt(tok, p.prompt) for p in probs], "answer": [p.answer for p in probs]})
     if a == "sft":
         d = cfg.sft_data or {"prompt": [p.prompt for p in probs], "completion": [p.solution for p in probs]}
         return Dataset.from_dict({"prompt": [format_prompt(tok, x) for x in d["prompt"]],
                                   "completion": [format_completion(tok, x) for x in d["completion"]]})
-    if a in ("dpo", "orpo", "simpo", "kto"):
+    if a in PREFERENCE:
         d = cfg.preference or {"prompt": [p.prompt for p in probs], "chosen": [p.solution for p in probs],
                                "rejected": [corrupt(p, r) for p in probs]}
         if a == "kto":

@@ -72,3 +72,21 @@ def to_file_layout(model, masks: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     from transformers.core_model_loading import revert_weight_conversion
 
     return dict(revert_weight_conversion(model, dict(masks)))
+
+
+# -- shards: a DTensor's local part (FSDP2), used by the masked and the sparse optimizers ------------------
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_like(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of a full-size ``mask`` that this process holds of ``p`` (the whole mask for a plain tensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(p, DTensor):
+        return mask.to(device=p.device)
+    # every process read the same mask file: cut this process's shard out locally (no communication)
+    return distribute_tensor(mask.to(device=p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()

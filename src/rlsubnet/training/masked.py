@@ -34,23 +34,7 @@ import torch
 
 from ..io.errors import InputError
 from ..masks.subnetwork import Subnetwork
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def shard_like(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The part of a full-size ``mask`` that this process holds of ``p`` (the whole mask for a plain tensor)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(p, DTensor):
-        return mask.to(device=p.device)
-    # every process read the same mask file: cut this process's shard out locally (no communication)
-    return distribute_tensor(mask.to(device=p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+from .layout import local, shard_like
 
 
 class MaskedOptimizer(torch.optim.Optimizer):

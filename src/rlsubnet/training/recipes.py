@@ -8,9 +8,7 @@ folder in the dtype of the input checkpoint, plus ``train_log.json``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -19,62 +17,17 @@ from pathlib import Path
 
 from ..io.errors import InputError
 from . import tasks as T
-from .data import ALGOS, corrupt, format_completion, format_prompt, make_dataset  # noqa: F401  (re-exported: recipes' public names)
-
-DEFAULT_BETA = {"grpo": 0.0, "rloo": 0.0, "dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "ppo": 0.05, "sft": 0.0}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on (its hash names the run in the study's cache)."""
-
-    algo: str
-    model: str
-    task: str = "add"
-    out: str = "run"
-    mask: str | None = None
-    steps: int = 8
-    lr: float = 1e-5
-    seed: int = 0
-    beta: float | None = None
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
-    save_every: int = 0
-    precision: str = "fp32"  # fp32 | mixed (fp32 master weights, bf16 compute) | bf16 (bf16 weights)
-    level: int = 1
-    batch_size: int = 8
-    num_generations: int = 4
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    epsilon: float = 0.2
-    n_train: int = 256
-    grad_accum: int = 1
-    track_every: int = 0
-    reward: str = "exact"  # "exact" (final answer matches) or "digits" (dense shaping, for tiny models)
-    sparse_state: bool = False  # optimizer state for the masked entries only (training/sparse.py)
-    master_in_mask: bool = False  # with precision bf16 and sparse_state: fp32 master copies of the masked entries only
-    fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 (under torchrun / accelerate launch)
-    fp32_copy: bool = False  # also write the final weights in float32 to out/fp32 (storage-precision study)
-    preference: dict | None = None  # {"prompt": [...], "chosen": [...], "rejected": [...]} to use instead of built-in pairs
-    sft_data: dict | None = None  # {"prompt": [...], "completion": [...]}
-
-    def key(self) -> str:
-        """A content key of the run: the model's weights and config (not its path), the mask's bits, the data
-        and every hyperparameter; the same key means the same run."""
-        from ..io.content import content_key
-
-        d = dataclasses.asdict(self)
-        d.pop("out")
-        if self.model and os.path.exists(self.model):
-            d["model"] = content_key(self.model)
-        for flag in ("sparse_state", "master_in_mask", "fsdp"):
-            if not d[flag]:
-                d.pop(flag)  # keeps the keys of runs cached before these options existed
-        if self.mask:
-            from ..masks.subnetwork import Subnetwork
-
-            d["mask"] = Subnetwork.load(self.mask).digest()  # the content, not the path or metadata
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+from .config import (  # noqa: F401  (re-exported: recipes' public names)
+    ALGOS,
+    DEFAULT_BETA,
+    GENERATIVE,
+    MAX_LEVEL,
+    MAX_SEED,
+    PREFERENCE,
+    TrainConfig,
+    validate_config,
+)
+from .data import corrupt, format_completion, format_prompt, make_dataset  # noqa: F401
 
 
 @dataclass
@@ -179,7 +132,7 @@ def _make_trainer(cfg: TrainConfig, model, tok, data, workdir: str):
     mod = importlib.import_module(module)
     named = {"gen": gen, "beta": dict(beta=beta), "length": dict(max_length=128)}
     args = getattr(mod, config_cls)(**c, **{k: v for part in extra for k, v in (named[part] if isinstance(part, str) else part).items()})
-    more = {"reward_funcs": T.REWARDS[cfg.reward]} if a in ("grpo", "rloo") else {}
+    more = {"reward_funcs": T.REWARDS[cfg.reward]} if a in GENERATIVE else {}
     return getattr(mod, trainer_cls)(model=model, args=args, train_dataset=data, processing_class=tok, **more, **_optimizers(cfg, model, args))
 
 
@@ -236,56 +189,6 @@ def optimizer_state_bytes(opt) -> int:
             if hasattr(v, "element_size"):
                 tot += v.numel() * v.element_size()
     return tot
-
-
-MAX_LEVEL = 9
-MAX_SEED = 2**32 - 1  # numpy's seed range, which transformers' set_seed also seeds
-
-
-def _finite(x, what: str, lo: float = 0.0, strict: bool = False) -> None:
-    if x is None:
-        return
-    if not isinstance(x, (int, float)) or not math.isfinite(x) or x < lo or (strict and x == lo):
-        cmp = ">" if strict else "\u2265"
-        raise InputError(f"{what}: {x!r} is not a finite number {cmp} {lo:g}.")
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Refuse options that cannot give a meaningful run, before anything is loaded or written."""
-    if cfg.algo not in ALGOS:
-        raise InputError(f"--algo: unknown algorithm {cfg.algo!r} (choose from {', '.join(ALGOS)}).")
-    if cfg.task not in T.TASKS:
-        raise InputError(f"--task: unknown task {cfg.task!r} (choose from {', '.join(T.TASKS)}).")
-    for what, v, lo in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
-                        ("--save-every", cfg.save_every, 0), ("--track-every", cfg.track_every, 0), ("--seed", cfg.seed, 0),
-                        ("grad_accum", cfg.grad_accum, 1), ("n_train", cfg.n_train, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise InputError(f"{what}: {v!r} must be an integer \u2265 {lo}.")
-    if cfg.seed > MAX_SEED:
-        raise InputError(f"--seed: {cfg.seed} must be at most {MAX_SEED} (the range numpy and transformers seed).")
-    if not (1 <= cfg.level <= MAX_LEVEL):
-        raise InputError(f"--level: {cfg.level!r} must be between 1 and {MAX_LEVEL}.")
-    _finite(cfg.lr, "--lr", strict=True)
-    _finite(cfg.weight_decay, "--weight-decay")
-    _finite(cfg.beta, "--beta")
-    _finite(cfg.max_grad_norm, "--max-grad-norm")
-    _finite(cfg.temperature, "temperature", strict=True)
-    _finite(cfg.epsilon, "epsilon")
-    if cfg.master_in_mask and not (cfg.sparse_state and cfg.precision == "bf16"):
-        raise InputError("--master-in-mask: keeps fp32 masters for bf16 weights, so it needs --precision bf16 and --sparse-state.")
-    if cfg.fsdp and cfg.algo == "ppo":
-        raise InputError("--fsdp: TRL's PPO builds its optimizer around a policy-and-value wrapper and is not supported with FSDP2 here; use DDP.")
-    if cfg.sparse_state and not cfg.mask:
-        raise InputError("--sparse-state: keeps optimizer state for a mask's entries, so it needs --mask.")
-    if cfg.precision not in ("fp32", "mixed", "bf16"):
-        raise InputError(f"--precision: {cfg.precision!r} is not fp32, mixed or bf16.")
-    if cfg.reward not in T.REWARDS:
-        raise InputError(f"--reward: {cfg.reward!r} is not one of {', '.join(T.REWARDS)}.")
-    if cfg.algo in ("grpo", "rloo"):
-        if cfg.num_generations < 2:
-            raise InputError(f"--num-generations: {cfg.num_generations} must be at least 2 for {cfg.algo} (advantages compare generations).")
-        if cfg.batch_size % cfg.num_generations:
-            raise InputError(f"--batch-size: {cfg.batch_size} is not a multiple of --num-generations {cfg.num_generations}.")
 
 
 _CHECKED: set[str] = set()  # content keys of model folders already checked in this process
@@ -389,26 +292,63 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process trains (DDP, or FSDP2 with
     ``cfg.fsdp``; ``cfg.batch_size`` is per process) and only the main process writes; the others write nothing.
     """
-    from ..io.atomic import clean_stale, live_writer, record_written, replace_dir, temp_name
-    from ..io.guard import check_outputs, check_replaceable, write_marker
-
     validate_config(cfg)  # options first: a refused run answers before torch is imported
+    out = _check_inputs(cfg)
+    run = _claim_output(cfg, out)
+    try:
+        trainer, model, tok, stored, callbacks = _build(cfg, run, progress, label or f"{cfg.algo} {out.name}")
+        t0 = time.perf_counter()
+        trainer.train()
+        res = _result(cfg, run, trainer, model, callbacks, time.perf_counter() - t0)
+        full = _full_state(model) if cfg.fsdp else None  # a collective: every process takes part
+        if run.main:
+            _finish(cfg, run, model, tok, stored, res, callbacks, full)
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
+    if run.state is not None:
+        run.state.wait_for_everyone()  # no process reports success before the output is in place
+    return res
+
+
+@dataclass
+class _Run:
+    """Where a run writes: ``out``, this process's work folder, and its place among the processes."""
+
+    out: Path
+    work: Path
+    rank: int
+    world: int
+    state: object  # accelerate's PartialState under torchrun, else None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _check_inputs(cfg: TrainConfig) -> Path:
+    """The mask exists, the output may be written, and the model folder is what its config says."""
+    from ..io.guard import check_outputs, check_replaceable
+
     if cfg.mask and not os.path.isfile(cfg.mask):
         raise InputError(f"{cfg.mask}: no such mask file.")
     out = Path(os.path.abspath(os.path.expanduser(cfg.out)))
     check_outputs({"--out": out}, [cfg.model, cfg.mask], folder_outputs=["--out"])
     check_replaceable(out)
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        raise InputError("--fsdp: shards over several processes; start the run with torchrun or accelerate launch.")
+        raise InputError("fsdp: shards over several processes; start the run with torchrun or accelerate launch.")
     check_model_folder(cfg.model)  # the config against the weights, on the meta device, before anything is allocated
-    import torch
-    from transformers import set_seed
+    return out
 
-    from .checkpoints import save_as
-    from .tracking import SaveEvery, SparsityTracker, StepProgress, TrainLog, write_log
+
+def _claim_output(cfg: TrainConfig, out: Path) -> _Run:
+    """Join the process group (if any); the main process claims a work folder next to ``out``, the others a
+    private scratch folder they never fill."""
+    import tempfile
+
+    from ..io.atomic import clean_stale, live_writer, temp_name
+
     rank, world, state = _distributed()
-    main = rank == 0
-    if main:
+    if rank == 0:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -417,61 +357,68 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
         other = live_writer(out)
         if other:
             raise InputError(f"{out}: another rlsubnet train (pid {other}) is writing this folder; wait for it or choose another --out.")
+        work = temp_name(out, "work")
+        work.mkdir()
+    else:
+        work = Path(tempfile.mkdtemp(prefix="rlsubnet-rank"))
+    return _Run(out, work, rank, world, state)
+
+
+def _build(cfg: TrainConfig, run: _Run, progress: bool, label: str):
+    """(trainer, model, tokenizer, stored dtype, callbacks): the model, its data and the TRL trainer with our
+    (masked) optimizer, and the callbacks that log, save, track and show progress."""
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
+
+    from .tracking import SaveEvery, SparsityTracker, StepProgress, TrainLog
 
     hf_logging.disable_progress_bar()
     set_seed(cfg.seed)
-    import tempfile
+    model, tok, stored = load_model(cfg.model, cfg.precision)
+    trainer = _trainer(cfg, model, tok, make_dataset(cfg, tok), str(run.work / "trainer"))
+    trainer.remove_callback(PrinterCallback)  # logs go to train_log.json; the progress bar shows steps
+    cb = {"log": TrainLog(),
+          "saver": SaveEvery(run.work / "intermediate", cfg.save_every, stored, tok, model=model) if cfg.save_every and run.main else None,
+          "tracker": SparsityTracker(cfg.model, cfg.track_every, model=model) if cfg.track_every and run.main else None,
+          "progress": StepProgress(label, cfg.steps) if progress and run.main else None}
+    for c in cb.values():
+        if c is not None:
+            trainer.add_callback(c)
+    return trainer, model, tok, stored, cb
 
-    # the main process trains in a work folder next to --out; the others get a private scratch folder they never fill
-    work = temp_name(out, "work") if main else Path(tempfile.mkdtemp(prefix="rlsubnet-rank"))
-    if main:
-        work.mkdir()
-    try:
-        model, tok, stored = load_model(cfg.model, cfg.precision)
-        data = make_dataset(cfg, tok)
-        trainer = _trainer(cfg, model, tok, data, str(work / "trainer"))
-        from transformers.trainer_callback import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)  # logs go to train_log.json; the progress bar shows steps
-        log = TrainLog()
-        trainer.add_callback(log)
-        saver = SaveEvery(work / "intermediate", cfg.save_every, stored, tok, model=model) if cfg.save_every and main else None
-        if saver:
-            trainer.add_callback(saver)
-        tracker = SparsityTracker(cfg.model, cfg.track_every, model=model) if cfg.track_every and main else None
-        if tracker:
-            trainer.add_callback(tracker)
-        if progress and main:
-            trainer.add_callback(StepProgress(label or f"{cfg.algo} {out.name}", cfg.steps))
-        t0 = time.perf_counter()
-        trainer.train()
-        elapsed = time.perf_counter() - t0
-        bad = _nonfinite_params(model)
-        if bad:
-            raise InputError(f"{cfg.model}: training diverged (parameter '{bad}' is not finite; check --lr, --beta, "
-                             f"--weight-decay); nothing was written to {cfg.out}.")
-        state_bytes = optimizer_state_bytes(trainer.optimizer)
-        full = _full_state(model) if cfg.fsdp else None  # collective: every process takes part
-        res = TrainResult(str(cfg.out), {**dataclasses.asdict(cfg), "key": cfg.key(), "world_size": world}, log.steps,
-                          log.step_times, elapsed, [str(out / Path(s).name) for s in saver.saved] if saver else [],
-                          tracker.records if tracker else [], state_bytes)
-        if main:
-            final = work / "final"
-            save_as(model, final, stored, tok, state_dict=full)
-            if cfg.fp32_copy:
-                save_as(model, final / "fp32", torch.float32, tok, state_dict=full)
-            write_log(final / "train_log.json", dataclasses.asdict(res))
-            for s in saver.saved if saver else []:
-                os.replace(s, final / Path(s).name)
-            write_marker(final, "train", algo=cfg.algo, model=str(cfg.model))
-            replace_dir(final, out, guard="--out")  # checked again at the swap: something may have appeared there
-            record_written(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if state is not None:
-        state.wait_for_everyone()  # no process reports success before the output is in place
-    return res
+def _result(cfg: TrainConfig, run: _Run, trainer, model, cb: dict, elapsed: float) -> TrainResult:
+    bad = _nonfinite_params(model)
+    if bad:
+        raise InputError(f"{cfg.model}: training diverged (parameter '{bad}' is not finite; check the learning rate, beta "
+                         f"and weight decay); nothing was written to {cfg.out}.")
+    saver, tracker, log = cb["saver"], cb["tracker"], cb["log"]
+    return TrainResult(str(cfg.out), {**dataclasses.asdict(cfg), "key": cfg.key(), "world_size": run.world}, log.steps,
+                       log.step_times, elapsed, [str(run.out / Path(s).name) for s in saver.saved] if saver else [],
+                       tracker.records if tracker else [], optimizer_state_bytes(trainer.optimizer))
+
+
+def _finish(cfg: TrainConfig, run: _Run, model, tok, stored, res: TrainResult, cb: dict, full: dict | None) -> None:
+    """Write the checkpoint (and its fp32 copy, intermediate steps, log and marker) into the work folder and
+    swap it into place, checked again at the swap: something may have appeared at ``out`` meanwhile."""
+    import torch
+
+    from ..io.atomic import record_written, replace_dir
+    from ..io.guard import write_marker
+    from .checkpoints import save_as
+    from .tracking import write_log
+
+    final = run.work / "final"
+    save_as(model, final, stored, tok, state_dict=full)
+    if cfg.fp32_copy:
+        save_as(model, final / "fp32", torch.float32, tok, state_dict=full)
+    write_log(final / "train_log.json", dataclasses.asdict(res))
+    for s in cb["saver"].saved if cb["saver"] else []:
+        os.replace(s, final / Path(s).name)
+    write_marker(final, "train", algo=cfg.algo, model=str(cfg.model))
+    replace_dir(final, run.out, guard="--out")
+    record_written(run.out)
 
 
 def _full_state(model) -> dict:

@@ -22,7 +22,7 @@ import torch
 from torch.optim.adam import adam as _adam
 from torch.optim.sgd import sgd as _sgd
 
-from .masked import local
+from .layout import local
 
 
 class SparseMaskedOptimizer(torch.optim.Optimizer):

@@ -19,7 +19,7 @@ from ..io.align import align
 from ..io.bits import changed_index
 from ..io.checkpoint import open_checkpoint
 from ..io.jsonout import dumps
-from ..masks.subnetwork import Subnetwork
+from .subnetwork import Subnetwork
 
 
 @dataclass

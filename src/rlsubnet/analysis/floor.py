@@ -1,0 +1,92 @@
+"""The precision floor: entries that no update of the run's size could move, and the sparsity above them.
+
+With Σlr (the largest distance an Adam-like update can move an entry over a run), an entry whose stored
+value is so large that every value within Σlr rounds back to it is *frozen by precision*: its staying
+unchanged says nothing about the run. The floor is the share of such entries; a sparsity travels with it
+and with the sparsity of the entries above it (``paper-facts.md`` §7).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..io.bits import changed_index
+from ..io.dtypes import DType, below_floor
+from .probes import ChunkStats
+
+if TYPE_CHECKING:  # results imports this module for FloorSummary
+    from .results import DiffResult
+
+
+@dataclass
+class FloorSummary:
+    """The floor of one set of entries (a tensor, a module kind, the model)."""
+
+    lr_sum: float
+    frozen: int  # entries no update of size ≤ lr_sum could move
+    fraction: float  # frozen / numel
+    changed_above_floor: int
+    changed_below_floor: int  # frozen entries that changed anyway (a larger update, or another cause)
+    sparsity_above_floor: float | None  # unchanged share of the entries above the floor; None when there are none
+
+    @classmethod
+    def of(cls, numel: int, changed: int, frozen: int, changed_frozen: int, lr_sum: float) -> FloorSummary:
+        above = numel - frozen
+        ch_above = changed - changed_frozen
+        return cls(lr_sum, frozen, frozen / numel if numel else 0.0, ch_above, changed_frozen,
+                   1 - ch_above / above if above else None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def floor_probe(ra: np.ndarray, rb: np.ndarray, da: DType, db: DType, bound: float, st: ChunkStats) -> None:
+    """The precision floor of a chunk: base entries that no update of size ≤ ``bound`` could move, how many of
+    those changed anyway, and entries and changes per exponent field of the base value."""
+    if not da.is_float or da.name != db.name or da.name not in ("BF16", "F16", "F32"):
+        return
+    idx = changed_index(ra, rb)
+    frozen = below_floor(ra, da, bound)
+    st.frozen += int(np.count_nonzero(frozen))
+    st.changed_frozen += int(np.count_nonzero(frozen[idx]))
+    e = (ra >> ra.dtype.type(da.mantissa_bits)) & ra.dtype.type((1 << da.exponent_bits) - 1)
+    bins = 1 << da.exponent_bits
+    st.exp_numel = np.bincount(e, minlength=bins).astype(np.int64)
+    st.exp_changed = np.bincount(e[idx], minlength=bins).astype(np.int64)
+
+
+def attach_floor(result: DiffResult, pairs, stats, lr_sum: float) -> None:
+    """Attach the precision floor (global, per tensor, per module kind) and the per-exponent table."""
+    by_name = {p.name: p for p in pairs}
+    tot = [0, 0, 0, 0]
+    kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    exp: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    for t in result.tensors:
+        s = stats[t.name]
+        t.floor = FloorSummary.of(t.numel, t.changed, s.frozen, s.changed_frozen, lr_sum)
+        for acc in (tot, kinds[t.kind]):
+            acc[0] += t.numel
+            acc[1] += t.changed
+            acc[2] += s.frozen
+            acc[3] += s.changed_frozen
+        if s.exp_numel is not None:
+            dt = by_name[t.name].a.dtype
+            for field in np.flatnonzero(s.exp_numel):
+                key = (dt.name, int(field))
+                exp[key][0] += int(s.exp_numel[field])
+                exp[key][1] += int(s.exp_changed[field])
+    result.floor = FloorSummary.of(*tot, lr_sum)
+    for g in result.by_module:
+        g.floor = FloorSummary.of(*kinds[g.key], lr_sum)
+    from ..io.dtypes import DTYPES
+
+    rows = []
+    for (dname, field), (n, c) in sorted(exp.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        dt = DTYPES[dname]
+        e = None if field == 0 else field - dt.exponent_bias  # |w0| in [2^e, 2^(e+1)); None: zero or subnormal
+        rows.append({"dtype": dt.torch_name, "exponent": e, "numel": n, "changed": c, "changed_fraction": c / n if n else 0.0})
+    result.by_exponent = rows

@@ -1,0 +1,305 @@
+"""Frontier checkpoints (issue 17): fp8 block-scaled, compressed-tensors fp8 and MXFP4, read as the model computes.
+
+Every pair is planted: codes moved, a block rescaled, a +0 code turned into -0 (a code change that is no value
+change). The truth is computed independently in float64 with torch's own float8 decoding and transformers'
+own dequantization (its fp8 and MXFP4 integrations).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlsubnet.analysis import diff
+from rlsubnet.io import open_checkpoint
+from rlsubnet.io.quant import ValueCheckpoint
+
+from conftest import run, save_folder
+
+FP8_CFG = {"model_type": "deepseek_v3", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                                               "activation_scheme": "dynamic"}}
+
+
+def _fp8(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 100).to(torch.float8_e4m3fn)
+
+
+def _deepseek_pair(tmp_path, rows=300, cols=260):
+    """A DeepSeek-style pair: fp8 weights with float32 block scales (partial blocks at the edges), a bf16 norm.
+    Returns the folders and the planted counts."""
+    g = torch.Generator().manual_seed(0)
+    w = _fp8((rows, cols), 1)
+    s = (torch.rand((-(-rows // 128), -(-cols // 128)), generator=g) + 0.5) * 1e-3
+    e = _fp8((64, 128), 2)
+    es = (torch.rand(1, 1, generator=g) + 0.5) * 1e-2
+    norm = torch.randn(cols, generator=g).bfloat16()
+    base = {"model.layers.0.self_attn.q_proj.weight": w, "model.layers.0.self_attn.q_proj.weight_scale_inv": s,
+            "model.layers.0.mlp.experts.0.down_proj.weight": e, "model.layers.0.mlp.experts.0.down_proj.weight_scale_inv": es,
+            "model.layers.0.input_layernorm.weight": norm}
+    tuned = {k: v.clone() for k, v in base.items()}
+    codes = tuned["model.layers.0.self_attn.q_proj.weight"].view(torch.uint8).view(-1)
+    moved = torch.tensor([0, 5, 77, 1000, 40000, rows * cols - 1])
+    codes[moved] = codes[moved] ^ 0x01  # one mantissa bit: a different value
+    zero = int(torch.nonzero(codes == 0)[0]) if (codes == 0).any() else None
+    if zero is None:
+        codes[123] = 0
+        base["model.layers.0.self_attn.q_proj.weight"].view(torch.uint8).view(-1)[123] = 0
+        zero = 123
+    codes[zero] = 0x80  # +0 -> -0: the code changes, the value does not
+    tuned["model.layers.0.self_attn.q_proj.weight_scale_inv"][1, 2] *= 1.5  # rescale one block (rows 128-255, cols 256-259)
+    tuned["model.layers.0.input_layernorm.weight"][:3] += 1
+    a = save_folder(tmp_path / "a", base, config=FP8_CFG)
+    b = save_folder(tmp_path / "b", tuned, config=FP8_CFG)
+    return a, b, base, tuned
+
+
+def _values64(w: torch.Tensor, s: torch.Tensor, block=(128, 128)) -> np.ndarray:
+    """Independent truth: torch's float8 decoding, each entry times its block's scale, in float64."""
+    v = w.to(torch.float64)
+    sc = s.to(torch.float64).repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[:, : w.shape[1]]
+    return (v * sc).numpy()
+
+
+def _changed(va: np.ndarray, vb: np.ndarray) -> int:
+    return int(np.count_nonzero((va != vb) & ~(np.isnan(va) & np.isnan(vb))))
+
+
+def test_fp8_block_pair_is_read_by_value(tmp_path):
+    a, b, base, tuned = _deepseek_pair(tmp_path)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    va = _values64(base[q], base[q + "_scale_inv"])
+    vb = _values64(tuned[q], tuned[q + "_scale_inv"])
+    e = "model.layers.0.mlp.experts.0.down_proj.weight"
+    truth = _changed(va, vb)
+    codes_truth = int((base[q].view(torch.uint8) != tuned[q].view(torch.uint8)).sum())
+    assert truth != codes_truth  # the rescaled block moves values whose codes stay; -0 moves a code, not a value
+    r = run("diff", a, b, "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    t = {x["name"]: x for x in d["tensors"]}
+    assert set(t) == {q, e, "model.layers.0.input_layernorm.weight"}  # scales are not parameters
+    assert t[q]["numel"] == 300 * 260 and t[q]["changed"] == truth
+    assert t[q]["dtype"] == "float8_e4m3fn" and t[q]["quantized"]["format"] == "fp8-block" and t[q]["quantized"]["block"] == [128, 128]
+    assert t[q]["quantized"]["codes_changed"] == codes_truth and t[q]["quantized"]["scales_changed"] == 1
+    assert t[e]["changed"] == 0 and t[e]["quantized"]["codes_changed"] == 0
+    assert d["summary"]["numel"] == 300 * 260 + 64 * 128 + 260
+    assert d["summary"]["changed"] == truth + 3
+    assert d["summary"]["quantized"] == {"tensors": 2, "codes_changed": codes_truth, "scales_changed": 1}
+    # the tolerance sweep by value: |Δ| > 1e-4 counted exactly from the float64 truth
+    ad = np.abs(vb - va)
+    got = {x["atol"]: x["changed"] for x in t[q]["atol"]}
+    assert got[1e-4] == int(np.count_nonzero(ad > 1e-4)) and got[0.0] == truth
+    # ULPs in the stored grid: a one-mantissa-bit move is 1 ULP of the code grid
+    assert t[q]["ulp_hist"]["1"] >= 5
+    # the terminal shows both views
+    r = run("diff", a, b, "--by", "tensor")
+    assert r.returncode == 0 and "codes" in r.stdout and "scales" in r.stdout
+
+
+def test_our_dequantization_equals_transformers(tmp_path):
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    a, _, base, _ = _deepseek_pair(tmp_path)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    want = _dequantize_fp8_weight(base[q].clone(), base[q + "_scale_inv"], [128, 128], torch.float64).numpy().reshape(-1)
+    with open_checkpoint(a) as ck:
+        assert isinstance(ck, ValueCheckpoint)
+        got = ck.read(q).view(np.float64)
+    assert np.array_equal(got, want)
+
+
+def _mxfp4_pair(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (2, 6, 3, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(118, 130, (2, 6, 3), generator=g, dtype=torch.uint8)
+    router = torch.randn(2, 32, generator=g).bfloat16()
+    base = {"model.layers.0.mlp.experts.gate_up_proj_blocks": blocks, "model.layers.0.mlp.experts.gate_up_proj_scales": scales,
+            "model.layers.0.mlp.router.weight": router}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tb = tuned["model.layers.0.mlp.experts.gate_up_proj_blocks"].view(-1)
+    tb[0] ^= 0x01  # low nibble of byte 0: entry 0
+    tb[10] ^= 0x30  # high nibble of byte 10: entry 21
+    tuned["model.layers.0.mlp.experts.gate_up_proj_scales"][1, 2, 0] += 1  # 32 entries of expert 1 double
+    cfg = {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}
+    return save_folder(tmp_path / "a", base, config=cfg), save_folder(tmp_path / "b", tuned, config=cfg), base, tuned
+
+
+def test_mxfp4_pair_counts_weights_not_bytes(tmp_path):
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    a, b, base, tuned = _mxfp4_pair(tmp_path)
+    p = "model.layers.0.mlp.experts.gate_up_proj"
+
+    def values(sd):  # transformers' own dequantization, transposed back to the files' row order
+        return _convert_moe_packed_tensors(sd[p + "_blocks"], sd[p + "_scales"], dtype=torch.float64).transpose(1, 2).numpy()
+
+    va, vb = values(base), values(tuned)
+    with open_checkpoint(a) as ck:
+        assert np.array_equal(ck.read(p).view(np.float64), va.reshape(-1))
+    r = diff(a, b)
+    t = {x.name: x for x in r.tensors}
+    assert set(t) == {p, "model.layers.0.mlp.router.weight"}
+    assert t[p].numel == 2 * 6 * 3 * 32 and t[p].shape == [2, 6, 96]
+    assert t[p].changed == _changed(va, vb)
+    nib = lambda sd: torch.stack([sd[p + "_blocks"] & 15, sd[p + "_blocks"] >> 4], -1)
+    assert t[p].quantized == {"format": "mxfp4", "block": [32], "codes_changed": int((nib(base) != nib(tuned)).sum()), "scales_changed": 1}
+
+
+def test_compressed_tensors_channel_scales(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    w = _fp8((40, 24), 5)
+    s = torch.rand(40, 1, generator=g).bfloat16() + 0.5
+    base = {"model.layers.0.mlp.up_proj.weight": w, "model.layers.0.mlp.up_proj.weight_scale": s,
+            "model.layers.0.mlp.up_proj.input_scale": torch.ones(1)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.layers.0.mlp.up_proj.weight_scale"][7, 0] *= 2
+    cfg = {"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized"}}
+    a, b = save_folder(tmp_path / "a", base, config=cfg), save_folder(tmp_path / "b", tuned, config=cfg)
+    va = (w.to(torch.float64) * s.to(torch.float64)).numpy()
+    vb = (w.to(torch.float64) * tuned["model.layers.0.mlp.up_proj.weight_scale"].to(torch.float64)).numpy()
+    r = diff(a, b)
+    assert [x.name for x in r.tensors] == ["model.layers.0.mlp.up_proj.weight"]  # input_scale is no parameter
+    t = r.tensors[0]
+    assert t.changed == _changed(va, vb) and t.quantized["format"] == "fp8-channel" and t.quantized["codes_changed"] == 0
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes"])
+def test_unknown_quantization_is_refused(tmp_path, method):
+    cfg = {"model_type": "llama", "quantization_config": {"quant_method": method}}
+    a = save_folder(tmp_path / "a", {"w": torch.zeros(4)}, config=cfg)
+    r = run("diff", a, a, "-q")
+    assert r.returncode == 2 and method in r.stderr and "not supported" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dequantized_tuned_side_compares_by_value_and_requantizes(tmp_path):
+    """A user who dequantized DeepSeek-V3 to bf16 to train it: compared by value, and the changes that would survive
+    quantizing the tuned model back into the base's grid are counted."""
+    a, _, base, _ = _deepseek_pair(tmp_path)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    va = _values64(base[q], base[q + "_scale_inv"])
+    vb = torch.from_numpy(va).to(torch.bfloat16)
+    flat = vb.view(-1)
+    flat[:50] = flat[:50] * 1.5  # large moves: survive requantizing
+    tuned = {q: vb, "model.layers.0.mlp.experts.0.down_proj.weight": torch.from_numpy(
+        _values64(base["model.layers.0.mlp.experts.0.down_proj.weight"], base["model.layers.0.mlp.experts.0.down_proj.weight_scale_inv"])).bfloat16(),
+        "model.layers.0.input_layernorm.weight": base["model.layers.0.input_layernorm.weight"]}
+    b = save_folder(tmp_path / "b", tuned, config={"model_type": "deepseek_v3"})
+    r = diff(a, b)
+    t = {x.name: x for x in r.tensors}[q]
+    vbf = vb.double().numpy()
+    assert t.changed == _changed(va, vbf)  # bf16 rounding of the dequantized values moves many, by value
+    from rlsubnet.io.quant import requantize
+
+    with open_checkpoint(a) as ck:
+        _, scale, _ = ck.values(q, 0, va.size)
+    back = requantize(ck.quant[q], vbf.reshape(-1), scale)
+    assert t.quantized["survive_requantize"] == _changed(va.reshape(-1), back) >= 50
+    assert r.quantized["compared_by_value_only"] == 2 and any("survive" in n for n in r.notes)
+
+
+def test_requantize_matches_torch_float8_rounding():
+    """Our round-to-nearest-even into the e4m3 grid is torch's own float8 cast (scale 1)."""
+    from rlsubnet.io.quant import QuantSpec, requantize
+
+    x = torch.randn(20000, dtype=torch.float64) * 50
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 448.0, 500.0, -1e6, 2.0**-9, 3 * 2.0**-10])])
+    spec = QuantSpec("w", "fp8-block", "w", "s", (x.numel(),), (128, 128))
+    got = requantize(spec, x.numpy(), np.ones(x.numel()))
+    want = x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64).numpy()
+    assert np.array_equal(got, want)
+
+
+def test_patch_carries_codes_and_scales_bit_exactly(tmp_path):
+    from rlsubnet.deltas.patch import apply, create
+
+    a, b, _, _ = _deepseek_pair(tmp_path)
+    st = create(a, b, tmp_path / "p")
+    assert st.changed > 0
+    apply(a, [tmp_path / "p"], tmp_path / "out")
+    got, want = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:  # codes and scale tensors alike, bit for bit
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+
+
+def test_masks_and_verify_frozen_work_by_value(tmp_path):
+    a, b, base, tuned = _deepseek_pair(tmp_path)
+    r = run("mask", a, b, "-o", tmp_path / "m.safetensors", "-q")
+    assert r.returncode == 0, r.stderr
+    from rlsubnet.masks import Subnetwork, verify_frozen
+
+    m = Subnetwork.load(tmp_path / "m.safetensors")
+    assert m.count() == diff(a, b).changed and "model.layers.0.self_attn.q_proj.weight_scale_inv" not in m.shapes
+    assert verify_frozen(a, b, str(tmp_path / "m.safetensors")).ok
+
+
+def _moe_pair(tmp_path, fused: bool):
+    """Two MoE layers: per-expert tensors (DeepSeek/Qwen3 names) or fused [E, ...] tensors (transformers 5), a router,
+    a shared expert and DeepSeek's e_score_correction_bias; RL touches experts {0, 2} of layer 0 and none of layer 1."""
+    g = torch.Generator().manual_seed(7)
+    E, H, I = 4, 8, 6
+    base = {}
+    for L in range(2):
+        p = f"model.layers.{L}.mlp."
+        base[p + "gate.weight"] = torch.randn(E, H, generator=g).bfloat16()
+        base[p + "gate.e_score_correction_bias"] = torch.zeros(E)
+        base[p + "shared_experts.up_proj.weight"] = torch.randn(I, H, generator=g).bfloat16()
+        if fused:
+            base[p + "experts.gate_up_proj"] = torch.randn(E, 2 * I, H, generator=g).bfloat16()
+            base[p + "experts.down_proj"] = torch.randn(E, H, I, generator=g).bfloat16()
+        else:
+            for e in range(E):
+                for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                    base[p + f"experts.{e}.{proj}.weight"] = torch.randn(*shape, generator=g).bfloat16()
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.layers.0.mlp.gate.e_score_correction_bias"][1] = 0.5
+    tuned["model.layers.0.mlp.gate.weight"][0, 0] += 1
+    if fused:
+        tuned["model.layers.0.mlp.experts.gate_up_proj"][0, 0, :3] += 1  # expert 0: 3 entries
+        tuned["model.layers.0.mlp.experts.down_proj"][2, 1, 1] += 1  # expert 2: 1 entry
+    else:
+        tuned["model.layers.0.mlp.experts.0.gate_proj.weight"][0, :3] += 1
+        tuned["model.layers.0.mlp.experts.2.down_proj.weight"][1, 1] += 1
+    return save_folder(tmp_path / "a", base), save_folder(tmp_path / "b", tuned)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_experts_per_layer(tmp_path, fused):
+    a, b = _moe_pair(tmp_path, fused)
+    r = run("diff", a, b, "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["moe"]
+    assert m["experts_total"] == 8 and m["experts_untouched"] == 6
+    L0, L1 = m["layers"]
+    assert [x["changed"] for x in L0["experts"]] == [3, 0, 1, 0] and L0["experts_untouched"] == 2
+    assert L0["experts"][0]["numel"] == 2 * 6 * 8 + 8 * 6  # gate + up + down of one expert
+    assert L0["router"] == {"numel": 32, "changed": 1} and L0["router_bias"] == {"numel": 4, "changed": 1}
+    assert L0["shared"]["changed"] == 0 and L1["experts_untouched"] == 4
+    r = run("diff", a, b, "--by", "expert", "--plot", tmp_path / "plots")
+    assert r.returncode == 0 and "2 of 4" in r.stdout and "untouched by the run: 6 of 8" in r.stdout
+    assert (tmp_path / "plots" / "expert_heatmap.png").stat().st_size > 0
+
+
+def test_by_expert_without_experts_is_one_sentence(pair):
+    r = run("diff", *pair, "--by", "expert")
+    assert r.returncode == 2 and "no mixture-of-experts" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("make", ["fp8", "mxfp4"])
+def test_chunk_boundaries_do_not_change_a_count(tmp_path, make):
+    """Chunks that cut through rows, blocks and 32-value groups give the counts of one whole chunk."""
+    if make == "fp8":
+        a, b, _, tuned = _deepseek_pair(tmp_path)
+    else:
+        a, b, _, _ = _mxfp4_pair(tmp_path)
+    whole = diff(a, b, lr_sum=1e-4, mask_criterion="bitwise")
+    for chunk in (40, 1000, 4104):
+        r = diff(a, b, chunk=chunk, lr_sum=1e-4, mask_criterion="bitwise")
+        for x, y in zip(whole.tensors, r.tensors):
+            assert (x.changed, x.atol, x.ulp_hist, x.quantized, x.floor) == (y.changed, y.atol, y.ulp_hist, y.quantized, y.floor), (chunk, x.name)
+        assert all(np.array_equal(whole.mask_bits[k], r.mask_bits[k]) for k in whole.mask_bits)
