@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io.dtypes import DTYPES, dot
+from ..io.dtypes import DTYPES
 from ..io.quant import _E4M3, E2M1, QuantSpec, ValueCheckpoint, grid_half_gap, grid_ulp, requantize
 from .probes import ULP_EDGES, ULP_LABELS, ChunkStats, differing, probe_changed
 
 _F64 = DTYPES["F64"]
-_TABLE32 = {False: np.nan_to_num(_E4M3, nan=np.nan).astype(np.float32), True: E2M1.astype(np.float32)}  # code values, exact in float32
+_SQUARES32 = {False: np.square(_E4M3).astype(np.float32), True: np.square(E2M1).astype(np.float32)}  # code values², exact in float32
 
 
 def quant_spec(ck, name: str) -> QuantSpec | None:
@@ -68,15 +68,15 @@ def quant_chunk(ca: ValueCheckpoint, cb: ValueCheckpoint, name_a: str, name_b: s
     if start == 0:  # the scale tensors, compared once per parameter (they are small)
         sa, sb = ca.read_scales_raw(name_a), cb.read_scales_raw(name_b)
         st.scales_changed = int(np.count_nonzero(sa != sb)) if sa.shape == sb.shape else int(max(sa.size, sb.size))
-    with np.errstate(invalid="ignore", over="ignore"):  # the base norm, in float32 products as for bf16 tensors
-        st.sumsq_base = dot(_TABLE32[spec.format == "mxfp4"][codes_a] * ca.expand(name_a, grid_a.astype(np.float32), start, count))
+    with np.errstate(invalid="ignore", over="ignore"):  # the base norm Σ code² · scale², one float32 BLAS dot
+        st.sumsq_base = float(np.dot(_SQUARES32[spec.format == "mxfp4"][codes_a],
+                                     ca.expand(name_a, np.square(grid_a, dtype=np.float32), start, count)))
     same = ca.same_scales(cb, name_a, name_b)
-    cand = np.flatnonzero(moved)
     if not same:  # and the entries of rescaled blocks (rows, groups), whatever their codes
-        grid_b = cb.scales(name_b)
-        rescaled = np.flatnonzero((grid_a != grid_b).reshape(-1))
+        rescaled = np.flatnonzero((grid_a != cb.scales(name_b)).reshape(-1))
         if rescaled.size:
-            cand = np.union1d(cand, ca.entries_of_scales(name_a, rescaled, start, count))
+            moved[ca.entries_of_scales(name_a, rescaled, start, count)] = True
+    cand = np.flatnonzero(moved)
     sa_c = ca.scale_at(name_a, start + cand)
     sb_c = sa_c if same else cb.scale_at(name_b, start + cand)
     with np.errstate(invalid="ignore", over="ignore"):
