@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)
 	$(BIN)/rlsubnet demo --out demo-out
 
 test: $(STAMP)
+	$(BIN)/python -m pytest tests --full
+
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
@@ -25,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_patch.py
 	$(BIN)/python benchmarks/bench_sparse_state.py
+	$(BIN)/python benchmarks/bench_quantized.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache

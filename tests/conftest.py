@@ -14,6 +14,28 @@ import torch
 from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# -- two tiers: `pytest` runs the unit and contract tests (about a minute); `pytest --full` (make test, CI) also
+# runs the slow tier: real training with every trainer, multi-process runs, the study on the real model.
+SLOW_MODULES = {"test_training", "test_distributed", "test_study"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="also run the slow tier (training, several processes, the study): what `make test` and CI run")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+    if config.getoption("--full") or os.environ.get("RLSUBNET_FULL_TESTS") == "1":
+        return
+    keep = [i for i in items if i.get_closest_marker("slow") is None]
+    dropped = [i for i in items if i.get_closest_marker("slow") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

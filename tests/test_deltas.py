@@ -173,6 +173,7 @@ def test_live_publisher_and_apply(tmp_path):
     assert CHUNK % 8 == 0 and isinstance(pub.sizes[-1]["bytes"], int)
 
 
+@pytest.mark.slow
 def test_delta_sync_callback_with_a_trl_trainer(tmp_path):
     """A real TRL trainer publishes after every step to a directory; a receiver applies each step and its
     weights equal the trainer's published view bit for bit."""
@@ -211,6 +212,7 @@ def test_delta_sync_callback_with_a_trl_trainer(tmp_path):
     assert cb.records[0]["plain"] > 0
 
 
+@pytest.mark.slow
 def test_distributed_sync_two_processes(tmp_path):
     """Two processes on CPU (gloo): rank 0 trains a tiny model with a TRL trainer and broadcasts each step's
     delta; rank 1 applies it, and after every step its weights equal the trainer's published view."""

@@ -97,6 +97,7 @@ def test_train_out_refuses_unrelated_folder_and_file(tmp_path, tiny_model):
     assert f.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_train_replaces_its_own_output_atomically_and_cleans_after_kill(tmp_path, tiny_model):
     """Defects: non-atomic replacement (a kill left config + log but no weights, previous result gone);
     `.NAME.work` leftovers never cleaned; two runs with one --out collided with a traceback; SIGTERM
@@ -673,6 +674,7 @@ def test_train_cli_bad_models_one_sentence(tmp_path, tiny_model):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_divergence_is_not_saved():
     """Defect: a run whose weights became NaN was written with exit 0; the guard finds the parameter."""
     from rlsubnet.training.recipes import _nonfinite_params
@@ -684,6 +686,7 @@ def test_divergence_is_not_saved():
     assert _nonfinite_params(m) == "bias"
 
 
+@pytest.mark.slow
 def test_epoch_based_schedule_is_sized_by_the_trainer(tmp_path, tiny_model):
     """Defect: `build_masked_optimizer(..., num_training_steps=args.max_steps)` with an epoch-based config
     (max_steps = -1) built a schedule whose learning rate was 0 at every step: nothing changed."""
@@ -745,6 +748,7 @@ def test_rank_with_nonfinite_update(tmp_path):
     assert any("non-finite" in e for e in d["excluded"])
 
 
+@pytest.mark.slow
 def test_truncated_cached_train_log_in_study(tmp_path, tiny_model):
     """Defect: a truncated cached `train_log.json` in a study gave a traceback."""
     from rlsubnet.study.pipeline import Study

@@ -478,6 +478,7 @@ def test_outputs_onto_a_fifo_and_a_device_are_written_into(pair, tmp_path):
 
 
 # -- training and the study --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_checks_config_against_weights_before_building(tmp_path):
     """Defect: `train` on 16 KB of weights with {"model_type": "llama"} built the 6.7B default model first."""
     m = save_folder(tmp_path / "m", {"model.embed_tokens.weight": torch.zeros(64, 32)}, config={"model_type": "llama"})

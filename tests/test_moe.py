@@ -45,6 +45,7 @@ def test_mask_follows_transformers_conversion_both_ways(tmp_path, kind):
     assert set(back) == set(masks) and all(torch.equal(back[k], masks[k]) for k in masks)
 
 
+@pytest.mark.slow
 def test_file_mask_trains_fused_experts_and_verify_frozen_checks_the_files(tmp_path):
     model = _moe("mixtral")
     a = save_model(model, tmp_path / "a", char_tokenizer())

@@ -62,6 +62,11 @@ import numpy as np
 
 from ..io.errors import InputError
 
+
+class DeltaError(InputError):
+    """A payload that does not apply to the target (wrong base, corrupt, or not reproducing its result)."""
+
+
 FORMAT = "rlsubnet-patch/1"
 MAGIC = b"RLSPATC1"
 END = b"RLSPEND1"

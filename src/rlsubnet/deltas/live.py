@@ -30,11 +30,7 @@ from ..io.atomic import write_bytes, write_text
 from ..io.bits import torch_raw
 from ..io.dtypes import TORCH_TO_CODE
 from ..io.errors import InputError
-from .format import CHUNK, PatchReader, PatchWriter, checkpoint_hash
-
-
-class DeltaError(InputError):
-    """A payload that does not apply to the target (wrong base, corrupt, or not reproducing its result)."""
+from .format import CHUNK, DeltaError, PatchReader, PatchWriter, checkpoint_hash
 
 
 def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
