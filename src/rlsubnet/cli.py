@@ -481,8 +481,10 @@ def study(
     precision: Optional[str] = typer.Option(None, "--precision", help="training precision: mixed (default) | fp32 | bf16"),
 ) -> None:
     """Run the paper's study end to end and write report.html, report.md and results.json."""
+    from .io.optional import need
     from .study.pipeline import Study
 
+    need("torch", "transformers", "trl", "accelerate", "datasets", "matplotlib", "gguf", what="the study")
     check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
     results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision).run()
@@ -495,8 +497,10 @@ def demo(
     out: str = typer.Option("demo-out", "--out", help="output folder"),
 ) -> None:
     """The built-in default job: the quick study on SmolLM2-135M-Instruct (GRPO, DPO, a subnetwork rerun, report)."""
+    from .io.optional import need
     from .study.pipeline import Study
 
+    need("torch", "transformers", "trl", "accelerate", "datasets", "matplotlib", "gguf", what="the demo")
     check_outputs({"--out": out}, [])
     _write_report(Study(out, budget="quick").run().to_dict(), out)
     Console().print(f"open {safe(Path(out) / 'report.html')} in a browser")
@@ -507,6 +511,22 @@ def _write_report(results: dict, out: str) -> None:
 
     paths = write_report(results, out)
     Console().print("wrote " + ", ".join(safe(p) for p in paths))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"rlsubnet {version('rlsubnet')}")
+        except PackageNotFoundError:
+            typer.echo("rlsubnet (not installed as a package)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")) -> None:
+    """What did this finetuning run change, and how? (arXiv 2505.11711)"""
 
 
 def main() -> None:

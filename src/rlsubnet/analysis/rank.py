@@ -83,6 +83,9 @@ def rank_pairs(
     progress: bool = False,
 ) -> RankResult:
     """Rank of every 2-D update matrix (norms and 1-D tensors excluded; embeddings and head included)."""
+    from ..io.optional import need
+
+    need("torch", what="rank (singular values)")
     import torch
 
     t0 = time.perf_counter()

@@ -19,6 +19,9 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LIVE:
+        from ..io.optional import need
+
+        need("torch", what=f"rlsubnet.deltas.{name} (live sync of torch tensors)")
         from . import live
 
         return getattr(live, name)

@@ -162,6 +162,9 @@ def _load_bin(path: str) -> dict[str, TensorInfo]:
     import pickle
     import zipfile
 
+    from .optional import need
+
+    need("torch", what=f"{path}: reading a PyTorch .bin checkpoint")
     import torch
 
     require_regular(path)

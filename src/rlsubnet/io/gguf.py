@@ -30,6 +30,9 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
     A GGUF-loaded model refuses ``save_pretrained``, so a fresh model is built from its config (without
     the quantization config), the state dict is loaded into it, and that is saved. Written atomically.
     """
+    from .optional import need
+
+    need("torch", "transformers", "gguf", what="converting a GGUF model")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

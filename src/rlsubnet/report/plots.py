@@ -6,12 +6,15 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+from ..io.optional import need
+
+need("matplotlib", what="--plot")
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # noqa: E402
 
-from ..io.atomic import write_with
+from ..io.atomic import write_with  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

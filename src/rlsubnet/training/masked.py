@@ -260,13 +260,13 @@ def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork 
             try:
                 opt = sparse_from(opt, masks, master_dtype=master_dtype)
             except ValueError as e:
-                raise InputError(f"--sparse-state: {e}.") from None
+                raise InputError(f"sparse_state=True: {e}.") from None
         else:
             opt = MaskedOptimizer(opt, masks)
     elif sparse_state:
-        raise InputError("--sparse-state: needs a mask (--mask).")
+        raise InputError("sparse_state=True: keeps optimizer state for a mask's entries, so it needs a subnetwork (a mask).")
     if master_dtype is not None and not (subnetwork is not None and sparse_state):
-        raise InputError("--master-in-mask: needs --mask and --sparse-state.")
+        raise InputError("master_dtype: keeps master copies of a mask's entries, so it needs a subnetwork and sparse_state=True.")
     if num_training_steps is None:
         return opt, None
     sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),

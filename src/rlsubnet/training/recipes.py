@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.errors import InputError
+from ..io.optional import need
 from . import tasks as T
 from .config import (  # noqa: F401  (re-exported: recipes' public names)
     ALGOS,
@@ -293,6 +294,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, label: str | None = No
     ``cfg.fsdp``; ``cfg.batch_size`` is per process) and only the main process writes; the others write nothing.
     """
     validate_config(cfg)  # options first: a refused run answers before torch is imported
+    need("torch", "transformers", "trl", "accelerate", "datasets", what="training")
     out = _check_inputs(cfg)
     run = _claim_output(cfg, out)
     try:

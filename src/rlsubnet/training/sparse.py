@@ -35,7 +35,9 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         self.kind = kind
         self.master_dtype = master_dtype  # e.g. float32 for bf16 parameters: a master copy of the masked entries only
         d = dict(defaults or {})
-        for bad in ("amsgrad", "maximize", "nesterov", "capturable", "differentiable", "fused"):
+        for impl in ("fused", "foreach"):  # how torch runs the arithmetic, not what it computes: the gathered entries
+            d.pop(impl, None)             # go through torch's single-tensor implementation (see sparse_from)
+        for bad in ("amsgrad", "maximize", "nesterov", "capturable", "differentiable"):
             if d.get(bad):
                 raise ValueError(f"sparse optimizer state does not support {bad}=True")
         d.setdefault("weight_decay", 0.0)
@@ -187,5 +189,12 @@ def sparse_from(optimizer: torch.optim.Optimizer, masks: dict, master_dtype: tor
         kind = "sgd"
     else:
         raise ValueError(f"sparse optimizer state supports Adam, AdamW and SGD, not {type(optimizer).__name__}")
-    groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
+    if optimizer.defaults.get("fused") or optimizer.defaults.get("foreach"):
+        import warnings
+
+        warnings.warn("sparse optimizer state runs torch's single-tensor implementation on the masked entries; the "
+                      f"{'fused' if optimizer.defaults.get('fused') else 'foreach'} implementation the optimizer was built "
+                      "with (e.g. transformers' default optim='adamw_torch_fused') is not used, so the result equals the "
+                      "dense masked run of optim='adamw_torch', bit for bit", stacklevel=2)
     return SparseMaskedOptimizer(groups, masks, kind, defaults=dict(optimizer.defaults), master_dtype=master_dtype)
