@@ -106,6 +106,7 @@ class Encoder:
     """Chooses the smallest encoding of each stream and compresses it (zstd with frame checksums)."""
 
     level: int = 3
+    value_encodings: tuple[str, ...] = ("raw", "xor", "sub")  # ("raw",): readable without the base's values
     _c: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -139,7 +140,7 @@ class Encoder:
         size = new.dtype.itemsize
         cands = {"raw": new.tobytes(), "xor": (new ^ old).tobytes(), "sub": (new - old).tobytes()}
         best = None
-        for enc, raw in cands.items():
+        for enc, raw in ((e, cands[e]) for e in self.value_encodings):
             for planes in ((False, True) if size > 1 else (False,)):
                 c = self.compress(_planes(raw, size) if planes else raw)
                 if best is None or len(c) < len(best[2]):
@@ -191,9 +192,9 @@ def decode_values(enc: str, planes: bool, raw: bytes, old: np.ndarray) -> np.nda
 class PatchWriter:
     """Writes a patch to a binary stream in one pass: blobs as they come, the header at the end."""
 
-    def __init__(self, fh: BinaryIO, level: int = 3, chunk: int = CHUNK):
+    def __init__(self, fh: BinaryIO, level: int = 3, chunk: int = CHUNK, raw_values: bool = False):
         self.fh = fh
-        self.enc = Encoder(level)
+        self.enc = Encoder(level, ("raw",) if raw_values else ("raw", "xor", "sub"))
         self.chunk = chunk
         self.pos = 0
         self.tensors: list[dict] = []
@@ -544,3 +545,47 @@ def read_capped(comp: bytes, cap: int, what: str) -> bytes:
 
 def raw_dtype(itemsize: int):
     return _UINT[itemsize]
+
+
+def iter_updates(payload: bytes | str | os.PathLike, old=None):
+    """Yield ``(name, dtype, shape, indices, values)`` for every tensor a patch or live payload changes.
+
+    ``dtype`` is the safetensors code (``"BF16"``), ``shape`` the tensor's shape, ``indices`` the flat int64
+    positions (row-major, checkpoint coordinates) of the changed entries, and ``values`` their new stored bits
+    as unsigned integers of the dtype's width (``uint16`` for BF16): the input a sparse weight patch (vLLM) or a
+    delta receiver (verl) takes. Torch-free. Chunks encoded ``xor``/``sub`` are relative to the base:
+    ``old(name, indices)`` must then return the base's bits at those positions (a payload written with
+    ``raw_values=True`` never needs it). Everything is validated as :class:`PatchReader` validates it; the
+    result hashes cannot be checked here (that needs the whole tensor), which ``apply_delta`` and
+    ``patch apply`` do.
+    """
+    from ..io.dtypes import DTYPES
+
+    with PatchReader(payload, name=None if not isinstance(payload, bytes) else "payload") as r:
+        for t in r.header["tensors"]:
+            if not t["chunks"]:
+                continue
+            raw_t = _UINT[DTYPES[t["dtype"]].itemsize]
+            idx_parts, val_parts = [], []
+            for c in t["chunks"]:
+                pos = c["positions"]
+                try:
+                    rel = decode_positions(None if pos is None else pos["enc"], b"" if pos is None else r.blob(pos), c["count"], c["changed"])
+                except ValueError as e:
+                    raise r._bad(str(e)) from None
+                at = rel + c["start"]
+                v = c["values"]
+                if v["enc"] == "raw":
+                    base = np.zeros(at.size, raw_t)
+                elif old is None:
+                    raise DeltaError(f"{r.name}: tensor '{t['name']}' is encoded relative to its base ({v['enc']}); "
+                                     "pass old=(name, indices) -> base bits, or publish with raw_values=True.")
+                else:
+                    base = np.asarray(old(t["name"], at)).astype(raw_t, copy=False)
+                try:
+                    val_parts.append(decode_values(v["enc"], v["planes"], r.blob(v), base))
+                except ValueError as e:
+                    raise r._bad(str(e)) from None
+                idx_parts.append(at)
+            yield t["name"], t["dtype"], tuple(t["shape"]), np.concatenate(idx_parts), np.concatenate(val_parts)
+

@@ -48,8 +48,9 @@ class DeltaPublisher:
     """Snapshots a model's stored view and encodes what changed since the last snapshot."""
 
     def __init__(self, model: torch.nn.Module | dict, dtype: torch.dtype | None = torch.bfloat16, level: int = 3,
-                 chunk: int = CHUNK):
+                 chunk: int = CHUNK, raw_values: bool = False):
         self.model = model
+        self.raw_values = raw_values  # new values as they are (no xor/sub against the base): readable by iter_updates alone
         self.dtype = dtype
         self.level = level
         self.chunk = chunk
@@ -67,7 +68,7 @@ class DeltaPublisher:
     def delta(self) -> bytes:
         """The payload that turns the previous snapshot into the current stored view; snapshots it."""
         buf = io.BytesIO()
-        w = PatchWriter(buf, level=self.level, chunk=self.chunk)
+        w = PatchWriter(buf, level=self.level, chunk=self.chunk, raw_values=self.raw_values)
         base_e, res_e = [], []
         new_snap = {}
         for name, p in self._named():
