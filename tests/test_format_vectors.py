@@ -32,7 +32,7 @@ def spec_apply(path: Path, tensors: dict) -> dict:
     assert data[:8] == b"RLSPATC1" and data[-8:] == b"RLSPEND1"
     (n,) = struct.unpack("<Q", data[-16:-8])
     header = json.loads(zstandard.ZstdDecompressor().decompress(data[len(data) - 16 - n : -16]))
-    blob = lambda b: zstandard.ZstdDecompressor().decompress(data[b["off"] : b["off"] + b["len"]]) if b["raw"] else b""  # noqa: E731
+    blob = lambda b: zstandard.ZstdDecompressor().decompress(data[b["off"] : b["off"] + b["len"]]) if b["raw"] else b""
     out = {}
     for t in header["tensors"]:
         dt, arr = tensors[t["name"]]
@@ -92,7 +92,7 @@ def test_rlsubnet_reader_and_expected_results():
                 assert np.array_equal(flat, b[t["name"]][1].reshape(-1)), t["name"]
                 assert t["changed"] == exp[p]["changed"][t["name"]] == int(np.count_nonzero(a[t["name"]][1] != b[t["name"]][1]))
         old = {n: v.reshape(-1) for n, (_, v) in a.items()}
-        ups = {n: (idx, vals) for n, _, _, idx, vals in iter_updates(V / f"{p}.rlspatch", old=lambda n, i: old[n][i])}
+        ups = {n: (idx, vals) for n, _, _, idx, vals in iter_updates(V / f"{p}.rlspatch", old=lambda n, i, o=old: o[n][i])}
         assert {n: {"indices": i.tolist(), "values_hex": v.tobytes().hex()} for n, (i, v) in ups.items()} == exp[p]["updates"]
         for n, (idx, vals) in ups.items():  # the updates alone rebuild the result
             flat = old[n].copy()

@@ -66,7 +66,7 @@ def test_core_install_without_torch_runs_the_core_commands(built, tmp_path):
 
 
 def test_sdist_carries_its_tests(tmp_path):
-    r = subprocess.run([sys.executable, "-c", "import setuptools.build_meta as b; print(b.build_sdist(%r))" % str(tmp_path)],
+    r = subprocess.run([sys.executable, "-c", f"import setuptools.build_meta as b; print(b.build_sdist({str(tmp_path)!r}))"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with tarfile.open(tmp_path / r.stdout.strip().splitlines()[-1]) as t:

@@ -242,19 +242,19 @@ def _moe_pair(tmp_path, fused: bool):
     """Two MoE layers: per-expert tensors (DeepSeek/Qwen3 names) or fused [E, ...] tensors (transformers 5), a router,
     a shared expert and DeepSeek's e_score_correction_bias; RL touches experts {0, 2} of layer 0 and none of layer 1."""
     g = torch.Generator().manual_seed(7)
-    E, H, I = 4, 8, 6
+    E, H, inter = 4, 8, 6
     base = {}
     for L in range(2):
         p = f"model.layers.{L}.mlp."
         base[p + "gate.weight"] = torch.randn(E, H, generator=g).bfloat16()
         base[p + "gate.e_score_correction_bias"] = torch.zeros(E)
-        base[p + "shared_experts.up_proj.weight"] = torch.randn(I, H, generator=g).bfloat16()
+        base[p + "shared_experts.up_proj.weight"] = torch.randn(inter, H, generator=g).bfloat16()
         if fused:
-            base[p + "experts.gate_up_proj"] = torch.randn(E, 2 * I, H, generator=g).bfloat16()
-            base[p + "experts.down_proj"] = torch.randn(E, H, I, generator=g).bfloat16()
+            base[p + "experts.gate_up_proj"] = torch.randn(E, 2 * inter, H, generator=g).bfloat16()
+            base[p + "experts.down_proj"] = torch.randn(E, H, inter, generator=g).bfloat16()
         else:
             for e in range(E):
-                for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                for proj, shape in (("gate_proj", (inter, H)), ("up_proj", (inter, H)), ("down_proj", (H, inter))):
                     base[p + f"experts.{e}.{proj}.weight"] = torch.randn(*shape, generator=g).bfloat16()
     tuned = {k: v.clone() for k, v in base.items()}
     tuned["model.layers.0.mlp.gate.e_score_correction_bias"][1] = 0.5

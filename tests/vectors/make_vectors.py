@@ -46,7 +46,7 @@ class Forced(Encoder):
 
 
 def tensors(rng):
-    f = lambda dt, shape: rng.standard_normal(shape).astype(dt)  # noqa: E731
+    f = lambda dt, shape: rng.standard_normal(shape).astype(dt)
     out = {
         "bf16.all": (f(np.float32, (4, 16)).view(np.uint32) >> 16).astype(np.uint16),
         "f16.special": np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.5, -2.25, 65504.0], np.float16).view(np.uint16),
@@ -139,7 +139,7 @@ def main():
         h = write_patch(HERE / f"{pname}.rlspatch", a, b, expected["chunk"])
         old = {n: v.reshape(-1) for n, (_, v) in a.items()}
         ups = {n: {"indices": idx.tolist(), "values_hex": vals.tobytes().hex()}
-               for n, _, _, idx, vals in iter_updates(HERE / f"{pname}.rlspatch", old=lambda n, i: old[n][i])}
+               for n, _, _, idx, vals in iter_updates(HERE / f"{pname}.rlspatch", old=lambda n, i, o=old: o[n][i])}
         expected[pname] = {"parent": h["parent"], "result": h["result"]["hash"],
                            "changed": {t["name"]: t["changed"] for t in h["tensors"]},
                            "positions": sorted({c["positions"]["enc"] if c["positions"] else "all" for t in h["tensors"] for c in t["chunks"]}),
