@@ -286,3 +286,27 @@ def test_corrupted_payloads_fail_cleanly_and_leave_the_target_unchanged():
         assert all(torch.equal(bits_view(target[k]), bits_view(moved[k])) for k in start)
 
     check()
+
+
+def test_receiver_digest_cache_never_hides_a_missed_or_foreign_write():
+    """The receiver skips re-hashing unchanged tensors it verified before (torch's version counter); any in-place
+    write since then is seen, and recheck=True rehashes everything (for writes through .data)."""
+    src = {"a": torch.zeros(64, dtype=torch.bfloat16), "b": torch.zeros(64, dtype=torch.bfloat16)}
+    target = {k: v.clone() for k, v in src.items()}
+    pub = DeltaPublisher(src, dtype=None)
+    src["a"][1] = 1.0
+    p1 = pub.delta()
+    src["a"][2] = 1.0
+    p2 = pub.delta()
+    assert apply_delta(target, p1) == 1
+    with pytest.raises(DeltaError, match="applied twice"):
+        apply_delta(target, p1)
+    target["b"][5] = 3.0  # a foreign in-place write to a tensor p2 leaves unchanged: the version counter sees it
+    with pytest.raises(DeltaError, match="not the state"):
+        apply_delta(target, p2)
+    target["b"][5] = 0.0
+    target["b"].data[6] = 2.0  # through .data: not counted ...
+    with pytest.raises(DeltaError, match="not the state"):
+        apply_delta(target, p2, recheck=True)  # ... recheck=True hashes again
+    target["b"].data[6] = 0.0
+    assert apply_delta(target, p2, recheck=True) == 1 and torch.equal(target["a"], src["a"])

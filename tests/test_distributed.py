@@ -122,3 +122,22 @@ def test_fsdp_needs_processes_and_an_accelerator(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rlsubnet.cli", "train", "--algo", "dpo", "--model", model, "--out", str(tmp_path / "o"),
                         "--fsdp", "--steps", "1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "torchrun" in r.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_live_publishing_from_a_sharded_trainer(tmp_path, mode):
+    """Issue 18: DeltaPublisher under DDP (rank 0 publishes, once) and FSDP2 (each rank diffs its own shard, rank 0
+    assembles one payload per step); a receiver applying the payloads to the initial stored view holds the final
+    one bit for bit."""
+    from safetensors.torch import load_file
+
+    from rlsubnet.deltas import apply_delta
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + (mode == "fsdp")),
+                        str(Path(__file__).parent / "dist_publish_worker.py"), mode, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    target = load_file(str(tmp_path / "initial.safetensors"))
+    for k in range(3):
+        assert apply_delta(target, (tmp_path / f"step-{k}.rlspatch").read_bytes()) > 0
+    final = load_file(str(tmp_path / "final.safetensors"))
+    assert all(torch.equal(target[n].view(torch.int16), final[n].view(torch.int16)) for n in final)

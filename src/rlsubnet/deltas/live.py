@@ -21,6 +21,7 @@ import json
 import os
 import stat
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,14 @@ from ..io.dtypes import TORCH_TO_CODE
 from ..io.errors import InputError
 from .format import CHUNK, DeltaError, PatchReader, PatchWriter, checkpoint_hash
 
+_KEEP = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, n)}
+
 
 def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The tensor as an inference engine holds it: cast to ``dtype``, except fp8 codes, which are already stored
+    (engines serving fp8 receive fp8)."""
     t = t.detach()
-    if dtype is not None and t.is_floating_point():
+    if dtype is not None and t.is_floating_point() and t.dtype not in _KEEP:
         t = t.to(dtype)
     return t.to("cpu").contiguous()
 
@@ -44,8 +49,63 @@ def _code(t: torch.Tensor) -> str:
     return TORCH_TO_CODE[str(t.dtype).removeprefix("torch.")]
 
 
+def sha256_many(arrays: list) -> list[str]:
+    """sha256 hex digests of several buffers, in threads (hashlib releases the GIL on large buffers)."""
+    if len(arrays) < 2:
+        return [hashlib.sha256(a.data).hexdigest() for a in arrays]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
+        return list(ex.map(lambda a: hashlib.sha256(a.data).hexdigest(), arrays))
+
+
+def _dist():
+    """(rank, world size) of an initialised torch.distributed process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _shard_offset(p) -> int:
+    """Flat offset, in the full tensor, of this process's shard of a DTensor (row-wise Shard(0) or replicated)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(isinstance(pl, (Shard, Replicate)) for pl in p.placements) or any(
+            isinstance(pl, Shard) and pl.dim != 0 for pl in p.placements):
+        raise DeltaError(f"DeltaPublisher: parameter with placements {p.placements} is not sharded by rows; "
+                         "publish from a model sharded with FSDP2's default Shard(0).")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = 1
+    for x in p.shape[1:]:
+        row *= x
+    return int(offset[0]) * row if offset else 0
+
+
 class DeltaPublisher:
-    """Snapshots a model's stored view and encodes what changed since the last snapshot."""
+    """Snapshots a model's stored view and encodes what changed since the last snapshot.
+
+    Cost per step grows with the change, not the model: the snapshot's digests are kept between steps (the
+    base of step k is the result of step k−1), only tensors with a change are hashed, and unchanged tensors
+    are compared, never copied or hashed.
+
+    Under ``torch.distributed`` (DDP or FSDP2) every process constructs the publisher and calls :meth:`delta`
+    at the same points (both are collective under FSDP2); one payload per step comes out, on rank 0
+    (``delta()`` returns ``None`` on the other ranks). With DDP the replicas are identical and rank 0 alone
+    does the work. With FSDP2 each process compares its own shard against its own snapshot and sends rank 0
+    the changed entries in global checkpoint coordinates; rank 0 keeps the full stored view (one copy of the
+    model in the publication dtype, on its host), applies them and encodes the payload.
+    """
 
     def __init__(self, model: torch.nn.Module | dict, dtype: torch.dtype | None = torch.bfloat16, level: int = 3,
                  chunk: int = CHUNK, raw_values: bool = False):
@@ -54,37 +114,108 @@ class DeltaPublisher:
         self.dtype = dtype
         self.level = level
         self.chunk = chunk
-        self._snap = {n: torch_raw(_stored(t, dtype)).copy() for n, t in self._named()}
-        self._shapes = {n: (tuple(t.shape), _code(_stored(t, dtype))) for n, t in self._named()}
-        self.hash = checkpoint_hash([(n, c, s, hashlib.sha256(self._snap[n].data).hexdigest())
-                                     for n, (s, c) in self._shapes.items()])
+        self.rank, self.world = _dist()
+        named = self._named()
+        self.sharded = any(_is_dtensor(t) for _, t in named)
+        self._local: dict[str, np.ndarray] = {}  # FSDP2: this process's shard of the stored view
+        self._offset: dict[str, int] = {}
+        if self.sharded:
+            for n, t in named:
+                if _is_dtensor(t):
+                    self._local[n] = torch_raw(_stored(t.to_local(), dtype)).copy()
+                    self._offset[n] = _shard_offset(t)
+            full = {n: (t.full_tensor() if _is_dtensor(t) else t) for n, t in named}  # collective: every rank takes part
+        else:
+            full = dict(named)
         self.sizes: list[dict] = []
+        self.hash = ""
+        if self.rank != 0:
+            return
+        self._snap = {n: torch_raw(_stored(t, dtype)).copy() for n, t in full.items()}
+        self._shapes = {n: (tuple(t.shape), _code(_stored(t.reshape(-1)[:0], dtype))) for n, t in full.items()}
+        self._digest = {n: hashlib.sha256(self._snap[n].data).hexdigest() for n in self._snap}
+        self.hash = checkpoint_hash([(n, c, s, self._digest[n]) for n, (s, c) in self._shapes.items()])
 
     def _named(self):
         if isinstance(self.model, dict):
             return list(self.model.items())
         return list(self.model.named_parameters())
 
-    def delta(self) -> bytes:
-        """The payload that turns the previous snapshot into the current stored view; snapshots it."""
+    def _changes(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """FSDP2: ``{name: (global flat indices, new bits)}`` of this process's shards since the last call."""
+        out = {}
+        for n, t in self._named():
+            if n not in self._local:
+                continue
+            cur = torch_raw(_stored(t.to_local(), self.dtype))
+            old = self._local[n]
+            idx = np.flatnonzero(cur != old)
+            if idx.size:
+                out[n] = (idx + self._offset[n], cur[idx].copy())
+                old[idx] = cur[idx]
+        return out
+
+    def _current(self) -> dict[str, np.ndarray | None]:
+        """The stored view now, per tensor, on rank 0 (None: bit-identical to the snapshot)."""
+        if self.sharded:
+            import torch.distributed as dist
+
+            mine = self._changes()
+            got = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(mine, got, dst=0)
+            if self.rank != 0:
+                return {}
+            cur: dict[str, np.ndarray | None] = {}
+            for part in got:
+                for n, (idx, vals) in part.items():
+                    arr = cur.get(n)
+                    if arr is None:
+                        arr = cur[n] = self._snap[n].copy()
+                    arr[idx] = vals
+            for n, t in self._named():
+                if n not in self._local:  # replicated, not sharded: compared here
+                    c = torch_raw(_stored(t, self.dtype))
+                    cur[n] = c if not np.array_equal(c, self._snap[n]) else None
+            return cur
+        cur = {}
+        for n, t in self._named():
+            # every tensor is compared: torch's version counter misses writes through ``.data``, which trainers use
+            s = _stored(t, self.dtype)
+            c = torch_raw(s)
+            # compared chunk by chunk while encoding; a view of the live parameter is copied before it is kept
+            cur[n] = c.copy() if s.data_ptr() == t.data_ptr() else c
+        return cur
+
+    def delta(self) -> bytes | None:
+        """The payload that turns the previous snapshot into the current stored view, and snapshot it (rank 0);
+        ``None`` on other ranks of a process group."""
+        if self.rank != 0 and not self.sharded:
+            return None  # DDP: the replicas are identical; rank 0 publishes
+        current = self._current()
+        if self.rank != 0:
+            return None
         buf = io.BytesIO()
         w = PatchWriter(buf, level=self.level, chunk=self.chunk, raw_values=self.raw_values)
-        base_e, res_e = [], []
-        new_snap = {}
-        for name, p in self._named():
-            cur = torch_raw(_stored(p, self.dtype))
-            old = self._snap[name]
+        entries, changed = [], []
+        for name in self._snap:
             shape, code = self._shapes[name]
             t = w.begin_tensor(name, code, shape)
-            ha, hb = hashlib.sha256(old.data), hashlib.sha256(cur.data)
-            for s in range(0, cur.size, self.chunk):
-                w.chunk_update(t, s, old[s : s + self.chunk], cur[s : s + self.chunk])
-            t["base_sha256"], t["result_sha256"] = ha.hexdigest(), hb.hexdigest()
-            base_e.append((name, code, shape, t["base_sha256"]))
+            old, cur = self._snap[name], current.get(name)
+            t["base_sha256"] = self._digest[name]
+            if cur is not None:
+                for s in range(0, cur.size, self.chunk):
+                    w.chunk_update(t, s, old[s : s + self.chunk], cur[s : s + self.chunk])
+            if t["changed"]:
+                self._snap[name] = cur
+                changed.append(name)
+            entries.append((t, name, code, shape))
+        for name, digest in zip(changed, sha256_many([self._snap[n] for n in changed])):  # only what changed is hashed
+            self._digest[name] = digest
+        res_e = []
+        for t, name, code, shape in entries:
+            t["result_sha256"] = self._digest[name]
             res_e.append((name, code, shape, t["result_sha256"]))
-            new_snap[name] = cur.copy() if t["changed"] else old
         h = w.finish(self.hash, checkpoint_hash(res_e))
-        self._snap = new_snap
         self.hash = h["result"]["hash"]
         payload = buf.getvalue()
         self.sizes.append({"bytes": len(payload), "plain": h["sizes"]["plain"],
@@ -92,7 +223,7 @@ class DeltaPublisher:
         return payload
 
 
-def apply_delta(target: torch.nn.Module | dict, payload: bytes) -> int:
+def apply_delta(target: torch.nn.Module | dict, payload: bytes, recheck: bool = False) -> int:
     """Apply a payload to a model's parameters or a state dict in place; returns the entries changed.
 
     Everything is verified before anything is written: every tensor's base hash, every decoded result hash,
@@ -100,24 +231,65 @@ def apply_delta(target: torch.nn.Module | dict, payload: bytes) -> int:
     storage (tied weights) receive the same result. Only then are the tensors written, and each written
     tensor is read back and checked against its recorded result. A payload that fails (:class:`DeltaError`)
     leaves the target unchanged.
+
+    The digest of every tensor verified or written is remembered with torch's version counter, so a tensor the
+    payload leaves unchanged is neither copied nor hashed again while it has not been written since. A write
+    through ``.data`` bypasses that counter: after changing the target's weights that way, pass
+    ``recheck=True`` (every tensor is then hashed again).
     """
     try:
-        updates, changed, named, results = _decode_delta(target, payload)
+        updates, changed, named, results = _decode_delta(target, payload, recheck)
     except DeltaError:
         raise
     except InputError as e:
         raise DeltaError(e.message) from None
     check = _check_writable(updates, named, results)
+    written = {}
     with torch.no_grad():
         for name, new in updates.items():
             dst = named[name]
-            src = torch.from_numpy(new.view(_signed(new.dtype.itemsize))).view(dst.dtype).reshape(dst.shape)
-            dst.copy_(src.to(dst.device))
-    for name in check:  # read back: what the target now holds is the recorded result
-        if hashlib.sha256(torch_raw(named[name].detach().cpu()).data).hexdigest() != results[name]:
+            src = torch.from_numpy(new.view(_signed(new.dtype.itemsize))).view(dst.dtype).reshape(dst.shape).to(dst.device)
+            dst.copy_(src)
+            written[name] = src
+    for name in check:  # read back on the target's device: what it now holds is the recorded result
+        dst = named[name]
+        src = written.get(name)
+        ok = (src is not None and torch.equal(_bits(dst.detach()), _bits(src))) or (
+            src is None and hashlib.sha256(torch_raw(dst.detach().cpu()).data).hexdigest() == results[name])
+        if not ok:
             raise DeltaError(f"delta payload: tensor '{name}' does not hold the recorded result after writing "
                              "(another tensor of the target shares its storage).")
+    for name in updates:  # the digest of what each written tensor now holds, for the next payload's base check
+        _remember(named[name], results[name])
     return changed
+
+
+# id(tensor) -> (weak reference, _version, data_ptr, sha256 of its bits); tensors compare elementwise, so they
+# are keyed by identity, and an entry counts only while its weak reference still points at the same tensor
+_DIGESTS: dict[int, tuple] = {}
+
+
+def _remember(t: torch.Tensor, digest: str) -> None:
+    if t.is_inference():  # no version counter: nothing can tell a later write apart, so nothing is remembered
+        return
+    try:
+        ref = weakref.ref(t, lambda _r, k=id(t): _DIGESTS.pop(k, None))
+    except TypeError:  # a tensor type that does not take weak references
+        return
+    _DIGESTS[id(t)] = (ref, t._version, t.data_ptr(), digest)
+
+
+def _known_digest(t: torch.Tensor) -> str | None:
+    """The digest recorded for ``t`` if it has not been written since (torch bumps ``_version`` on every in-place
+    change), else None."""
+    hit = _DIGESTS.get(id(t))
+    if hit is not None and not t.is_inference() and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
+        return hit[3]
+    return None
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _storage_key(t: torch.Tensor):
@@ -140,18 +312,18 @@ def _check_writable(updates: dict, named: dict, results: dict) -> list[str]:
         k = _storage_key(named[name])
         if k is not None:
             by_storage.setdefault(k, []).append(name)
-    check = list(updates)
+    check = []  # a tensor alone in its storage holds exactly what was copied into it; aliases are read back
     for names in by_storage.values():
         if len(names) < 2 or not any(n in updates for n in names):
             continue
         if len({results[n] for n in names}) > 1:
             raise DeltaError(f"delta payload: tensors {', '.join(repr(n) for n in names)} of the target share storage "
                              "but the payload gives them different results; nothing was written.")
-        check += [n for n in names if n not in updates]
+        check += names
     return check
 
 
-def _decode_delta(target, payload: bytes):
+def _decode_delta(target, payload: bytes, recheck: bool = False):
     r = PatchReader(payload, name="delta payload")
     named = dict(target.items() if isinstance(target, dict) else target.named_parameters())
     updates = {}
@@ -168,20 +340,30 @@ def _decode_delta(target, payload: bytes):
         if _code(dst) != t["dtype"] or list(dst.shape) != t["shape"]:
             raise DeltaError(f"delta payload: tensor '{name}' is {t['dtype']}{t['shape']} in the payload but "
                              f"{_code(dst)}{list(dst.shape)} in the target.")
+        known = None if recheck else _known_digest(dst)
+        if not t["chunks"] and known is not None:  # unchanged and verified before: nothing to copy or hash
+            if known != t["base_sha256"]:
+                raise DeltaError(f"delta payload: tensor '{name}' of the target is not the state the payload applies to "
+                                 "(a step was missed or applied twice).")
+            continue
         old = torch_raw(dst.detach().cpu())
-        if hashlib.sha256(old.data).hexdigest() != t["base_sha256"]:
+        digest = known if known is not None else hashlib.sha256(old.data).hexdigest()
+        if digest != t["base_sha256"]:
             raise DeltaError(f"delta payload: tensor '{name}' of the target is not the state the payload applies to "
                              "(a step was missed or applied twice).")
+        _remember(dst, digest)
         if not t["chunks"]:
             continue
         new = old.copy()
         for c in t["chunks"]:
             s = c["start"]
             new[s : s + c["count"]] = r.apply_chunk(c, old[s : s + c["count"]])
-        if hashlib.sha256(new.data).hexdigest() != t["result_sha256"]:
-            raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
         updates[name] = new
         changed += t["changed"]
+    names = list(updates)
+    for name, digest in zip(names, sha256_many([updates[n] for n in names])):  # the results, hashed in threads
+        if digest != results[name]:
+            raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
     return updates, changed, named, results
 
 
