@@ -43,7 +43,11 @@ def side_files(ck: Checkpoint, include: tuple[str, ...] = ()) -> tuple[list[Path
     checkpoint was named as a single weight file.
     """
     from ..io.checkpoint import allowed_roots, within_roots
+    from ..io.remote import RemoteCheckpoint
 
+    if isinstance(ck, RemoteCheckpoint):
+        return ck.side_files(include, lambda n: (n in CARRIED or n.endswith(".jinja") or n in include) and carried_name_problem(n) is None,
+                             MAX_SIDE_FILE)
     named = Path(ck.path)
     if named.exists() and not named.is_dir():  # a single weight file: its folder is not the checkpoint
         return [], []
@@ -168,7 +172,7 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
                 raise InputError(f"{tuned}: --include {missing[0]!r} is not a regular file of at most {MAX_SIDE_FILE} bytes in the checkpoint folder.")
             for f in carried:
                 w.add_file(f.name, f.read_bytes())
-            tuned_bytes = sum(os.path.getsize(f) for f in ct.files)
+            tuned_bytes = sum(ct.size_of(f) for f in ct.files)
             h = w.finish(checkpoint_hash(base_entries), checkpoint_hash(result_entries),
                          source={"base": str(base), "tuned": str(tuned)}, tuned_checkpoint_bytes=tuned_bytes,
                          omitted=omitted, files_left_out=left_out)

@@ -97,6 +97,10 @@ class Checkpoint:
             raise InputError(f"{info.file}: file is truncated while reading tensor '{name}'.")
         return out
 
+    def size_of(self, file: str) -> int:
+        """Bytes of one of the checkpoint's files."""
+        return os.path.getsize(file)
+
     def same_bits(self, a: str, b: str, chunk: int = 1 << 20) -> bool:
         """True when stored tensors ``a`` and ``b`` have the same dtype, shape and bits."""
         ia, ib = self.tensors[a], self.tensors[b]
@@ -233,13 +237,20 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
 
     ``path`` may be a folder holding ``model.safetensors``, a sharded ``model.safetensors.index.json``,
     ``pytorch_model.bin`` or its sharded index (or other ``*.safetensors`` files), a single
-    ``.safetensors``/``.bin`` file, an index file, or a Hugging Face cache reference ``org/name[@rev]``.
+    ``.safetensors``/``.bin`` file, an index file, a Hugging Face cache reference ``org/name[@rev]``, or an
+    fsspec URL (``s3://bucket/prefix``, ``gs://…``, ``file://…``: :mod:`rlsubnet.io.remote`, read by ranges).
 
     Quantized storage (fp8 with scales, MXFP4) is presented by value: the result is a
     :class:`rlsubnet.io.quant.ValueCheckpoint` whose tensors are the model's parameters. ``storage=True``
     gives the stored tensors as they are (codes and scales apart), which is what a patch carries.
     """
     shown = str(path)
+    from .remote import is_url
+
+    if is_url(shown):
+        from .remote import open_remote
+
+        return _by_value(open_remote(shown), storage)
     p = Path(path).expanduser()
     if not p.exists():
         if HF_REPO_RE.match(shown) and not shown.startswith((".", "/")):
@@ -306,7 +317,11 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
     if not tensors:
         raise InputError(f"{shown}: checkpoint holds no tensors.")
     config = _load_config(root)
-    ck = Checkpoint(CheckpointIndex(shown, root, kind, files, tensors, config, shared_head))
+    return _by_value(Checkpoint(CheckpointIndex(shown, root, kind, files, tensors, config, shared_head)), storage)
+
+
+def _by_value(ck: Checkpoint, storage: bool) -> Checkpoint:
+    """The checkpoint as stored (``storage``), or with quantized parameters presented by value."""
     if storage:
         return ck
     from .quant import ValueCheckpoint, detect

@@ -34,17 +34,26 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise InputError(f"{path}: corrupt safetensors file (header length {n} exceeds the limit of {MAX_HEADER} bytes).")
-            if 8 + n > size:
-                raise InputError(f"{path}: corrupt or truncated safetensors file (header length {n} exceeds the file).")
-            raw = fh.read(n)
+            return parse_safetensors_header(path, size, lambda a, b: os.pread(fh.fileno(), b - a, a))
     except OSError as e:
         raise InputError(f"{path}: cannot read file ({e.strerror}).") from None
+
+
+def parse_safetensors_header(path: str, size: int, read_range) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The checks of :func:`read_safetensors_header` on any storage: ``read_range(a, b)`` returns bytes ``[a, b)``
+    of the file (a local ``pread`` or an object-storage range request); at most 8 + the checked header length
+    are read."""
+    head = read_range(0, min(8, size))
+    if len(head) < 8:
+        raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER:
+        raise InputError(f"{path}: corrupt safetensors file (header length {n} exceeds the limit of {MAX_HEADER} bytes).")
+    if 8 + n > size:
+        raise InputError(f"{path}: corrupt or truncated safetensors file (header length {n} exceeds the file).")
+    raw = read_range(8, 8 + n)
+    if len(raw) != n:
+        raise InputError(f"{path}: file is truncated while reading its header.")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _Duplicate as e:
