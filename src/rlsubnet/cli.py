@@ -22,6 +22,8 @@ Workers = Annotated[Optional[int], typer.Option("--workers", help="parallel work
 CacheDir = Annotated[Optional[str], typer.Option("--cache-dir", help="Hugging Face cache folder for org/name references (read offline)")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no table, no progress bar")]
 Criterion = Annotated[str, typer.Option("--criterion", help="what counts as changed: bitwise | atol:TOL | bf16rel:ETA")]
+Engine = Annotated[str, typer.Option("--engine", help="where the work runs: local (worker processes) | ray (tasks on a Ray cluster)")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to connect to (default: RAY_ADDRESS, else a local one)")]
 
 
 class By(str, Enum):
@@ -124,6 +126,8 @@ def diff(
     rank: bool = typer.Option(False, "--rank", help="also compute the rank of every update matrix"),
     lr_sum: Optional[float] = typer.Option(None, "--lr-sum", help="Σ learning rate of the run: report the precision floor and the sparsity above it"),
     workers: Workers = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -138,7 +142,7 @@ def diff(
                   _inputs(base, tuned))
     tols = split_floats(atol, "--atol")
     kwargs = {} if tols is None else {"atol": tols}
-    result = run_diff(base, tuned, eta=eta, common_slice=common_slice, workers=workers, cache_dir=cache_dir,
+    result = run_diff(base, tuned, eta=eta, common_slice=common_slice, workers=workers, cache_dir=cache_dir, engine=engine, ray_address=ray_address,
                       mask_criterion=criterion if mask_out else None, progress=not quiet, rank=rank, lr_sum=lr_sum, **kwargs)
     con = _out_console(json_out == "-")
     if by == "expert" and result.moe is None:
@@ -182,6 +186,8 @@ def mask(
     out: str = typer.Option(..., "-o", "--out", help="mask file to write (rlsubnet-mask/1)"),
     criterion: Criterion = "bitwise",
     workers: Workers = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -190,7 +196,8 @@ def mask(
 
     _check_workers(workers)
     check_outputs({"-o": out}, _inputs(base, tuned))
-    sub = Subnetwork.from_checkpoints(base, tuned, criterion=criterion, workers=workers, cache_dir=cache_dir, progress=not quiet)
+    sub = Subnetwork.from_checkpoints(base, tuned, criterion=criterion, workers=workers, cache_dir=cache_dir, progress=not quiet,
+                                      engine=engine, ray_address=ray_address)
     sub.save(out)
     Console().print(f"wrote {safe(out)}: {sub.count():,} of {sub.numel():,} parameters ({sub.density():.4%}) by criterion {criterion}")
 
@@ -248,6 +255,8 @@ def closeness(
     atol: Optional[List[str]] = typer.Option(None, "--atol", help="tolerances; default 0,1e-8,1e-7,1e-6,1e-5,1e-4"),
     json_out: JsonOut = None,
     workers: Workers = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -260,7 +269,7 @@ def closeness(
     check_outputs({"--json": json_out}, _inputs(init, a, b, mask_path))
     tols = split_floats(atol, "--atol")
     kw = {} if tols is None else {"atol": tols}
-    r = run(init, a, b, mask=mask_path, progress=not quiet, workers=workers, cache_dir=cache_dir, **kw)
+    r = run(init, a, b, mask=mask_path, progress=not quiet, workers=workers, cache_dir=cache_dir, engine=engine, ray_address=ray_address, **kw)
     print_closeness(r, _out_console(json_out == "-"))
     if json_out:
         write_json_to(r.to_json(), json_out)
@@ -300,6 +309,8 @@ def verify_frozen(
     mask_path: str = typer.Argument(..., help="the mask that was trained"),
     json_out: JsonOut = None,
     workers: Workers = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -311,7 +322,7 @@ def verify_frozen(
 
     _check_workers(workers)
     check_outputs({"--json": json_out}, _inputs(init, trained, mask_path))
-    r = run(init, trained, mask_path, workers=workers, cache_dir=cache_dir, progress=not quiet)
+    r = run(init, trained, mask_path, workers=workers, cache_dir=cache_dir, progress=not quiet, engine=engine, ray_address=ray_address)
     print_frozen(r, _out_console(json_out == "-"))
     if json_out:
         write_json_to(r.to_json(), json_out)

@@ -59,6 +59,8 @@ def diff(
     rank: bool = False,
     rank_rtol: float | None = None,
     lr_sum: float | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> DiffResult:
     """Compare ``tuned`` against ``base`` and return every probe's counts.
 
@@ -116,7 +118,8 @@ def diff(
                 st.per_expert = np.bincount((start + idx) // (p.numel // fused[p.name]), minlength=fused[p.name])
             return st, (np.packbits(m, bitorder="little") if m is not None else None)
 
-        for job, results in map_chunks(jobs, fn, workers=workers, chunk=chunk, desc="diff", progress=progress):
+        for job, results in map_chunks(jobs, fn, workers=workers, chunk=chunk, desc="diff", progress=progress,
+                                           engine=engine, ray_address=ray_address):
             pos8 = 0
             for st, packed in results:
                 stats[job.name].add(st)

@@ -81,6 +81,9 @@ def _run_in_worker(i: int):
     return _run(_WORKER_TASK, i)  # type: ignore[arg-type]
 
 
+ENGINES = ("local", "ray")
+
+
 def map_chunks(
     jobs: Sequence[Job],
     fn: Callable[[Job, int, list[np.ndarray]], Any],
@@ -88,18 +91,26 @@ def map_chunks(
     chunk: int = DEFAULT_CHUNK,
     desc: str = "comparing",
     progress: bool = True,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> Iterator[tuple[Job, list]]:
     """Yield ``(job, [fn(job, start, raws) for each chunk])`` per job, jobs spread over processes.
 
-    ``workers`` processes (default: CPU count, never more than there are jobs) each take whole tensors,
-    largest first. With one worker, or where ``fork`` is unavailable, everything runs in this process.
-    On the first error (or an interruption) the pending jobs are cancelled and the workers stopped.
+    ``engine="local"``: ``workers`` processes (default: CPU count, never more than there are jobs) each take
+    whole tensors, largest first. With one worker, or where ``fork`` is unavailable, everything runs in this
+    process. ``engine="ray"``: the same work as Ray tasks on a cluster (:func:`_map_ray`). On the first error (or
+    an interruption) the pending jobs are cancelled and the workers stopped.
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if chunk <= 0 or chunk % 8:
         raise ValueError("chunk must be a positive multiple of 8")
+    if engine not in ENGINES:
+        raise InputError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}.")
+    if engine == "ray":
+        yield from _map_ray(jobs, fn, chunk, desc, progress, ray_address)
+        return
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise InputError(f"--workers: {workers!r} must be a positive integer.")
     workers = min(workers or default_workers(), max(1, len(jobs)))
@@ -134,3 +145,96 @@ def map_chunks(
                 for p in procs:
                     p.join(timeout=10)
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- Ray: the same map on a cluster ---------------------------------------------------------------------------
+UNIT_BYTES = 64 << 20  # a Ray task reads about this many bytes (whole chunks of one tensor)
+
+
+def _units(jobs: Sequence[Job], chunk: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Work units: (job index, consecutive chunk ranges of that tensor), each about UNIT_BYTES of reads."""
+    out = []
+    for i, job in enumerate(jobs):
+        per = max(1, UNIT_BYTES // max(1, chunk * max(1, job.nbytes // max(job.numel, 1))))
+        ranges = list(iter_chunks(job.numel, chunk))
+        for k in range(0, max(len(ranges), 1), per):
+            out.append((i, ranges[k : k + per]))
+    return out
+
+
+def _run_unit(fn, jobs, i: int, ranges):
+    job = jobs[i]
+    return [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count) for start, count in ranges]
+
+
+def _reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse at once an address nothing listens on (``ray.init`` would retry it for minutes)."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address or "")
+    if not m:
+        return  # "auto", None (a local cluster, or RAY_ADDRESS): Ray resolves and reports those itself
+    try:
+        with socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout):
+            pass
+    except OSError as e:
+        raise InputError(f"--ray-address: nothing answers at {address} ({e.strerror or e}); start a cluster with "
+                         "`ray start --head` or give its address.") from None
+
+
+def _map_ray(jobs, fn, chunk, desc, progress, address):
+    """Units of chunks as Ray tasks that read their own byte ranges where they run (checkpoints travel as their
+    index, never as data; local paths must be visible to every node, object storage always is). Results come back
+    small (counts, histograms, packed mask bits) and are merged in chunk order, so the answer is the local
+    engine's to the last count. A task that fails is retried by Ray (3 times); a failure that persists ends the
+    run with one sentence naming the tensor."""
+    from ..io.optional import need
+
+    need("ray", what="--engine ray")
+    import ray
+
+    if not ray.is_initialized():
+        _reachable(address)
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+                     logging_level="ERROR", configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise InputError(f"--ray-address: cannot connect to a Ray cluster at {address or 'the local default'} ({str(e).splitlines()[0][:160]}).") from None
+    remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(_run_unit)
+    fn_ref, jobs_ref = ray.put(fn), ray.put(list(jobs))
+    units = _units(jobs, chunk)
+    left = {}
+    for i, _ in units:
+        left[i] = left.get(i, 0) + 1
+    parts: dict[int, dict[int, list]] = {}
+    refs = {remote.remote(fn_ref, jobs_ref, i, ranges): (i, k) for k, (i, ranges) in enumerate(units)}
+    total = sum(j.nbytes for j in jobs)
+    ok = False
+    try:
+        with make_progress(progress) as bar:
+            task = bar.add_task(desc + " (ray)", total=total)
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ref = done[0]
+                i, k = refs[ref]
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, InputError):
+                        raise InputError(cause.message) from None
+                    raise InputError(f"{jobs[i].name}: the Ray task reading this tensor failed after its retries "
+                                     f"({type(cause or e).__name__}: {str(cause or e).splitlines()[0][:160]}).") from None
+                parts.setdefault(i, {})[k] = res
+                bar.advance(task, jobs[i].nbytes / left[i] if left[i] else 0)
+                if len(parts[i]) == left[i]:
+                    yield jobs[i], [r for kk in sorted(parts[i]) for r in parts[i][kk]]
+                    del parts[i]
+        ok = True
+    finally:
+        if not ok:
+            for r in refs:
+                ray.cancel(r, force=True)
+

@@ -64,6 +64,12 @@ class Checkpoint:
         self.index = index
         self._fds: dict[str, int] = {}
 
+    def __getstate__(self) -> dict:
+        """A checkpoint travels (to a Ray worker) as its index: file descriptors are opened again where it lands."""
+        d = dict(self.__dict__)
+        d["_fds"] = {}
+        return d
+
     # the index's fields, for convenience
     path = property(lambda self: self.index.path)
     root = property(lambda self: self.index.root)

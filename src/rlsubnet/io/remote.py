@@ -46,6 +46,9 @@ class _FS:
         fs, _ = fsspec.core.url_to_fs(url)
         self._fs, self._pid = fs, os.getpid()
 
+    def __getstate__(self) -> dict:
+        return {"protocol": self.protocol, "_pid": -1, "_fs": None}
+
     @property
     def fs(self):
         if self._pid != os.getpid():

@@ -60,7 +60,8 @@ def _check_mask(mask: Subnetwork, pairs, what: str) -> None:
 
 def closeness(init: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLike,
               mask: str | os.PathLike | Subnetwork | None = None, atol=DEFAULT_ATOL,
-              workers: int | None = None, progress: bool = False, cache_dir: str | None = None) -> ClosenessResult:
+              workers: int | None = None, progress: bool = False, cache_dir: str | None = None,
+              engine: str = "local", ray_address: str | None = None) -> ClosenessResult:
     """Fraction of parameters where A and B are equal at each tolerance (|A−B| ≤ tol; 0 = same bits)."""
     tols_user = check_tolerances(atol)
     tols = np.unique(np.array(tols_user))
@@ -100,7 +101,8 @@ def closeness(init: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLik
                 res["nin"] = int(np.count_nonzero(bits))
             return res
 
-        for job, results in map_chunks(jobs, fn, workers=workers, desc="closeness", progress=progress):
+        for job, results in map_chunks(jobs, fn, workers=workers, desc="closeness", progress=progress,
+                                           engine=engine, ray_address=ray_address):
             s = acc[job.name]
             for r in results:
                 s["ex"] += r["ex"]

@@ -52,7 +52,8 @@ class FrozenCheck:
 
 
 def verify_frozen(init: str | os.PathLike, trained: str | os.PathLike, mask: str | os.PathLike | Subnetwork,
-                  workers: int | None = None, progress: bool = False, cache_dir: str | None = None) -> FrozenCheck:
+                  workers: int | None = None, progress: bool = False, cache_dir: str | None = None,
+                  engine: str = "local", ray_address: str | None = None) -> FrozenCheck:
     """Count entries outside the mask whose bits moved, and entries inside it that changed."""
     m = mask if isinstance(mask, Subnetwork) else Subnetwork.load(mask)
     init, trained = str(init), str(trained)
@@ -92,7 +93,8 @@ def verify_frozen(init: str | os.PathLike, trained: str | os.PathLike, mask: str
             inside = bits[idx]
             return int(idx.size - np.count_nonzero(inside)), int(np.count_nonzero(inside)), int(np.count_nonzero(bits))
 
-        for job, results in map_chunks(jobs, fn, workers=workers, desc="verify", progress=progress):
+        for job, results in map_chunks(jobs, fn, workers=workers, desc="verify", progress=progress,
+                                           engine=engine, ray_address=ray_address):
             for r in results:
                 for i in range(3):
                     acc[job.name][i] += r[i]
