@@ -302,19 +302,33 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
             raise InputError(f"{shown}: not a checkpoint file (expected .safetensors, .bin or an index .json).")
         require_regular(p)
 
-    tensors: dict[str, TensorInfo] = {}
     shared_head = False
-    for f in files:
-        if f.endswith(".safetensors"):
-            ts, _ = read_safetensors_header(f)
-        else:
-            ts = _load_bin(f)
-            shared_head = shared_head or _bin_shared_head(ts)
+
+    def shards():
+        nonlocal shared_head
+        for f in files:
+            if f.endswith(".safetensors"):
+                yield f, f, read_safetensors_header(f)[0]
+            else:
+                ts = _load_bin(f)
+                shared_head = shared_head or _bin_shared_head(ts)
+                yield f, f, ts
+
+    tensors = merge_shards(shards(), wm, shown)
+    config = _load_config(root)
+    return _by_value(Checkpoint(CheckpointIndex(shown, root, kind, files, tensors, config, shared_head)), storage)
+
+
+def merge_shards(shards, wm: dict[str, str] | None, shown: str) -> dict[str, TensorInfo]:
+    """One tensor table from ``(file, name shown, tensors)`` per shard: each tensor once, where the index says it
+    lives, and every tensor the index names present."""
+    tensors: dict[str, TensorInfo] = {}
+    for f, label, ts in shards:
         for name, info in ts.items():
             if wm is not None and wm.get(name, f) != f:
                 continue  # the index says this tensor lives in another shard
             if name in tensors:
-                raise InputError(f"{f}: tensor '{name}' is stored twice in the checkpoint.")
+                raise InputError(f"{label}: tensor '{name}' is stored twice in the checkpoint.")
             tensors[name] = info
     if wm is not None:
         missing = [n for n in wm if n not in tensors]
@@ -322,8 +336,7 @@ def open_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None
             raise InputError(f"{shown}: index names tensor '{missing[0]}' but its shard does not contain it.")
     if not tensors:
         raise InputError(f"{shown}: checkpoint holds no tensors.")
-    config = _load_config(root)
-    return _by_value(Checkpoint(CheckpointIndex(shown, root, kind, files, tensors, config, shared_head)), storage)
+    return tensors
 
 
 def _by_value(ck: Checkpoint, storage: bool) -> Checkpoint:

@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from .checkpoint import SAFETENSORS_INDEX, Checkpoint, CheckpointIndex, TensorInfo
+from .checkpoint import SAFETENSORS_INDEX, Checkpoint, CheckpointIndex, merge_shards
 from .errors import InputError
 from .optional import need
 from .safetensors_header import parse_safetensors_header
@@ -164,21 +164,10 @@ def open_remote(url: str) -> RemoteCheckpoint:
         else:
             wm, files, kind = None, [single], "safetensors"
         sizes = {x: int(f.size(x)) for x in files}
-        tensors: dict[str, TensorInfo] = {}
-        for x in files:
-            ts, _ = parse_safetensors_header(f"{fs.protocol}://{x}", sizes[x], lambda a, b, x=x: f.cat_file(x, start=a, end=b))
-            for name, info in ts.items():
-                if wm is not None and wm.get(name, x) != x:
-                    continue
-                if name in tensors:
-                    raise InputError(f"{fs.protocol}://{x}: tensor '{name}' is stored twice in the checkpoint.")
-                tensors[name] = info
-        if wm is not None:
-            missing = [n for n in wm if n not in tensors]
-            if missing:
-                raise InputError(f"{url}: index names tensor '{missing[0]}' but its shard does not contain it.")
-        if not tensors:
-            raise InputError(f"{url}: checkpoint holds no tensors.")
+        shards = ((x, f"{fs.protocol}://{x}", parse_safetensors_header(f"{fs.protocol}://{x}", sizes[x],
+                                                                        lambda a, b, x=x: f.cat_file(x, start=a, end=b))[0])
+                  for x in files)
+        tensors = merge_shards(shards, wm, url)
         config = _read_json(f, f"{root}/config.json", url, missing_ok=True)
     except FileNotFoundError:
         raise InputError(f"{url}: no such object or prefix.") from None
