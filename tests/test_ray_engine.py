@@ -83,13 +83,17 @@ def test_ray_failures_are_one_sentence(cluster, pair, tmp_path):
     c = tmp_path / "c"
     shutil.copytree(b, c)
     shard = sorted(c.glob("model-*.safetensors"))[0]
-    from rlsubnet.analysis import diff
-    from rlsubnet.io import InputError, open_checkpoint
-
-    with open_checkpoint(a) as ca, open_checkpoint(c) as cc:
-        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-        with pytest.raises(InputError, match="truncated"):
-            diff(ca, cc, engine="ray", ray_address=cluster)
+    # in a process of its own: a driver connected to the cluster must not be this test process, which outlives it
+    code = ("import sys\nfrom pathlib import Path\nfrom rlsubnet.analysis import diff\nfrom rlsubnet.io import InputError, open_checkpoint\n"
+            f"shard = Path({str(shard)!r})\n"
+            f"with open_checkpoint({str(a)!r}) as ca, open_checkpoint({str(c)!r}) as cc:\n"
+            "    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])\n"
+            "    try:\n"
+            f"        diff(ca, cc, engine='ray', ray_address={cluster!r})\n"
+            "    except InputError as e:\n"
+            "        print('REFUSED', e.message)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert "REFUSED" in r.stdout and "truncated" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 def test_bad_engine_name(pair):
