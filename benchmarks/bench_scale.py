@@ -149,13 +149,13 @@ def main() -> None:
         env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
                "AWS_DEFAULT_REGION": "us-east-1"}
         c = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
-        c.create_bucket(Bucket="b")
+        c.create_bucket(Bucket="bench")
         for side in ("base", "tuned"):
             for f in (out / side).iterdir():
-                c.upload_file(str(f), "b", f"{side}/{f.name}")
+                c.upload_file(str(f), "bench", f"{side}/{f.name}")
         try:
             for w in (1, 2):
-                record(f"local from S3 (moto), {w} worker(s)", w, *time_diff("s3://b/base", "s3://b/tuned", "--workers", str(w), env=env))
+                record(f"local from S3 (moto), {w} worker(s)", w, *time_diff("s3://bench/base", "s3://bench/tuned", "--workers", str(w), env=env))
         finally:
             server.stop()
     best = max(r["GB/s per worker"] for r in rows if r["setting"].startswith("local,"))

@@ -15,6 +15,7 @@ from conftest import bump_ulps, run, save_folder
 
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
+pytestmark = pytest.mark.slow  # starts an S3-protocol server
 
 
 def _free_port() -> int:
