@@ -65,3 +65,21 @@ def test_python_errors_name_arguments(tmp_path):
     assert e.value.message.startswith("lr: ") and "--" not in e.value.message
     with pytest.raises(InputError, match="max_grad_norm"):  # no clipping is spelled None, not 0
         validate_config(TrainConfig(algo="sft", model="m", max_grad_norm=0.0))
+
+
+def test_study_results_round_trip_through_json(tmp_path):
+    """results.json is the dataclass in both directions; a missing field is named, not a KeyError in the report."""
+    import json
+
+    from rlsubnet.study.results import RQ4, OverlapRow, StudyResults
+
+    row = OverlapRow("seed", "seed", "grpo", "grpo_s1", 0.5, 0.4, 0.1, 0.1, 0.3, 0.05, 5.0, 12.0, 0.9, 0.9,
+                     {"o1_random": 0.2, "ratio": 2.5, "z": 7.0})
+    res = StudyResults(meta={"model": "m"}, paper={}, runs={}, diffs={}, accuracy={}, rq4=RQ4([row]))
+    (tmp_path / "results.json").write_text(json.dumps(res.to_dict()))
+    back = StudyResults.from_json(tmp_path / "results.json")
+    assert back == res and isinstance(back.rq4.rows[0], OverlapRow)
+    d = res.to_dict()
+    del d["rq4"]["rows"][0]["ratio"]
+    with pytest.raises(InputError, match=r"rq4\.rows\[0\]\.ratio: missing"):
+        StudyResults.from_dict(d)

@@ -499,7 +499,7 @@ def study(
     check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
     results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision).run()
-    _write_report(results.to_dict(), out)
+    _write_report(results, out)
 
 
 @app.command()
@@ -513,11 +513,11 @@ def demo(
 
     need("torch", "transformers", "trl", "accelerate", "datasets", "matplotlib", "gguf", what="the demo")
     check_outputs({"--out": out}, [])
-    _write_report(Study(out, budget="quick").run().to_dict(), out)
+    _write_report(Study(out, budget="quick").run(), out)
     Console().print(f"open {safe(Path(out) / 'report.html')} in a browser")
 
 
-def _write_report(results: dict, out: str) -> None:
+def _write_report(results, out: str) -> None:
     from .report.study_report import write_report
 
     paths = write_report(results, out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.atomic import write_text
-from ..study.results import equal_at
+from ..study.results import StudyResults, equal_at
 from .fmt import pct
 from .plots import bar_chart, heatmap, interval_chart, line_chart
 
@@ -100,8 +100,8 @@ class _Paper:
 
 
 # -- one renderer per part ------------------------------------------------------------------------------------
-def render_setup(res: dict, figdir: Path) -> Section:
-    meta = res["meta"]
+def render_setup(res: StudyResults, figdir: Path) -> Section:
+    meta = res.meta
     b = meta["budget_settings"]
     lines = [f"- model: `{meta['model']}`",
              f"- budget: {meta['budget']}: {b['steps']} steps per run at one learning rate for every algorithm "
@@ -115,22 +115,22 @@ def render_setup(res: dict, figdir: Path) -> Section:
     return Section("Setup").add("\n".join(lines))
 
 
-def render_rq1(res: dict, figdir: Path) -> Section:
-    P = _Paper(res["paper"])
-    rq = res["rq1"]
-    rows_in = rq["rows"]
+def render_rq1(res: StudyResults, figdir: Path) -> Section:
+    P = _Paper(res.paper)
+    rq = res.rq1
+    rows_in = rq.rows
     sec = Section("RQ1: how sparse are the updates?")
     rows = []
     for r in rows_in:
-        fl = r.get("floor") or {}
-        paper = "; ".join(f"{n}: {v}" for n, v in P.TABLE1.get(r["algo"], [])) or "—"
-        rows.append([r["algo"].upper() + ("" if r.get("in_rl_average", True) or r["algo"] == "sft" else " *"),
-                     _pm(r.get("sparsity_mean_sd"), 2),
-                     f"{pct(fl.get('fraction'))} (Σlr {r['lr_sum']:.2g})" if fl else "—",
-                     _pm(r.get("above_floor_mean_sd"), 2) if fl else "—",
-                     pct(_atol(r["atol"], 1e-5)), pct(r["bf16_rel_sparsity"]),
-                     pct(r["rank_mean"], 1) if r.get("rank_mean") is not None else "—",
-                     "✓" if r["in_distribution"] else "✗", paper])
+        fl = r.floor or {}
+        paper = "; ".join(f"{n}: {v}" for n, v in P.TABLE1.get(r.algo, [])) or "—"
+        rows.append([r.algo.upper() + ("" if r.in_rl_average or r.algo == "sft" else " *"),
+                     _pm(r.sparsity_mean_sd, 2),
+                     f"{pct(fl.get('fraction'))} (Σlr {r.lr_sum:.2g})" if fl else "—",
+                     _pm(r.above_floor_mean_sd, 2) if fl else "—",
+                     pct(_atol(r.atol, 1e-5)), pct(r.bf16_rel_sparsity),
+                     pct(r.rank_mean, 1) if r.rank_mean is not None else "—",
+                     "✓" if r.in_distribution else "✗", paper])
     sec.add("Table 1/2 analogue: update sparsity of each algorithm from the same init, with the same learning rate, "
             "steps and batch for every algorithm.",
             Table(["algorithm", "bits identical", "below the floor", "sparsity above the floor", "|Δ| ≤ 1e-5 (seed 0)", "bf16-relative",
@@ -138,39 +138,39 @@ def render_rq1(res: dict, figdir: Path) -> Section:
             "*Below the floor*: share of entries that no update of the run's size (Σ of its logged learning rates) could move in "
             "bf16 (every value within Σlr rounds back to the stored one); the sparsity above the floor counts only the entries "
             "that could have changed.")
-    if rq.get("ppo_note"):
-        sec.add("\\* " + rq["ppo_note"])
-    for f in rq.get("failed", []):
+    if rq.ppo_note:
+        sec.add("\\* " + rq.ppo_note)
+    for f in rq.failed:
         sec.add(f"{f['run'].upper()} is missing from the table: {f['why']}")
     tols = [1e-8, 1e-7, 1e-6, 1e-5]
-    t6 = [[r["algo"].upper()] + [pct(_atol(r["atol"], t)) for t in tols] for r in rows_in]
+    t6 = [[r.algo.upper()] + [pct(_atol(r.atol, t)) for t in tols] for r in rows_in]
     t6 += [[f"paper: {k}"] + [f"{v:.2f}%" for v in vals] for k, vals in P.TABLE6.items()]
     sec.add("Table 6 analogue: sparsity at each absolute tolerance.", Table(["run"] + [f"{t:g}" for t in tols], t6),
             "Paper Table 2 (mean update rank): " + ", ".join(f"{k} {v}%" for k, v in P.TABLE2.items()) + ".")
-    labels = [r["algo"].upper() for r in rows_in]
-    sd = lambda key: [(r.get(key) or {}).get("sd") or 0.0 for r in rows_in]
+    labels = [r.algo.upper() for r in rows_in]
+    sd = lambda key: [(getattr(r, key) or {}).get("sd") or 0.0 for r in rows_in]
     sec.figures.append(bar_chart(figdir / "rq1_sparsity.png", labels, [], "Update sparsity by algorithm (± sd over seeds)", "algorithm", "sparsity",
-                                 groups={"bits identical": [(r.get("sparsity_mean_sd") or {}).get("mean", r["sparsity"]) for r in rows_in],
-                                         "above the floor": [(r.get("above_floor_mean_sd") or {}).get("mean") for r in rows_in]},
+                                 groups={"bits identical": [(r.sparsity_mean_sd or {}).get("mean", r.sparsity) for r in rows_in],
+                                         "above the floor": [(r.above_floor_mean_sd or {}).get("mean") for r in rows_in]},
                                  errors={"bits identical": sd("sparsity_mean_sd"), "above the floor": sd("above_floor_mean_sd")}))
-    xs = [max(a["atol"], 1e-12) for a in rows_in[0]["atol"]]
-    sec.figures.append(line_chart(figdir / "rq1_tolerance.png", xs, {r["algo"].upper(): [a["sparsity"] for a in r["atol"]] for r in rows_in},
+    xs = [max(a["atol"], 1e-12) for a in rows_in[0].atol]
+    sec.figures.append(line_chart(figdir / "rq1_tolerance.png", xs, {r.algo.upper(): [a["sparsity"] for a in r.atol] for r in rows_in},
                                   "Sparsity vs absolute tolerance (0 at 1e-12)", "tolerance", "sparsity", logx=True))
-    d = res["diffs"]
-    for a in [r["run"] if "run" in r else r["algo"] for r in rows_in][:3]:
+    d = res.diffs
+    for a in [r.run for r in rows_in][:3]:
         g = d.get(a, {}).get("grid")
         if g:
             layers = sorted(g, key=int)
             kinds = sorted({k for L in g.values() for k in L})
             sec.figures.append(heatmap(figdir / f"rq1_layers_{a}.png", [[g[L].get(k, float("nan")) for k in kinds] for L in layers], layers, kinds,
                                        f"{a.upper()}: sparsity per layer × module (Fig. 3 analogue)", "module", "layer"))
-    ulp = d.get(rows_in[0].get("run", rows_in[0]["algo"]), {}).get("ulp_hist")
+    ulp = d.get(rows_in[0].run, {}).get("ulp_hist")
     if ulp:
         ks = list(ulp)  # in the order the diff wrote them (1, 2, ... ULPs)
         sec.figures.append(bar_chart(figdir / "rq1_ulp.png", [str(k) for k in ks], [ulp[k] for k in ks],
-                                     f"{rows_in[0]['algo'].upper()}: changed entries by ULP distance", "ULPs moved", "entries"))
+                                     f"{rows_in[0].algo.upper()}: changed entries by ULP distance", "ULPs moved", "entries"))
     text = ["**What this shows.**"]
-    floors = [(r["algo"], (r.get("floor") or {}).get("fraction")) for r in rows_in if r.get("floor")]
+    floors = [(r.algo, (r.floor or {}).get("fraction")) for r in rows_in if r.floor]
     if floors:
         worst = max(floors, key=lambda x: x[1])
         if worst[1] > 0.5:
@@ -178,13 +178,13 @@ def render_rq1(res: dict, figdir: Path) -> Section:
                         "this Σlr, so the bitwise sparsity mostly measures bf16 rounding, not RL; read the column *sparsity above the floor*.")
         else:
             text.append(f"The floor is at most {pct(worst[1], 1)} of the parameters here, so the sparsity measures which entries the runs moved.")
-    for c in rq.get("comparisons", []):
+    for c in rq.comparisons:
         text.append(claim(c, f"SFT against {c['b'].upper()}", c["what"], {c["a"]: c["a"].upper(), c["b"]: c["b"].upper()}) + ".")
-    ranks = [r["rank_mean"] for r in rows_in if r.get("rank_mean") is not None]
+    ranks = [r.rank_mean for r in rows_in if r.rank_mean is not None]
     if ranks:
         text.append(f"Mean update rank ratio {pct(min(ranks), 1)}–{pct(max(ranks), 1)} of the maximum (paper 99.2–99.8%)")
-        st = [r["stable_rank_mean"] for r in rows_in if r.get("stable_rank_mean") is not None]
-        ef = [r["effective_rank_mean"] for r in rows_in if r.get("effective_rank_mean") is not None]
+        st = [r.stable_rank_mean for r in rows_in if r.stable_rank_mean is not None]
+        ef = [r.effective_rank_mean for r in rows_in if r.effective_rank_mean is not None]
         if st and ef:
             text.append(f"— but the numerical rank counts every non-zero singular value: the stable rank (‖ΔW‖_F²/‖ΔW‖_2²) is "
                         f"{pct(min(st), 1)}–{pct(max(st), 1)} and the effective rank (exponential of the entropy of the singular "
@@ -199,23 +199,23 @@ VARIANT = {"init": "θ_init", "full": "θ_full", "sub": "θ_sub", "random_unifor
            "random_magnitude": "random mask (|w0|-matched)"}
 
 
-def render_rq2(res: dict, figdir: Path) -> Section:
-    P = _Paper(res["paper"])
-    rq = res["rq2"]
+def render_rq2(res: StudyResults, figdir: Path) -> Section:
+    P = _Paper(res.paper)
+    rq = res.rq2
     sec = Section("RQ2/RQ3: does the subnetwork recover full finetuning?")
     acc_rows, close_rows, comp_rows, forest = [], [], [], []
-    for r in rq["rows"]:
-        tag = f"{r['algo'].upper()} seed {r['seed']}"
-        for v, a in r["accuracy"].items():
+    for r in rq.rows:
+        tag = f"{r.algo.upper()} seed {r.seed}"
+        for v, a in r.accuracy.items():
             acc_rows.append([tag, VARIANT.get(v, v), pct(a["accuracy"], 1), pct(a.get("format_rate"), 1), pct(a.get("strict_accuracy"), 1)])
-        for v, c in r["closeness_to_full"].items():
+        for v, c in r.closeness_to_full.items():
             close_rows.append([tag, VARIANT.get(v, v), pct(c["mask_density"], 2), pct(equal_at(c["inside_mask"], 0), 1), pct(equal_at(c["inside_mask"], 1e-5), 1),
                                pct(equal_at(c["inside_mask"], 1e-4), 1), pct(equal_at(c["all"], 1e-5), 2), f"{c['rel_l2']:.3f}"])
-        for c in r["comparisons"]:
+        for c in r.comparisons:
             comp_rows.append([tag, c["what"], f"{VARIANT.get(c['b'], c['b'])} − {VARIANT.get(c['a'], c['a'])}", _ci(c), c["verdict"]])
             if c["what"] == "accuracy":
                 forest.append((f"{tag}: {VARIANT.get(c['b'], c['b'])} − {VARIANT.get(c['a'], c['a'])}", c))
-    n = rq["rows"][0]["n_eval"] if rq["rows"] else 0
+    n = rq.rows[0].n_eval if rq.rows else 0
     sec.add(f"Each masked run restarts from θ_init with the full run's seed, data and hyperparameters; only the mask differs. "
             f"Controls: random masks of the same density, uniform over the model and matched per tensor × |w0| exponent bin. "
             f"Accuracy on {n} held-out problems (greedy); *format* = the completion is the number alone, as the prompt asks; "
@@ -233,17 +233,17 @@ def render_rq2(res: dict, figdir: Path) -> Section:
         sec.figures.append(interval_chart(figdir / "rq2_accuracy_intervals.png", [x[0] for x in forest], [x[1]["diff"] for x in forest],
                                           [x[1]["lo"] for x in forest], [x[1]["hi"] for x in forest],
                                           "Accuracy differences with 95% paired-bootstrap intervals", "accuracy difference"))
-    for r in rq["rows"]:
-        series = {VARIANT.get(v, v): [x for x in ys if x is not None] for v, ys in (r.get("reward") or {}).items() if ys}
+    for r in rq.rows:
+        series = {VARIANT.get(v, v): [x for x in ys if x is not None] for v, ys in (r.reward or {}).items() if ys}
         if series:
             xs = {k: list(range(1, len(v) + 1)) for k, v in series.items()}
-            sec.figures.append(line_chart(figdir / f"rq2_reward_{r['run']}.png", list(range(1, max(len(v) for v in series.values()) + 1)),
-                                          series, f"{r['algo'].upper()} seed {r['seed']}: training reward (Fig. 4 analogue)", "step",
+            sec.figures.append(line_chart(figdir / f"rq2_reward_{r.run}.png", list(range(1, max(len(v) for v in series.values()) + 1)),
+                                          series, f"{r.algo.upper()} seed {r.seed}: training reward (Fig. 4 analogue)", "step",
                                           "mean reward", xs_by=xs))
     text = ["**What this shows.**"]
-    for r in rq["rows"]:
-        tag = f"{r['algo'].upper()} seed {r['seed']}"
-        cs = {(c["a"], c["b"], c["what"]): c for c in r["comparisons"]}
+    for r in rq.rows:
+        tag = f"{r.algo.upper()} seed {r.seed}"
+        cs = {(c["a"], c["b"], c["what"]): c for c in r.comparisons}
         for key, subj in ((("init", "full", "accuracy"), f"{tag}, full finetuning against θ_init"),
                           (("full", "sub", "accuracy"), f"{tag}, θ_sub against θ_full"),
                           (("random_uniform", "sub", "accuracy"), f"{tag}, θ_sub against a uniform random mask of its density"),
@@ -253,8 +253,8 @@ def render_rq2(res: dict, figdir: Path) -> Section:
         fmt = cs.get(("init", "full", "format"))
         if fmt:
             text.append(claim(fmt, f"{tag}, answer format", "the share of number-only answers", VARIANT) + ".")
-        sub = r["closeness_to_full"]["sub"]
-        rnd = [(k, v) for k, v in r["closeness_to_full"].items() if k.startswith("random_")]
+        sub = r.closeness_to_full["sub"]
+        rnd = [(k, v) for k, v in r.closeness_to_full.items() if k.startswith("random_")]
         text.append(f"Inside its mask θ_sub equals θ_full at |Δ| ≤ 1e-5 for {pct(equal_at(sub['inside_mask'], 1e-5), 1)} of entries and at 1e-4 for "
                     f"{pct(equal_at(sub['inside_mask'], 1e-4), 1)} (the paper reports 100% at 1e-4 over all parameters); relative distance "
                     f"{sub['rel_l2']:.3f}" + ("" if not rnd else " against " + ", ".join(f"{v['rel_l2']:.3f} for the {k[7:]} random mask" for k, v in rnd)) + ".")
@@ -262,17 +262,17 @@ def render_rq2(res: dict, figdir: Path) -> Section:
     return sec
 
 
-def render_rq4(res: dict, figdir: Path) -> Section:
-    P = _Paper(res["paper"])
-    rows_in = res["rq4"]["rows"]
+def render_rq4(res: StudyResults, figdir: Path) -> Section:
+    P = _Paper(res.paper)
+    rows_in = res.rq4.rows
     rows = []
     for r in rows_in:
-        prow = r.get("paper_row", r["axis"] if r["axis"] in P.TABLE4 else None)
+        prow = r.paper_row if r.paper_row is not None else (r.axis if r.axis in P.TABLE4 else None)
         p = P.TABLE4.get(prow) if prow else None
-        rows.append([r["axis"], f"{r['a']} vs {r['b']}", f"{pct(r['o1'], 1)} / {pct(r['o2'], 1)}",
-                     f"{pct(r['o1_random'], 1)} / {pct(r['o2_random'], 1)}", f"{r['ratio']:.2f}", f"{r['z']:.0f}",
-                     f"{pct(r['matched']['o1_random'], 1)}; {r['matched']['ratio']:.2f}x, z {r['matched']['z']:.0f}" if r.get("matched") else "—",
-                     f"{pct(r['s1'], 1)} / {pct(r['s2'], 1)}",
+        rows.append([r.axis, f"{r.a} vs {r.b}", f"{pct(r.o1, 1)} / {pct(r.o2, 1)}",
+                     f"{pct(r.o1_random, 1)} / {pct(r.o2_random, 1)}", f"{r.ratio:.2f}", f"{r.z:.0f}",
+                     f"{pct(r.matched['o1_random'], 1)}; {r.matched['ratio']:.2f}x, z {r.matched['z']:.0f}" if r.matched else "—",
+                     f"{pct(r.s1, 1)} / {pct(r.s2, 1)}",
                      f"{p['rl'][0]} / {p['rl'][1]} vs random {p['random'][0]} / {p['random'][1]}" if p else "— (no single-factor row)"])
     sec = Section("RQ4: do subnetworks from different runs overlap?")
     sec.add("Table 4 analogue: overlap of the updated sets against random sets of the same sizes, uniform and matched per "
@@ -280,28 +280,28 @@ def render_rq4(res: dict, figdir: Path) -> Section:
             "changes seed, data and algorithm at once: it is the row *seed+data+algorithm* here.",
             Table(["axis", "runs", "o1 / o2", "uniform random o1 / o2", "ratio (uniform)", "z (uniform)",
                    "magnitude-matched random o1; ratio, z", "sparsity s1 / s2", "paper o1 / o2"], rows))
-    sec.figures.append(bar_chart(figdir / "rq4_overlap.png", [r["axis"] for r in rows_in], [], "Overlap o1 against chance", "axis", "o1",
-                                 groups={"observed": [r["o1"] for r in rows_in], "uniform random": [r["o1_random"] for r in rows_in],
-                                         "|w0|-matched random": [(r.get("matched") or {}).get("o1_random") for r in rows_in]}))
+    sec.figures.append(bar_chart(figdir / "rq4_overlap.png", [r.axis for r in rows_in], [], "Overlap o1 against chance", "axis", "o1",
+                                 groups={"observed": [r.o1 for r in rows_in], "uniform random": [r.o1_random for r in rows_in],
+                                         "|w0|-matched random": [(r.matched or {}).get("o1_random") for r in rows_in]}))
 
     def _mz(r):
-        return r["matched"]["z"] if r.get("matched") and r["matched"]["z"] is not None else None
+        return r.matched["z"] if r.matched and r.matched["z"] is not None else None
 
     parts = []
     for r in rows_in:
-        m = r.get("matched")
+        m = r.matched
         if m and _mz(r) is not None:
             verdict = "above chance" if _mz(r) > 3 else ("below chance" if _mz(r) < -3 else "inconclusive (|z| ≤ 3)")
-            parts.append(f"{r['axis']}: {m['ratio']:.2f}× the matched expectation, {verdict} ({r['ratio']:.2f}× the uniform one)")
+            parts.append(f"{r.axis}: {m['ratio']:.2f}× the matched expectation, {verdict} ({r.ratio:.2f}× the uniform one)")
         else:
-            parts.append(f"{r['axis']}: {r['ratio']:.2f}× the uniform expectation; no matched baseline, so inconclusive")
+            parts.append(f"{r.axis}: {r.ratio:.2f}× the uniform expectation; no matched baseline, so inconclusive")
     sec.add("**What this shows.** Verdicts are taken against the magnitude-matched random masks: " + "; ".join(parts) + ".")
     return sec
 
 
-def render_rq5(res: dict, figdir: Path) -> Section:
-    P = _Paper(res["paper"])
-    f = res["rq5"]
+def render_rq5(res: StudyResults, figdir: Path) -> Section:
+    P = _Paper(res.paper)
+    f = res.rq5
     sec = Section("RQ5: what makes updates sparse?")
     kl_paper = P.KL["with KL"] - P.KL["without KL"]
     af = lambda x, k: f" ({pct((x.get('above_floor') or {}).get(k), 1)} above the floor)" if (x.get("above_floor") or {}).get(k) is not None else ""
@@ -352,8 +352,8 @@ def render_rq5(res: dict, figdir: Path) -> Section:
     return sec
 
 
-def render_sync(res: dict, figdir: Path) -> Section | None:
-    sync = [(name, r) for name, r in res.get("runs", {}).items() if r.get("delta_sync")]
+def render_sync(res: StudyResults, figdir: Path) -> Section | None:
+    sync = [(name, r) for name, r in res.runs.items() if r.get("delta_sync")]
     if not sync:
         return None
     rows, series, xs_by = [], {}, {}
@@ -379,16 +379,21 @@ def render_sync(res: dict, figdir: Path) -> Section | None:
 RENDERERS = (("rq1", render_rq1), ("rq2", render_rq2), ("rq4", render_rq4), ("rq5", render_rq5))
 
 
-def sections(res: dict, figdir: Path) -> list[Section]:
+def sections(res: StudyResults, figdir: Path) -> list[Section]:
     """Every part of the study present in ``res``, rendered."""
     out = [render_setup(res, figdir)]
-    out += [fn(res, figdir) for key, fn in RENDERERS if key in res]
+    out += [fn(res, figdir) for key, fn in RENDERERS if getattr(res, key) is not None]
     sync = render_sync(res, figdir)
     return out + ([sync] if sync else [])
 
 
-def write_report(res: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``report.md`` and a self-contained ``report.html`` (PNG figures embedded) into ``out_dir``."""
+def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
+    """Write ``report.md`` and a self-contained ``report.html`` (PNG figures embedded) into ``out_dir``.
+
+    ``res`` is the study's typed result (a ``results.json`` read back with :meth:`StudyResults.from_json`, or its
+    dict, which is typed first: a field the report needs and the results lack fails there, in one sentence)."""
+    if not isinstance(res, StudyResults):
+        res = StudyResults.from_dict(res)
     out = Path(out_dir)
     figdir = out / "figures"
     secs = sections(res, figdir)

@@ -7,11 +7,54 @@ records (a diff's tolerance sweep, a closeness list) stay plain dicts and lists.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import typing
 from dataclasses import asdict, dataclass, field
+
+from ..io.errors import InputError
+
+
+class _Typed:
+    """``from_dict`` for the result dataclasses: the JSON is the dataclass, in both directions (as transformers'
+    ``TrainerState``). Nested result types are rebuilt; a missing field or a value of the wrong kind is an error
+    naming the field (``rq2.rows[0].acc_sub``), never a KeyError at the end of a one-hour study."""
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = ""):
+        where = where or cls.__name__
+        if not isinstance(d, dict):
+            raise InputError(f"{where}: expected an object, found {type(d).__name__}.")
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                    continue
+                raise InputError(f"{where}.{f.name}: missing (results written by another version?).")
+            kw[f.name] = _build(hints[f.name], d[f.name], f"{where}.{f.name}")
+        return cls(**kw)
+
+
+def _build(tp, v, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if v is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], v, where) if len(inner) == 1 else v
+    if isinstance(tp, type) and issubclass(tp, _Typed):
+        return tp.from_dict(v, where)
+    if origin is list and args and isinstance(args[0], type) and issubclass(args[0], _Typed):
+        if not isinstance(v, list):
+            raise InputError(f"{where}: expected a list, found {type(v).__name__}.")
+        return [args[0].from_dict(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    return v
 
 
 @dataclass
-class RQ1Row:
+class RQ1Row(_Typed):
     """One algorithm: its first seed's figures, every seed's, and the spread over seeds."""
 
     algo: str
@@ -35,7 +78,7 @@ class RQ1Row:
 
 
 @dataclass
-class RQ1:
+class RQ1(_Typed):
     rows: list[RQ1Row]
     comparisons: list[dict]  # stats.Comparison.to_dict(): SFT against each seeded RL algorithm
     lr: float
@@ -45,7 +88,7 @@ class RQ1:
 
 
 @dataclass
-class RQ2Row:
+class RQ2Row(_Typed):
     """One algorithm × seed: θ_init, θ_full, θ_sub and the random-mask controls, compared."""
 
     algo: str
@@ -72,13 +115,13 @@ class RQ2Row:
 
 
 @dataclass
-class RQ2:
+class RQ2(_Typed):
     rows: list[RQ2Row]
     across_seeds: dict
 
 
 @dataclass
-class OverlapRow:
+class OverlapRow(_Typed):
     """Overlap of two runs' masks against a uniform random pair and against one matched per tensor × |w0| exponent."""
 
     axis: str
@@ -99,12 +142,12 @@ class OverlapRow:
 
 
 @dataclass
-class RQ4:
+class RQ4(_Typed):
     rows: list[OverlapRow]
 
 
 @dataclass
-class StudyResults:
+class StudyResults(_Typed):
     meta: dict
     paper: dict
     runs: dict
@@ -120,6 +163,16 @@ class StudyResults:
         """``results.json``: every field, research questions that did not run left out."""
         d = asdict(self)
         return {k: v for k, v in d.items() if not (k in ("rq1", "rq2", "rq4", "rq5", "preferences") and v is None)}
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> StudyResults:
+        """A ``results.json`` read back as typed results (``write_report(StudyResults.from_json(p), out)``)."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                d = json.load(fh)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise InputError(f"{path}: not a readable results.json ({type(e).__name__}).") from None
+        return cls.from_dict(d, "results")
 
 
 def equal_at(rows: list[dict] | None, tol: float) -> float | None:
