@@ -1,0 +1,66 @@
+"""Benchmark (issue 19): `rlsubnet diff` against reading the same bytes, from the page cache.
+
+A ~0.95B-parameter bf16 pair (``synth.write_pair``, 20% of entries moved) is read once into the page cache, then
+timed, best of 3 each, as a user waits: ``cat`` of every shard of both checkpoints to /dev/null, and
+``rlsubnet diff BASE TUNED --json /dev/null -q`` (default tolerances, bf16-relative test, ULP histogram; process
+start, imports and worker start included), with ``--lr-sum`` (the floor) too. Also timed: ``rlsubnet --version``
+(process start and imports alone). Usage: python benchmarks/bench_floor.py [--small] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from synth import write_pair  # noqa: E402
+
+
+def best(cmd: list[str], n: int = 3) -> float:
+    out = None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dt = time.perf_counter() - t0
+        out = dt if out is None else min(out, dt)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args()
+    out = Path(args.out) / ("floor-small" if args.small else "floor")
+    dims = dict(hidden=1024, layers=4, vocab=8000, inter=2816, heads=8) if args.small else \
+        dict(hidden=2048, layers=16, vocab=32000, inter=5632, heads=16)
+    if not (out / "tuned" / "model.safetensors.index.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        write_pair(out, **dims)
+    files = sorted(map(str, (out / "base").glob("*.safetensors"))) + sorted(map(str, (out / "tuned").glob("*.safetensors")))
+    nbytes = sum(Path(f).stat().st_size for f in files)
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    exe = [sys.executable, "-m", "rlsubnet.cli"]
+    t_cat = best(["cat", *files])
+    t_start = best([*exe, "--version"])
+    t_diff = best([*exe, "diff", str(out / "base"), str(out / "tuned"), "--json", "/dev/null", "-q"])
+    t_floor = best([*exe, "diff", str(out / "base"), str(out / "tuned"), "--json", "/dev/null", "-q", "--lr-sum", "1e-4"])
+    res = {"bytes": nbytes, "cat_s": t_cat, "start_s": t_start, "diff_s": t_diff, "diff_floor_s": t_floor,
+           "ratio": t_diff / t_cat, "ratio_floor": t_floor / t_cat}
+    print(f"{nbytes / 1e9:.2f} GB (both checkpoints) from the page cache: cat {t_cat:.2f} s; rlsubnet --version {t_start:.2f} s; "
+          f"diff {t_diff:.2f} s ({t_diff / t_cat:.1f}x cat); diff --lr-sum {t_floor:.2f} s ({t_floor / t_cat:.1f}x cat)")
+    Path(args.out).mkdir(exist_ok=True)
+    (Path(args.out) / "bench_floor.json").write_text(json.dumps(res, indent=2))
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
