@@ -138,7 +138,7 @@ def test_header_with_many_objects_in_few_bytes_is_refused(patched, tmp_path):
     h["pad"] = [{}] * 100_000
     bomb = tmp_path / "objs.rlspatch"
     bomb.write_bytes(_assemble(blobs, h))
-    with pytest.raises(InputError, match="more objects than the file holds data for"):
+    with pytest.raises(InputError, match="more than a patch header can"):
         info(bomb)
 
 
@@ -557,3 +557,33 @@ def test_sparse_state_from_another_mask_of_the_same_size_is_refused():
     opt(m1).load_state_dict(saved)  # the same mask: accepted
     with pytest.raises(ValueError, match="another mask"):
         opt(m2).load_state_dict(saved)
+
+
+def test_unguarded_folder_output_never_replaces_a_folder_that_appeared(tmp_path):
+    from rlsubnet.io import atomic
+
+    dest, tmp = tmp_path / "out", tmp_path / "new"
+    tmp.mkdir()
+    real = atomic._rename_new
+
+    def appears(a, b):  # the destination appears between the check and the rename
+        dest.mkdir()
+        (dest / "precious").write_text("keep")
+        return real(a, b)
+
+    atomic._rename_new = appears
+    try:
+        with pytest.raises(InputError, match="appeared"):
+            atomic.replace_dir(tmp, dest)
+    finally:
+        atomic._rename_new = real
+    assert (dest / "precious").read_text() == "keep"
+
+
+def test_a_header_of_many_identical_tensors_is_accepted():
+    """The header bounds must not refuse genuine payloads that compress hugely: 20,000 zero tensors share one hash."""
+    sd = {f"layers.{i}.bias": torch.zeros(3, dtype=torch.bfloat16) for i in range(20000)}
+    pub = DeltaPublisher(sd, dtype=None)
+    sd["layers.7.bias"][1] = 1.0
+    payload = pub.delta()
+    assert len(payload) < 60_000 and len(PatchReader(payload).header["tensors"]) == 20000

@@ -254,29 +254,25 @@ class PatchWriter:
 
 
 # -- reading ----------------------------------------------------------------------------------------------
-MAX_HEADER_RAW = 64 * 1024 * 1024  # a decompressed header never exceeds this, whatever the file
+MAX_HEADER_RAW = 256 * 1024 * 1024  # a decompressed header never exceeds this (a 671B model's patch lists ~700k chunks)
 MAX_TENSORS = 1_000_000  # tensors one patch may list (DeepSeek-V3 has ~92,000)
 MAX_SIDE_FILE = 64 * 1024 * 1024  # one non-tensor file carried by a patch
-MIN_FRAME = 9  # the smallest zstd frame: magic, frame header, one empty block header
 # names a carried file may not take: they would replace the weights or the index a patch has just verified
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json", ".rlspatch")
 RESERVED_FILES = (".rlsubnet-output.json", "manifest.json")
 
 
-def header_limits(compressed: int, blob_area: int) -> tuple[int, int]:
-    """(max decompressed bytes, max JSON containers) for a header of ``compressed`` bytes in a patch whose blob
-    area holds ``blob_area`` bytes.
+def header_limits(compressed: int) -> tuple[int, int]:
+    """(max decompressed bytes, bytes of JSON per object or array at least) for a header of ``compressed`` bytes.
 
-    A genuine header grows with the tensors and chunks it lists: every tensor carries two sha256 digests that
-    do not compress (at least 32 compressed bytes each) and every chunk points at blobs of at least
-    :data:`MIN_FRAME` bytes. So the containers (``{``, ``[``) a header may hold are bounded by what the file
-    pays for, and its text by 64 bytes of JSON per compressed byte (real headers compress 2-5x) plus 1 MiB,
-    whichever is smaller than :data:`MAX_HEADER_RAW`. A few kilobytes can therefore never expand into
-    gigabytes of Python objects.
+    A genuine header is text around its objects: a tensor entry is about 200 bytes of JSON for 3 containers
+    (its object, shape and chunk list), a chunk entry about 250 for 3, so there are more than 60 bytes per ``{``
+    or ``[``; and it compresses a few times, up to a couple of hundred times where many tensors share one hash
+    (zero-initialised biases, norms of ones). A bomb is the opposite: ``{},`` is 3 bytes per object and compresses
+    ten-thousandfold. So the text may be at most 1 MiB + 256 × its compressed length (and 256 MiB), and must
+    hold at least 24 bytes per container: a few kilobytes can never expand into gigabytes of Python objects.
     """
-    raw = min(MAX_HEADER_RAW, (1 << 20) + 64 * compressed)
-    containers = 64 + 3 * (blob_area // MIN_FRAME) + 3 * (compressed // 32)
-    return raw, containers
+    return min(MAX_HEADER_RAW, (1 << 20) + 256 * compressed), 24
 
 
 def bounded_decompress(comp: bytes, expected: int, what: str) -> bytes:
@@ -376,7 +372,7 @@ class PatchReader:
         if n > size - 24:
             raise self._bad("header length exceeds the file")
         self._blob_end = size - 16 - n
-        raw_max, containers = header_limits(n, self._blob_end - 8)
+        raw_max, per_container = header_limits(n)
         fh.seek(self._blob_end)
         comp = fh.read(n)
         import zstandard
@@ -393,8 +389,10 @@ class PatchReader:
             raise self._bad(str(e)) from None
         if len(text) > raw_max:
             raise self._bad(f"its header decompresses to more than a header of this size may hold ({raw_max} bytes)")
-        if text.count(b"{") + text.count(b"[") > containers:
-            raise self._bad(f"its header lists more objects than the file holds data for (at most {containers})")
+        containers = text.count(b"{") + text.count(b"[")
+        if containers > 64 + len(text) // per_container:
+            raise self._bad(f"its header holds {containers} objects in {len(text)} bytes, more than a patch header can "
+                            f"(at most one per {per_container} bytes)")
         try:
             h = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -418,9 +416,9 @@ class PatchReader:
             _need(isinstance(h[k], str), k)
         _need(isinstance(h["base"], dict) and isinstance(h["result"], dict), "base/result")
         _need(isinstance(h["base"]["hash"], str) and isinstance(h["result"]["hash"], str), "hashes")
-        _need(isinstance(h["sizes"], dict) and all(_is_int(v) and v >= 0 for v in h["sizes"].values()), "sizes")
-        for k in ("positions", "values", "files", "header", "plain"):
-            _need(_is_int(h["sizes"].get(k)), f"sizes.{k}")
+        _need(isinstance(h["sizes"], dict), "sizes")
+        for k in ("positions", "values", "files", "header", "plain"):  # other keys are ignored (FORMAT.md §8)
+            _need(_is_int(h["sizes"].get(k)) and h["sizes"][k] >= 0, f"sizes.{k}")
         _need(isinstance(h["tensors"], list) and len(h["tensors"]) <= MAX_TENSORS, "tensor list")
         _need(isinstance(h["files"], list), "file list")
         names = set()

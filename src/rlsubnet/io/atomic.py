@@ -284,8 +284,11 @@ def replace_dir(tmp: Path, dest: Path, guard: str | None = None) -> None:
     """
     from .guard import replaceable_problem
 
-    if not os.path.lexists(dest) and _rename_new(tmp, dest):
-        return
+    if not os.path.lexists(dest):
+        if _rename_new(tmp, dest):
+            return
+        if guard is None:  # it appeared between the check and the rename: never replaced by surprise
+            raise InputError(f"{dest}: appeared while this command ran; refusing to replace it.")
     if guard is not None:
         why = replaceable_problem(dest, guard)
         if why:
