@@ -11,6 +11,9 @@ from ..deltas.live import DeltaPublisher
 class DeltaSyncCallback(TrainerCallback):
     """Publish the stored view's delta after every ``every`` optimizer steps to ``sink``.
 
+    Under DDP or FSDP2 add it on every rank (the publisher's snapshot and diff are collective under FSDP2);
+    only rank 0 sends.
+
     The bytes of each publication (and of the plain int32 + raw encoding) are kept in ``self.records``.
     """
 
@@ -33,6 +36,8 @@ class DeltaSyncCallback(TrainerCallback):
         if self.pub is None or state.global_step % self.every:
             return
         parent = self.pub.hash
-        payload = self.pub.delta()
+        payload = self.pub.delta()  # collective under FSDP2: every rank calls it
+        if payload is None:  # a rank other than 0 of a process group: rank 0 publishes
+            return
         self.sink.send(state.global_step, payload, parent, self.pub.hash)
         self.records.append({"step": state.global_step, **self.pub.sizes[-1]})
