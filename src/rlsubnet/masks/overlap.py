@@ -46,6 +46,16 @@ def overlap_stats(x: int, a: int, b: int, n: int) -> dict:
     }
 
 
+Z_CHANCE = 3.0  # |z| beyond which an overlap is called above or below chance
+
+
+def chance(z: float | None) -> str | None:
+    """The one verdict on an overlap's z-score: "above", "below" or "consistent" (with chance); None when undefined."""
+    if z is None or z != z:
+        return None
+    return "above" if z > Z_CHANCE else ("below" if z < -Z_CHANCE else "consistent")
+
+
 @dataclass
 class PairOverlap:
     a: int
@@ -68,8 +78,7 @@ class PairOverlap:
 
     @property
     def above_chance(self) -> bool:
-        z = self.baseline["z"] if self.baseline else self.z
-        return z is not None and z > 3
+        return chance(self.baseline["z"] if self.baseline else self.z) == "above"
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from ..masks.overlap import chance
 from .fmt import num, pct, safe, tol
 
 
@@ -13,12 +14,11 @@ def verdict(p) -> str:
     b = p.baseline
     ratio, z = (b["ratio"], b["z"]) if b else (p.ratio, p.z)
     what = f"a random mask matched per {b['kind']}" if b and b["kind"] != "uniform" else "a uniformly random mask"
-    if ratio is None or ratio != ratio or z is None or z != z:
+    c = chance(z)
+    if ratio is None or ratio != ratio or c is None:
         return "undefined (a mask is empty, so there is no random expectation to compare with)"
-    if z > 3:
-        return f"above chance: {ratio:.2f}x the expectation of {what} (z = {z:.1f})"
-    if z < -3:
-        return f"below chance: {ratio:.2f}x the expectation of {what} (z = {z:.1f})"
+    if c != "consistent":
+        return f"{c} chance: {ratio:.2f}x the expectation of {what} (z = {z:.1f})"
     return f"consistent with chance against {what} (ratio {ratio:.2f}, z = {z:.1f})"
 
 

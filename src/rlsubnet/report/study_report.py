@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.atomic import write_text
+from ..masks.overlap import Z_CHANCE, chance
 from ..study.results import StudyResults, equal_at
 from .fmt import pct
 from .plots import bar_chart, heatmap, interval_chart, line_chart
@@ -291,7 +292,8 @@ def render_rq4(res: StudyResults, figdir: Path) -> Section:
     for r in rows_in:
         m = r.matched
         if m and _mz(r) is not None:
-            verdict = "above chance" if _mz(r) > 3 else ("below chance" if _mz(r) < -3 else "inconclusive (|z| ≤ 3)")
+            c = chance(_mz(r))
+            verdict = f"{c} chance" if c in ("above", "below") else f"inconclusive (|z| ≤ {Z_CHANCE:g})"
             parts.append(f"{r.axis}: {m['ratio']:.2f}× the matched expectation, {verdict} ({r.ratio:.2f}× the uniform one)")
         else:
             parts.append(f"{r.axis}: {r.ratio:.2f}× the uniform expectation; no matched baseline, so inconclusive")
