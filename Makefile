@@ -29,6 +29,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_patch.py
 	$(BIN)/python benchmarks/bench_sparse_state.py
 	$(BIN)/python benchmarks/bench_quantized.py
+	$(BIN)/python benchmarks/bench_live.py
+	$(BIN)/python benchmarks/bench_floor.py
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache
