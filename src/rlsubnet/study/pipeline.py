@@ -581,7 +581,7 @@ def _quant_note(model: str) -> str | None:
         types = json.loads(src.read_text(encoding="utf-8")).get("gguf_tensor_types") or {}
     except (OSError, ValueError):
         types = {}
-    stored = ", ".join(f"{v} tensors in {k}" for k, v in types.items()) if isinstance(types, dict) and types else "Q4_1"
+    stored = ", ".join(f"{v} tensor{'s' if v != 1 else ''} in {k}" for k, v in types.items()) if isinstance(types, dict) and types else "Q4_1"
     return ("The weights come from a GGUF file that was quantized before publication (" + stored + "; in Q4_1 each block of 32 "
             "weights holds at most 16 distinct values, a scale times a 4-bit level plus an offset) and were dequantized to bf16 here. What that changes is the "
             "distribution of values, not their bf16 bit patterns: the lowest mantissa bit is zero in " + share + " of the weights "
