@@ -155,7 +155,8 @@ def _units(jobs: Sequence[Job], chunk: int) -> list[tuple[int, list[tuple[int, i
     """Work units: (job index, consecutive chunk ranges of that tensor), each about UNIT_BYTES of reads."""
     out = []
     for i, job in enumerate(jobs):
-        per = max(1, UNIT_BYTES // max(1, chunk * max(1, job.nbytes // max(job.numel, 1))))
+        itemsize = job.nbytes // job.numel if job.numel else 1  # bytes read per element, over all sources
+        per = max(1, UNIT_BYTES // (chunk * max(1, itemsize)))  # chunks per unit
         ranges = list(iter_chunks(job.numel, chunk))
         for k in range(0, max(len(ranges), 1), per):
             out.append((i, ranges[k : k + per]))

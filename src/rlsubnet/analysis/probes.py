@@ -263,6 +263,13 @@ def probe_changed(st: ChunkStats, idx, fa, fb, sa, da, tols, eta, mask_criterion
             mask[idx[relm if val == eta else rel_changed_mask(absd, fa, fb, val)]] = True
 
 
+def ulp_buckets(r: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """Counts per ULP_LABELS bucket of changed entries moved by ``r`` ULPs (non-finite ones in the last bucket)."""
+    b = np.searchsorted(ULP_EDGES, np.where(finite, r, 0.0), side="right") + 1
+    b[~finite] = len(ULP_LABELS) - 1
+    return np.bincount(b, minlength=len(ULP_LABELS))
+
+
 def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats, ulp: bool = True):
     """Probes for changed elements in float64 (any dtype pair), exact ties settled exactly."""
     with np.errstate(invalid="ignore", over="ignore"):
@@ -278,9 +285,7 @@ def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats, ulp: bool = True):
     if ulp:
         with np.errstate(over="ignore"):
             r = np.ldexp(np.where(finite, absd, 0.0), -ulp_exponent(sa, da).astype(np.int32))
-        buckets = np.searchsorted(ULP_EDGES, r, side="right") + 1
-        buckets[~finite] = len(ULP_LABELS) - 1
-        st.ulp_hist += np.bincount(buckets, minlength=len(ULP_LABELS))
+        st.ulp_hist += ulp_buckets(r, finite)
     if finite.any():
         af = absd[finite]
         st.max_abs = max(st.max_abs, float(af.max()))

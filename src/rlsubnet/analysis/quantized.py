@@ -17,7 +17,7 @@ import numpy as np
 
 from ..io.dtypes import DTYPES
 from ..io.quant import _E4M3, E2M1, QuantSpec, ValueCheckpoint, grid_half_gap, grid_ulp, requantize
-from .probes import ULP_EDGES, ULP_LABELS, ChunkStats, differing, probe_changed
+from .probes import ULP_LABELS, ChunkStats, differing, probe_changed, ulp_buckets
 
 _F64 = DTYPES["F64"]
 _SQUARES32 = {False: np.square(_E4M3).astype(np.float32), True: np.square(E2M1).astype(np.float32)}  # code values², exact in float32
@@ -38,10 +38,7 @@ def _grid_hist(st: ChunkStats, spec: QuantSpec, count: int, idx, fa, fb, codes_c
     hist[0] = count - idx.size
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         r = np.abs(fb - fa) / grid_ulp(spec, codes_c, scale_c)
-    finite = np.isfinite(r)
-    b = np.searchsorted(ULP_EDGES, np.where(finite, r, 0.0), side="right") + 1
-    b[~finite] = len(ULP_LABELS) - 1
-    hist += np.bincount(b, minlength=len(ULP_LABELS))
+    hist += ulp_buckets(r, np.isfinite(r))
     st.ulp_hist = hist
 
 

@@ -41,10 +41,8 @@ class _FS:
         if protocol in ("s3", "s3a"):
             need("s3fs", what=f"{url}: reading from S3")
         self.protocol = protocol
-        self._pid = -1
-        self._fs = None
-        fs, _ = fsspec.core.url_to_fs(url)
-        self._fs, self._pid = fs, os.getpid()
+        self._fs, _ = fsspec.core.url_to_fs(url)
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         return {"protocol": self.protocol, "_pid": -1, "_fs": None}

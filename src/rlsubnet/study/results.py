@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from dataclasses import asdict, dataclass, field
 
@@ -39,7 +40,7 @@ class _Typed:
 
 def _build(tp, v, where: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if v is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
