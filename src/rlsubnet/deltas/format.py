@@ -498,17 +498,29 @@ class PatchReader:
             raise self._bad(f"file '{f['name']}' fails its hash")
         return data
 
-    def apply_chunk(self, c: dict, old: np.ndarray) -> np.ndarray:
-        """The new raw bits of one chunk, from its old bits."""
+    def chunk_positions(self, c: dict) -> np.ndarray:
+        """Chunk-relative indices of a chunk's changed entries."""
+        pos = c["positions"]
         try:
-            pos = c["positions"]
-            idx = decode_positions(None if pos is None else pos["enc"], b"" if pos is None else self.blob(pos),
-                                   old.size, c["changed"])
-            v = c["values"]
-            new = old.copy()
-            new[idx] = decode_values(v["enc"], v["planes"], self.blob(v), old[idx])
+            return decode_positions(None if pos is None else pos["enc"], b"" if pos is None else self.blob(pos), c["count"], c["changed"])
         except ValueError as e:
             raise self._bad(str(e)) from None
+
+    def chunk_values(self, c: dict, old_at: np.ndarray) -> np.ndarray:
+        """New bits of a chunk's changed entries, from their old bits (ignored by the ``raw`` encoding)."""
+        v = c["values"]
+        try:
+            return decode_values(v["enc"], v["planes"], self.blob(v), old_at)
+        except ValueError as e:
+            raise self._bad(str(e)) from None
+
+    def apply_chunk(self, c: dict, old: np.ndarray) -> np.ndarray:
+        """The new raw bits of one chunk, from its old bits."""
+        if old.size != c["count"]:
+            raise self._bad("a chunk does not match its tensor")
+        idx = self.chunk_positions(c)
+        new = old.copy()
+        new[idx] = self.chunk_values(c, old[idx])
         return new
 
     def close(self) -> None:
@@ -566,12 +578,7 @@ def iter_updates(payload: bytes | str | os.PathLike, old=None):
             raw_t = _UINT[DTYPES[t["dtype"]].itemsize]
             idx_parts, val_parts = [], []
             for c in t["chunks"]:
-                pos = c["positions"]
-                try:
-                    rel = decode_positions(None if pos is None else pos["enc"], b"" if pos is None else r.blob(pos), c["count"], c["changed"])
-                except ValueError as e:
-                    raise r._bad(str(e)) from None
-                at = rel + c["start"]
+                at = r.chunk_positions(c) + c["start"]
                 v = c["values"]
                 if v["enc"] == "raw":
                     base = np.zeros(at.size, raw_t)
@@ -580,10 +587,7 @@ def iter_updates(payload: bytes | str | os.PathLike, old=None):
                                      "pass old=(name, indices) -> base bits, or publish with raw_values=True.")
                 else:
                     base = np.asarray(old(t["name"], at)).astype(raw_t, copy=False)
-                try:
-                    val_parts.append(decode_values(v["enc"], v["planes"], r.blob(v), base))
-                except ValueError as e:
-                    raise r._bad(str(e)) from None
+                val_parts.append(r.chunk_values(c, base))
                 idx_parts.append(at)
             yield t["name"], t["dtype"], tuple(t["shape"]), np.concatenate(idx_parts), np.concatenate(val_parts)
 
