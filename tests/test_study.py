@@ -224,3 +224,35 @@ def test_matched_random_mask_keeps_every_stratum_count(tmp_path):
             assert a[e == b].sum() == r[e == b].sum(), (n, b)
     U = matched_random_mask(A, "uniform", seed=3)
     assert U.count() == A.count() and U != A
+
+
+def test_rq2_trajectories_points_and_verdicts(tiny_study):
+    """Issue 20: every RQ2 run keeps a checkpoint every K steps, each evaluated on the same problems; verdicts are
+    taken at stated points, pooled over seeds with Holm's correction over the whole family, beside θ_full's own null;
+    the union-mask control trains every entry that ever changed; the report draws it."""
+    d, _, res = tiny_study
+    q = res["rq2"]
+    assert q["every"] == 1
+    variants = {(t["variant"], t["seed"]) for t in q["trajectories"]}
+    assert variants == {(v, s) for v in ("full", "sub", "random_uniform", "random_magnitude") for s in (0, 1)} | {("union", 0)}
+    for t in q["trajectories"]:
+        assert [p["step"] for p in t["points"]] == [0, 1, 2]
+        for p in t["points"][1:]:
+            rec = res["accuracy"][p["record"]]
+            assert rec["accuracy"] == p["accuracy"] and len(rec["outcomes"]) == 8
+    names = [p["name"] for p in q["points"]]
+    assert names[0] == "peak" and "final" in names or names == ["peak"]
+    fam = {c["family"] for c in q["verdicts"]}
+    assert fam == {len(q["verdicts"])}  # one Holm family: every comparison drawn
+    for c in q["verdicts"]:
+        assert c["p_holm"] >= c["p"] and c["verdict"] in ("higher", "lower", "inconclusive", "within jitter", "no interval")
+    assert any(n["a"].startswith("full") for n in q["nulls"])
+    rp = q["replay"]["runs"]["grpo"]
+    union = Subnetwork.load(d / "out" / "masks" / "grpo_union.safetensors")
+    final = Subnetwork.load(d / "out" / "masks" / "grpo.safetensors")
+    assert (final - union).count() == 0 and union.count() == final.count() + rp["ever_outside_final"]
+    assert rp["ever_changed"] >= rp["final_mask"] - 1 and set(rp["inside_by_kind"]) >= {"q", "down"}
+    md = (d / "out" / "report.md").read_text()
+    assert "**Operating point.**" in md and "**Verdicts.**" in md and "θ_sub on the union mask" in md
+    assert (d / "out" / "figures" / "rq2_trajectory_grpo.png").exists() and (d / "out" / "figures" / "rq2_progress_grpo.png").exists()
+    assert "/tmp/" not in md and str(d) not in md  # no local paths in the report

@@ -345,6 +345,9 @@ def train(
     master_in_mask: bool = typer.Option(_TC.master_in_mask, "--master-in-mask", help="with --precision bf16 --sparse-state: fp32 master copies of the masked entries only"),
     steps: int = typer.Option(_TC.steps, "--steps"),
     lr: float = typer.Option(_TC.lr, "--lr"),
+    lr_schedule: str = typer.Option(_TC.lr_schedule, "--lr-schedule", help="constant | linear | cosine (after warmup)"),
+    warmup_ratio: float = typer.Option(_TC.warmup_ratio, "--warmup-ratio", help="share of the steps warming the lr up from 0"),
+    mask_order: str = typer.Option(_TC.mask_order, "--mask-order", help="with --mask: before-clip (clipping sees the masked gradient) | after-clip"),
     seed: int = typer.Option(_TC.seed, "--seed"),
     beta: Optional[float] = typer.Option(_TC.beta, "--beta", help="KL / preference strength (default per algorithm)"),
     max_grad_norm: float = typer.Option(_TC.max_grad_norm, "--max-grad-norm", help="gradient clipping norm (0 = no clipping)"),
@@ -363,6 +366,7 @@ def train(
     from .training.config import ConfigError, validate_config
 
     cfg = TrainConfig(algo=algo, model=model, task=task, out=out, mask=mask_path, sparse_state=sparse_state, master_in_mask=master_in_mask, steps=steps, lr=lr, seed=seed, beta=beta,
+                      lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, mask_order=mask_order,
                       max_grad_norm=max_grad_norm if max_grad_norm != 0 else None,  # --max-grad-norm 0: no clipping (None)
                       weight_decay=weight_decay, save_every=save_every,
                       precision=precision, level=level, batch_size=batch_size, num_generations=num_generations,

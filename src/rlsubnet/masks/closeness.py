@@ -116,9 +116,12 @@ def closeness(init: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLik
     tensors = []
     for p in pairs:
         s = acc[p.name]
-        tensors.append({"name": p.name, "numel": p.numel,
-                        "atol": _eq_list(tols_user, [s["ex"][j] for j in pos], p.numel),
-                        "rel_l2": math.sqrt(s["ab2"] / s["ai2"]) if s["ai2"] else (0.0 if s["ab2"] == 0 else math.inf)})
+        row = {"name": p.name, "numel": p.numel, "atol": _eq_list(tols_user, [s["ex"][j] for j in pos], p.numel),
+               "rel_l2": math.sqrt(s["ab2"] / s["ai2"]) if s["ai2"] else (0.0 if s["ab2"] == 0 else math.inf)}
+        if m is not None:  # agreement inside the mask, per tensor (the study groups it by tensor kind)
+            row["inside_mask"] = _eq_list(tols_user, [s["in"][j] for j in pos], s["nin"])
+            row["mask_numel"] = s["nin"]
+        tensors.append(row)
     tot = sum((acc[p.name]["ex"] for p in pairs), np.zeros(tols.size, np.int64))
     ab2 = sum(acc[p.name]["ab2"] for p in pairs)
     ai2 = sum(acc[p.name]["ai2"] for p in pairs)

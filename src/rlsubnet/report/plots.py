@@ -41,13 +41,27 @@ def heatmap(path, grid, rows: Sequence[str], cols: Sequence[str], title: str, xl
     return _save(fig, Path(path))
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+STYLES = ("-", "--", "-.", ":")
+
+
 def line_chart(path, xs, series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str,
-               logx: bool = False, hlines: dict[str, float] | None = None, xs_by: dict | None = None) -> Path:
+               logx: bool = False, hlines: dict[str, float] | None = None, xs_by: dict | None = None,
+               integer_x: bool = False, vlines: dict[str, float] | None = None) -> Path:
+    """Lines with a marker and a dash pattern of their own (series that overlap stay distinguishable);
+    ``integer_x`` for step axes; ``vlines`` marks stated points (an operating point)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, ys in series.items():
-        ax.plot((xs_by or {}).get(name, xs), ys, marker="o", label=name)
+    for i, (name, ys) in enumerate(series.items()):
+        ax.plot((xs_by or {}).get(name, xs), ys, marker=MARKERS[i % len(MARKERS)], ls=STYLES[i % len(STYLES)],
+                markersize=5 if i else 6, alpha=0.9, label=name)
     for name, y in (hlines or {}).items():
         ax.axhline(y, ls="--", color="gray", label=name)
+    for name, x in (vlines or {}).items():
+        ax.axvline(x, ls=":", color="k", lw=0.9, label=name)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

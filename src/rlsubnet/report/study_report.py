@@ -82,15 +82,24 @@ def _ci(c: dict, digits: int = 1) -> str:
 
 
 def claim(c: dict, subject: str, measure: str, names: dict | None = None) -> str:
-    """One sentence from a comparison: the direction only when its interval excludes 0, else "inconclusive"."""
+    """One sentence from a comparison: the direction only when its interval excludes 0 (and, where a family was
+    corrected, its Holm-adjusted p-value is below 0.05, and it exceeds θ_full's own jitter), else "inconclusive"."""
     a, b = ((names or {}).get(c[k], c[k]) for k in ("a", "b"))
     if c.get("lo") == c.get("hi") == c["diff"] == 0:
         return f"{subject}: no difference — {measure} is the same on every one of the {c['n']} items"
+    if c["verdict"] == "no interval":
+        return f"{subject}: no interval — {measure} {b} − {a} = {_ci(c)}, and every seed gave the same value ({c['method']})"
+    if c["verdict"] == "within jitter":
+        return (f"{subject}: not an effect — {measure} {b} − {a} = {_ci(c)}, no larger than θ_full's own jitter "
+                f"({100 * c['jitter']:.1f} points between its neighbouring checkpoints or seeds)")
     if c["verdict"] == "inconclusive":
-        return (f"{subject}: inconclusive — {measure} of {b} against {a} is {_ci(c)}, an interval that includes 0"
-                if c.get("lo") is not None else f"{subject}: inconclusive — {measure} {_ci(c)} and no interval ({c['method']})")
+        if c.get("lo") is None:
+            return f"{subject}: inconclusive — {measure} {_ci(c)} and no interval ({c['method']})"
+        why = "an interval that includes 0" if not (c["lo"] > 0 or c["hi"] < 0) else f"Holm-corrected p = {c.get('p_holm', 1):.2g} over {c.get('family')} tests"
+        return f"{subject}: inconclusive — {measure} {b} − {a} = {_ci(c)}, {why}"
     word = "higher" if c["verdict"] == "higher" else "lower"
-    return f"{subject}: {measure} of {b} is {word} than {a} by {_ci(c)} (95% interval excludes 0)"
+    holm = f"; Holm-corrected p = {c['p_holm']:.2g} over {c['family']} tests" if c.get("p_holm") is not None else ""
+    return f"{subject}: {measure} of {b} is {word} than {a} by {abs(100 * c['diff']):.1f} points ({b} − {a} = {_ci(c)}; 95% interval excludes 0{holm})"
 
 
 class _Paper:
@@ -104,16 +113,37 @@ class _Paper:
 def render_setup(res: StudyResults, figdir: Path) -> Section:
     meta = res.meta
     b = meta["budget_settings"]
-    lines = [f"- model: `{meta['model']}`",
+    lines = [f"- model: `{Path(meta['model']).name}` (no local paths in the report; `results.json` has the full one)",
              f"- budget: {meta['budget']}: {b['steps']} steps per run at one learning rate for every algorithm "
              f"({meta['lr']:g}, so Σlr = {b['steps'] * meta['lr']:.2g}), training precision {meta.get('precision', 'fp32')}"
              + (" (fp32 master weights, bf16 compute and sampling, checkpoints stored in the base dtype)" if meta.get("precision") == "mixed" else ""),
              f"- seed {meta['seed']} ({b.get('seeds', 1)} seed(s) where the report gives mean ± sd), task `{meta['task']}` level {meta['level']}, "
              f"second task `{meta['task2']}`; accuracy on {meta.get('n_eval', b['n_eval'])} held-out problems, none a reordering of a training problem",
              f"- {meta['runs']} runs, {meta['elapsed_s'] / 60:.1f} minutes in all"]
+    lines += _signal_lines(res)
     if meta.get("quantized_note"):
         lines.append(f"- **Note on the weights.** {meta['quantized_note']}")
     return Section("Setup").add("\n".join(lines))
+
+
+def _signal_lines(res: StudyResults) -> list[str]:
+    """Did the sampling algorithms learn? Steps with a gradient (some group of completions scored unevenly) and
+    truncated completions, per GRPO/RLOO run; masked runs whose reward curve equals θ_full's are named."""
+    out = []
+    for name, r in res.runs.items():
+        zs = [z for z in r.get("zero_std") or [] if z is not None]
+        if not zs or r.get("mask"):
+            continue
+        signal = sum(1 for z in zs if z < 1)
+        cl = [c for c in r.get("clipped") or [] if c is not None]
+        out.append(f"- learning signal of `{name}` ({r['algo'].upper()}): a gradient in {signal} of {len(zs)} steps (in the others every "
+                   "group of completions got the same reward)" + (f"; {pct(sum(cl) / len(cl), 0)} of completions were cut at the token limit"
+                                                                  if cl else "")
+                   + (" — **this run barely learned**" if signal < len(zs) / 2 else ""))
+        same = [m for m, q in res.runs.items() if m.startswith(name + "_") and q.get("mask") and q.get("reward") and q.get("reward") == r.get("reward")]
+        if same:
+            out.append(f"- the reward curves of {', '.join(f'`{m}`' for m in same)} are identical to `{name}`'s")
+    return out
 
 
 def render_rq1(res: StudyResults, figdir: Path) -> Section:
@@ -150,10 +180,13 @@ def render_rq1(res: StudyResults, figdir: Path) -> Section:
             "Paper Table 2 (mean update rank): " + ", ".join(f"{k} {v}%" for k, v in P.TABLE2.items()) + ".")
     labels = [r.algo.upper() for r in rows_in]
     sd = lambda key: [(getattr(r, key) or {}).get("sd") or 0.0 for r in rows_in]
-    sec.figures.append(bar_chart(figdir / "rq1_sparsity.png", labels, [], "Update sparsity by algorithm (± sd over seeds)", "algorithm", "sparsity",
+    seeded = any((r.sparsity_mean_sd or {}).get("sd") is not None for r in rows_in)  # error bars only where there are seeds
+    sec.figures.append(bar_chart(figdir / "rq1_sparsity.png", labels, [],
+                                 "Update sparsity by algorithm" + (" (± sd over seeds, where run with several)" if seeded else " (one seed)"),
+                                 "algorithm", "sparsity",
                                  groups={"bits identical": [(r.sparsity_mean_sd or {}).get("mean", r.sparsity) for r in rows_in],
                                          "above the floor": [(r.above_floor_mean_sd or {}).get("mean") for r in rows_in]},
-                                 errors={"bits identical": sd("sparsity_mean_sd"), "above the floor": sd("above_floor_mean_sd")}))
+                                 errors={"bits identical": sd("sparsity_mean_sd"), "above the floor": sd("above_floor_mean_sd")} if seeded else None))
     xs = [max(a["atol"], 1e-12) for a in rows_in[0].atol]
     sec.figures.append(line_chart(figdir / "rq1_tolerance.png", xs, {r.algo.upper(): [a["sparsity"] for a in r.atol] for r in rows_in},
                                   "Sparsity vs absolute tolerance (0 at 1e-12)", "tolerance", "sparsity", logx=True))
@@ -167,9 +200,10 @@ def render_rq1(res: StudyResults, figdir: Path) -> Section:
                                        f"{a.upper()}: sparsity per layer × module (Fig. 3 analogue)", "module", "layer"))
     ulp = d.get(rows_in[0].run, {}).get("ulp_hist")
     if ulp:
-        ks = list(ulp)  # in the order the diff wrote them (1, 2, ... ULPs)
+        ks = [k for k in ulp if k != "0"]  # changed entries only, in the order the diff wrote them (<1, 1, 2, ... ULPs)
         sec.figures.append(bar_chart(figdir / "rq1_ulp.png", [str(k) for k in ks], [ulp[k] for k in ks],
                                      f"{rows_in[0].algo.upper()}: changed entries by ULP distance", "ULPs moved", "entries"))
+    _exponent_table(res, rows_in, sec)
     text = ["**What this shows.**"]
     floors = [(r.algo, (r.floor or {}).get("fraction")) for r in rows_in if r.floor]
     if floors:
@@ -196,15 +230,171 @@ def render_rq1(res: StudyResults, figdir: Path) -> Section:
     return sec
 
 
+def half_ulp_bf16(e: int) -> float:
+    """Half a bf16 ULP for |w0| in [2^e, 2^(e+1)): 7 stored mantissa bits, so the ULP is 2^(e−7)."""
+    return 2.0 ** (e - 8)
+
+
+def _exponent_table(res: StudyResults, rows_in, sec: Section) -> None:
+    """Sparsity per |w0| bin beside the run's Σlr / half-ULP: how much of the sparsity still depends on magnitude."""
+    d = res.diffs
+    runs = [(r.algo.upper(), d.get(r.run, {}).get("by_exponent"), r.lr_sum) for r in rows_in]
+    runs = [(a, [x for x in bx if x["dtype"] == "bfloat16" and x["exponent"] is not None], S) for a, bx, S in runs if bx and S]
+    if not runs:
+        return
+    exps = sorted({x["exponent"] for _, bx, _ in runs for x in bx})
+    numel = {e: max((x["numel"] for _, bx, _ in runs for x in bx if x["exponent"] == e), default=0) for e in exps}
+    total, acc, med = sum(numel.values()), 0, exps[0]
+    for e in exps:
+        acc += numel[e]
+        if acc >= total / 2:
+            med = e
+            break
+    S = runs[0][2]
+    rows = []
+    for e in exps:
+        if numel[e] < total * 1e-4:
+            continue  # bins holding under 0.01% of the weights
+        rows.append([f"[2^{e}, 2^{e + 1})", pct(numel[e] / total, 2), f"{S / half_ulp_bf16(e):.3g}"]
+                    + [pct(next((x["changed_fraction"] for x in bx if x["exponent"] == e), None), 1) for _, bx, _ in runs])
+    sec.add(f"Sparsity depends on weight magnitude: the share of entries changed per |w0| bin (bf16), beside Σlr / half-ULP of the bin "
+            f"(an entry whose accumulated update stays below half a ULP cannot change). The median |w0| lies in [2^{med}, 2^{med + 1}), "
+            f"where Σlr / half-ULP = {S / half_ulp_bf16(med):.3g} (Σlr {S:.2g} of {runs[0][0]}).",
+            Table(["|w0| bin", "share of weights", "Σlr / half-ULP"] + [f"{a}: changed" for a, _, _ in runs], rows))
+
+
 VARIANT = {"init": "θ_init", "full": "θ_full", "sub": "θ_sub", "random_uniform": "random mask (uniform)",
-           "random_magnitude": "random mask (|w0|-matched)"}
+           "random_magnitude": "random mask (|w0|-matched)", "union": "θ_sub on the union mask"}
+
+
+def _vname(v: str) -> str:
+    if "@" in v:  # a null: "full@8", "full seed k+1@8"
+        m, step = v.rsplit("@", 1)
+        return f"{VARIANT.get(m, m.replace('full', 'θ_full'))} at step {step}"
+    return VARIANT.get(v, v)
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}" + ("" if k == 1 else "s")
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _rq2_trajectories(rq, algo: str, figdir: Path, sec: Section) -> None:
+    """Accuracy against step and against training progress, and the training curves, for one algorithm."""
+    ts = [t for t in rq.trajectories if t.algo == algo]
+    variants = list(dict.fromkeys(t.variant for t in ts))
+    steps = sorted({p.step for t in ts for p in t.points})
+    seeds = sorted({t.seed for t in ts if t.variant == "full"})
+
+    def mean_at(v, s, attr="accuracy"):
+        return _mean([getattr(t.at(s), attr) for t in ts if t.variant == v and t.at(s) is not None])
+
+    head = ["step"] + [VARIANT.get(v, v) + (f" ({_n(sum(1 for t in ts if t.variant == v), 'seed')})" if len(seeds) > 1 else "") for v in variants]
+    rows = [[s] + [pct(mean_at(v, s), 1) for v in variants] for s in steps]
+    peak = next((p.full_step for p in rq.points if p.name == "peak"), None)
+    sec.add(f"{algo.upper()}: held-out accuracy along training (mean over seeds; step 0 is θ_init), a checkpoint every {_n(rq.every, 'step')}:",
+            Table(head, rows))
+    series = {VARIANT.get(v, v): [mean_at(v, s) for s in steps] for v in variants}
+    sec.figures.append(line_chart(figdir / f"rq2_trajectory_{algo}.png", steps, series,
+                                  f"{algo.upper()}: accuracy along training (mean over seeds)", "training step", "held-out accuracy",
+                                  integer_x=True, vlines={"θ_full's peak": peak} if peak else None))
+    key = "loss" if algo in ("dpo", "kto", "orpo", "simpo") else "progress"
+    what = "training loss (mean since the previous checkpoint)" if key == "loss" else "mean training reward"
+    xs_by, ser = {}, {}
+    for v in variants:
+        pts = [(mean_at(v, s, key), mean_at(v, s)) for s in steps if s > 0 and mean_at(v, s, key) is not None]
+        if pts:
+            xs_by[VARIANT.get(v, v)], ser[VARIANT.get(v, v)] = [x for x, _ in pts], [y for _, y in pts]
+    if ser:
+        sec.figures.append(line_chart(figdir / f"rq2_progress_{algo}.png", [], ser, f"{algo.upper()}: accuracy against training progress",
+                                      what, "held-out accuracy", xs_by=xs_by))
+
+
+def _rq2_curves(res: StudyResults, algo: str, figdir: Path, sec: Section) -> None:
+    """The training curves (the paper's Fig. 4 is DPO's loss): loss and, for DPO, the reward margin, per step."""
+    rq = res.rq2
+    runs = res.runs
+    by_variant: dict = {}
+    for t in rq.trajectories:
+        if t.algo == algo and t.run in runs:
+            by_variant.setdefault(t.variant, []).append(runs[t.run])
+    for key, label in (("loss", "training loss"), ("margin", "reward margin (chosen − rejected)"), ("reward", "mean reward")):
+        series = {}
+        for v, rs in by_variant.items():
+            curves = [r.get(key) or [] for r in rs]
+            n = min((len(c) for c in curves), default=0)
+            if n:
+                series[VARIANT.get(v, v)] = [_mean([c[i] for c in curves]) for i in range(n)]
+        pref = algo in ("dpo", "kto", "orpo", "simpo")
+        if series and {"loss": pref, "margin": algo == "dpo", "reward": not pref}[key]:
+            n = max(len(v) for v in series.values())
+            sec.figures.append(line_chart(figdir / f"rq2_{key}_{algo}.png", list(range(1, n + 1)), series,
+                                          f"{algo.upper()}: {label} per step (mean over seeds)", "training step", label, integer_x=True))
 
 
 def render_rq2(res: StudyResults, figdir: Path) -> Section:
     P = _Paper(res.paper)
     rq = res.rq2
     sec = Section("RQ2/RQ3: does the subnetwork recover full finetuning?")
-    acc_rows, close_rows, comp_rows, forest = [], [], [], []
+    algos = list(dict.fromkeys(r.algo for r in rq.rows))
+    d = rq.data or {}
+    if d:
+        lines = [f"- {d['steps']} steps, peak lr {d['lr']:g}, schedule {d['lr_schedule']}"
+                 + (f" with {100 * d['warmup_ratio']:.0f}% warmup" if d.get("warmup_ratio") else "")
+                 + f"; a checkpoint every {_n(d['every'], 'step')} for θ_full, θ_sub and every control, each evaluated on the same problems"]
+        if d.get("pairs") is not None:
+            short = d.get("min_pairs") and d["pairs"] < d["min_pairs"]
+            lines.append(f"- preference data: {d['pairs']} distinct pairs of the model's own samples from {d.get('distinct_prompts')} prompts; "
+                         f"{d['examples']} examples drawn, so {d['epochs']:.2f} passes over the pairs"
+                         + (f" — **fewer than the {d['min_pairs']} pairs this budget asks for**" if short else ""))
+        for run, f in (d.get("final") or {}).items():
+            bits = [f"loss {f['first_loss']:.3f} → {f['loss']:.3f}" if f.get("loss") is not None and f.get("first_loss") is not None else None,
+                    f"margin {f['margin']:.2f}" if f.get("margin") is not None else None,
+                    f"reward {f['reward']:.2f}" if f.get("reward") is not None else None]
+            bits = [b for b in bits if b]
+            if bits:
+                lines.append(f"- θ_full `{run}` at the end (mean over the last {_n(d['every'], 'step')}): " + ", ".join(bits))
+        order = (rq.replay or {}).get("mask_order", "before-clip")
+        lines.append(f"- masked runs mask the gradient {order.split('-')[0]} gradient clipping"
+                     + (" (the paper's g ← m ⊙ ∇L: clipping sees the masked gradient)" if order == "before-clip" else ""))
+        sec.add("**Operating point.**", "\n".join(lines))
+    for algo in algos:
+        if rq.trajectories:
+            _rq2_trajectories(rq, algo, figdir, sec)
+        _rq2_curves(res, algo, figdir, sec)
+    if rq.verdicts:
+        fam = max((c.get("family") or 0 for c in rq.verdicts), default=0)
+        bullets = []
+        for pt in rq.points:
+            steps = ", ".join(f"{VARIANT.get(v, v)} {'/'.join(str(x) for x in ss)}" for v, ss in pt.steps.items()) if pt.name == "matched" else None
+            bullets.append(f"- **{pt.name}** — {pt.why}" + (f" (steps: {steps})" if steps else ""))
+            for c in rq.verdicts:
+                if c["point"] == pt.name and (c["a"], c["b"]) in (("init", "full"), ("full", "sub"), ("random_magnitude", "sub"), ("random_uniform", "sub"), ("full", "union")):
+                    bullets.append("  - " + claim(c, f"{_vname(c['b'])} against {_vname(c['a'])}", "accuracy", VARIANT))
+        sec.add(f"**Verdicts.** Differences pooled over seeds and problems (bootstrap over seeds × problems); {fam} comparisons "
+                "are drawn in all, with Holm's correction over them; a difference no larger than θ_full's own jitter (the same "
+                "runs one checkpoint apart, or two seeds at the same step) is not called an effect.",
+                "\n".join(b.replace("  - ", "- ↳ ") for b in bullets))
+        sec.add("Every comparison (accuracy points; p: two-sided bootstrap; Holm: corrected over the whole family):",
+                Table(["point", "difference", "value [95% interval]", "p", "Holm p", "verdict"],
+                      [[c["point"], f"{_vname(c['b'])} − {_vname(c['a'])}", _ci(c), f"{c['p']:.3g}" if c.get("p") is not None else "—",
+                        f"{c['p_holm']:.3g}" if c.get("p_holm") is not None else "—", c["verdict"]] for c in rq.verdicts]))
+        forest = [c for c in rq.verdicts if c["point"] == "peak"]
+        if forest:
+            sec.figures.append(interval_chart(figdir / "rq2_accuracy_intervals.png", [f"{_vname(c['b'])} − {_vname(c['a'])}" for c in forest],
+                                              [c["diff"] for c in forest], [c["lo"] for c in forest], [c["hi"] for c in forest],
+                                              "At θ_full's peak: accuracy differences, 95% intervals pooled over seeds", "accuracy difference"))
+    if rq.nulls:
+        sec.add("The null: θ_full against itself (what checkpoint choice and seed alone do to accuracy):",
+                Table(["point", "comparison", "value [95% interval]"],
+                      [[n["point"], f"{_vname(n['b'])} − {_vname(n['a'])}", _ci(n)] for n in rq.nulls]))
+    _rq2_replay(rq, sec)
+    _examples(res, sec)
+    acc_rows, close_rows = [], []
     for r in rq.rows:
         tag = f"{r.algo.upper()} seed {r.seed}"
         for v, a in r.accuracy.items():
@@ -212,55 +402,67 @@ def render_rq2(res: StudyResults, figdir: Path) -> Section:
         for v, c in r.closeness_to_full.items():
             close_rows.append([tag, VARIANT.get(v, v), pct(c["mask_density"], 2), pct(equal_at(c["inside_mask"], 0), 1), pct(equal_at(c["inside_mask"], 1e-5), 1),
                                pct(equal_at(c["inside_mask"], 1e-4), 1), pct(equal_at(c["all"], 1e-5), 2), f"{c['rel_l2']:.3f}"])
-        for c in r.comparisons:
-            comp_rows.append([tag, c["what"], f"{VARIANT.get(c['b'], c['b'])} − {VARIANT.get(c['a'], c['a'])}", _ci(c), c["verdict"]])
-            if c["what"] == "accuracy":
-                forest.append((f"{tag}: {VARIANT.get(c['b'], c['b'])} − {VARIANT.get(c['a'], c['a'])}", c))
     n = rq.rows[0].n_eval if rq.rows else 0
-    sec.add(f"Each masked run restarts from θ_init with the full run's seed, data and hyperparameters; only the mask differs. "
-            f"Controls: random masks of the same density, uniform over the model and matched per tensor × |w0| exponent bin. "
-            f"Accuracy on {n} held-out problems (greedy); *format* = the completion is the number alone, as the prompt asks; "
-            "*strict* = right answer in that format.",
+    sec.add(f"Final checkpoints, per seed (data for the record; the verdicts above are taken at the stated points). Accuracy on {n} "
+            "held-out problems (greedy); *format* = the completion is the number alone, as the prompt asks; *strict* = right answer in that format.",
             Table(["run", "model", "accuracy", "format", "strict"], acc_rows),
-            "Table 3 analogue: closeness to θ_full. Outside a mask both models equal θ_init by construction, so closeness is "
+            "Table 3 analogue: closeness to θ_full at the final step. Outside a mask both models equal θ_init by construction, so closeness is "
             "shown inside the mask; *relative distance* = ‖θ − θ_full‖ / ‖θ_full − θ_init‖ over all parameters.",
             Table(["run", "model", "mask density", "inside: bits equal", "inside: |Δ| ≤ 1e-5", "inside: |Δ| ≤ 1e-4", "all: |Δ| ≤ 1e-5",
                    "relative distance"], close_rows),
             f"Paper: closeness at 1e-5 {P.TABLE3['closeness_1e-5']['dpo']}% (DPO) and {P.TABLE3['closeness_1e-5']['prime']}% (PRIME) "
-            f"over all parameters, {P.TABLE3['closeness_1e-4']}% at 1e-4; accuracy θ_full→θ_sub DPO 40.3→41.9, PRIME 69.8→72.2.",
-            "Paired comparisons (same test problems; 95% paired-bootstrap intervals, in accuracy points):",
-            Table(["run", "measure", "difference", "value [95% interval]", "verdict"], comp_rows))
-    if forest:
-        sec.figures.append(interval_chart(figdir / "rq2_accuracy_intervals.png", [x[0] for x in forest], [x[1]["diff"] for x in forest],
-                                          [x[1]["lo"] for x in forest], [x[1]["hi"] for x in forest],
-                                          "Accuracy differences with 95% paired-bootstrap intervals", "accuracy difference"))
-    for r in rq.rows:
-        series = {VARIANT.get(v, v): [x for x in ys if x is not None] for v, ys in (r.reward or {}).items() if ys}
-        if series:
-            xs = {k: list(range(1, len(v) + 1)) for k, v in series.items()}
-            sec.figures.append(line_chart(figdir / f"rq2_reward_{r.run}.png", list(range(1, max(len(v) for v in series.values()) + 1)),
-                                          series, f"{r.algo.upper()} seed {r.seed}: training reward (Fig. 4 analogue)", "step",
-                                          "mean reward", xs_by=xs))
-    text = ["**What this shows.**"]
-    for r in rq.rows:
-        tag = f"{r.algo.upper()} seed {r.seed}"
-        cs = {(c["a"], c["b"], c["what"]): c for c in r.comparisons}
-        for key, subj in ((("init", "full", "accuracy"), f"{tag}, full finetuning against θ_init"),
-                          (("full", "sub", "accuracy"), f"{tag}, θ_sub against θ_full"),
-                          (("random_uniform", "sub", "accuracy"), f"{tag}, θ_sub against a uniform random mask of its density"),
-                          (("random_magnitude", "sub", "accuracy"), f"{tag}, θ_sub against a |w0|-matched random mask")):
-            if key in cs:
-                text.append(claim(cs[key], subj, "accuracy", VARIANT) + ".")
-        fmt = cs.get(("init", "full", "format"))
-        if fmt:
-            text.append(claim(fmt, f"{tag}, answer format", "the share of number-only answers", VARIANT) + ".")
-        sub = r.closeness_to_full["sub"]
-        rnd = [(k, v) for k, v in r.closeness_to_full.items() if k.startswith("random_")]
-        text.append(f"Inside its mask θ_sub equals θ_full at |Δ| ≤ 1e-5 for {pct(equal_at(sub['inside_mask'], 1e-5), 1)} of entries and at 1e-4 for "
-                    f"{pct(equal_at(sub['inside_mask'], 1e-4), 1)} (the paper reports 100% at 1e-4 over all parameters); relative distance "
-                    f"{sub['rel_l2']:.3f}" + ("" if not rnd else " against " + ", ".join(f"{v['rel_l2']:.3f} for the {k[7:]} random mask" for k, v in rnd)) + ".")
-    sec.add(" ".join(text))
+            f"over all parameters, {P.TABLE3['closeness_1e-4']}% at 1e-4; accuracy θ_full→θ_sub DPO 40.3→41.9, PRIME 69.8→72.2.")
+    if not rq.trajectories:  # results of an older version: endpoint comparisons only
+        comp_rows = [[f"{r.algo.upper()} seed {r.seed}", c["what"], f"{_vname(c['b'])} − {_vname(c['a'])}", _ci(c), c["verdict"]]
+                     for r in rq.rows for c in r.comparisons]
+        sec.add("Paired comparisons at the final step, per seed (95% paired-bootstrap intervals):",
+                Table(["run", "measure", "difference", "value [95% interval]", "verdict"], comp_rows))
     return sec
+
+
+def _examples(res: StudyResults, sec: Section, k: int = 3) -> None:
+    """A few greedy completions per model on the same problems: accuracy swings with answer style."""
+    rows = res.rq2.rows
+    if not rows:
+        return
+    r = rows[0]
+    recs = [("θ_init", "init"), ("θ_full", r.run), ("θ_sub", f"{r.run}_sub")]
+    recs = [(label, res.accuracy[key]) for label, key in recs if key in res.accuracy and res.accuracy[key].get("samples")]
+    if not recs:
+        return
+    table = []
+    for i in range(min(k, min(len(a["samples"]) for _, a in recs))):
+        p = recs[0][1]["samples"][i]
+        table.append([p["prompt"][:60], p["answer"]] + [f"{'✓' if a['samples'][i]['correct'] else '✗'} {a['samples'][i]['completion'][:60]!r}"
+                                                       for _, a in recs])
+    sec.add(f"Example completions at the final step ({r.algo.upper()} seed {r.seed}; greedy, the first {len(table)} test problems):",
+            Table(["problem", "answer"] + [label for label, _ in recs], table))
+
+
+def _rq2_replay(rq, sec: Section) -> None:
+    """What the final mask can and cannot replay, with numbers."""
+    rp = (rq.replay or {}).get("runs") or {}
+    if not rp:
+        return
+    lines = []
+    for run, x in rp.items():
+        if x.get("ever_changed") is not None:
+            lines.append(f"- `{run}`: {x['ever_changed']:,} entries changed (in bf16) at some step, {x['final_mask']:,} are in the final mask; "
+                         f"{x['ever_outside_final']:,} ({pct(x['ever_outside_share'], 1)} of the ever-changed) crossed a rounding boundary and came "
+                         "back, so a mask taken at the end cannot replay them (paper: about 8.5%)")
+    kinds = {}
+    for x in rp.values():
+        for k, v in (x.get("inside_by_kind") or {}).items():
+            kinds.setdefault(k, []).append(v)
+    sec.add("**What the mask can and cannot replay.** Under bf16 mixed precision the mask is the set of entries whose stored bf16 value "
+            "differs at the end; embeddings and norms are read in fp32 by the forward pass, and entries that moved and came back are "
+            "outside it, so θ_sub cannot replay θ_full exactly. The control *θ_sub on the union mask* trains every entry that changed "
+            "at any step.", "\n".join(lines) if lines else None)
+    if kinds:
+        sec.add("θ_sub against θ_full inside the mask, by tensor kind (final step, all RQ2 runs pooled):",
+                Table(["kind", "entries in mask", "bits equal", "|Δ| ≤ 1e-5", "|Δ| ≤ 1e-4"],
+                      [[k, f"{sum(v['inside'] for v in vs):,}"] + [pct(sum(v[key] * v["inside"] for v in vs) / max(1, sum(v["inside"] for v in vs)), 1)
+                                                                  for key in ("bits_equal", "equal_1e-5", "equal_1e-4")] for k, vs in kinds.items()]))
 
 
 def render_rq4(res: StudyResults, figdir: Path) -> Section:
@@ -289,15 +491,23 @@ def render_rq4(res: StudyResults, figdir: Path) -> Section:
         return r.matched["z"] if r.matched and r.matched["z"] is not None else None
 
     parts = []
+    effects = []
     for r in rows_in:
         m = r.matched
         if m and _mz(r) is not None:
             c = chance(_mz(r))
-            verdict = f"{c} chance" if c in ("above", "below") else f"inconclusive (|z| ≤ {Z_CHANCE:g})"
-            parts.append(f"{r.axis}: {m['ratio']:.2f}× the matched expectation, {verdict} ({r.ratio:.2f}× the uniform one)")
+            effects.append(100 * (m["ratio"] - 1))
+            verdict = f"{c} chance (z {_mz(r):.0f})" if c in ("above", "below") else f"inconclusive (|z| ≤ {Z_CHANCE:g})"
+            parts.append(f"{r.axis}: o1 {100 * (m['ratio'] - 1):+.1f}% against the magnitude-matched expectation, {verdict}; "
+                         f"{r.ratio:.2f}× the uniform expectation")
         else:
             parts.append(f"{r.axis}: {r.ratio:.2f}× the uniform expectation; no matched baseline, so inconclusive")
-    sec.add("**What this shows.** Verdicts are taken against the magnitude-matched random masks: " + "; ".join(parts) + ".")
+    lead = (f"The effect size first: the overlap o1 lies {min(effects):+.1f}% to {max(effects):+.1f}% from what random masks matched per "
+            "tensor × |w0| bin give" if effects else "No matched baseline was computed")
+    sec.add(f"**What this shows.** {lead}; that, not the uniform ratio, is the overlap RL adds beyond weight magnitude.",
+            "\n".join("- " + p for p in parts),
+            "The z-scores treat the entries of each stratum as independent draws (a hypergeometric count); neighbouring weights of "
+            "one tensor are not independent, so z overstates the evidence, and a large z on a small effect is still a small effect.")
     return sec
 
 

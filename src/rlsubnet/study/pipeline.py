@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -21,61 +21,13 @@ from ..io.content import content_key
 from ..io.display import safe
 from ..io.errors import InputError
 from ..io.jsonout import dumps
-from ..masks import Subnetwork, closeness
+from ..masks import Subnetwork
 from ..masks.overlap import pair_overlap
 from ..training import tasks as T
 from ..training.config import GENERATIVE, PREFERENCE, TrainConfig
 from ..training.recipes import run_training
-from .results import RQ1, RQ2, RQ4, OverlapRow, RQ1Row, RQ2Row, StudyResults, equal_at
-
-RQS = ("rq1", "rq2", "rq4", "rq5")
-
-
-@dataclass(frozen=True)
-class Budget:
-    steps: int
-    batch: int  # GRPO/RLOO: completions per step (prompts × generations)
-    gens: int
-    pref_batch: int
-    max_new_tokens: int
-    n_train: int
-    n_eval: int  # held-out test problems (no twin of a training problem)
-    pref_prompts: int
-    rqs: tuple
-    rq1_algos: tuple
-    save_every: int
-    rank: bool = True
-    lr: float = 1e-5  # one learning rate for every algorithm (matched lr, steps and batch across RQ1)
-    seeds: int = 1  # seeds for SFT vs RL (RQ1) and θ_sub vs θ_full (RQ2)
-    rq2_algos: tuple = ("grpo",)
-    controls: tuple = ("uniform", "magnitude")  # random masks of the same density trained in RQ2
-    level: int = 2  # task difficulty (2-digit + 1-digit addition has 450 test problems, none a twin of a training one)
-    precision: str = "mixed"  # bf16 mixed precision (fp32 masters, bf16 compute), as the paper's frameworks
-
-
-BUDGETS = {
-    # what `make demo` runs: ≤ 15 min on 2 cores; floor-dominated (Σlr = 1e-4) and says so
-    "quick": Budget(steps=10, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=128, n_eval=200, pref_prompts=48,
-                    rqs=("rq1", "rq2"), rq1_algos=("grpo", "dpo"), save_every=0, lr=1e-5, seeds=1, rq2_algos=("grpo",)),
-    # the paper's regime on this model: Σlr = 32 × 3.2e-5 ≈ 1.0e-3 puts the floor near 1% of parameters;
-    # 3 seeds for SFT, GRPO and DPO; RQ2 on DPO (the paper's default ablation), 3 seeds, with both controls
-    "standard": Budget(steps=32, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=200, pref_prompts=96,
-                       rqs=("rq1", "rq2", "rq4"), rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "orpo", "simpo"), save_every=0,
-                       lr=3.2e-5, seeds=3, rq2_algos=("dpo",)),
-    # standard + PPO + the ablations of RQ5
-    "full": Budget(steps=32, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=200, pref_prompts=96,
-                   rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=8,
-                   lr=3.2e-5, seeds=3, rq2_algos=("dpo", "grpo")),
-    # seconds, for the test suite's tiny random model
-    "tiny": Budget(steps=2, batch=4, gens=2, pref_batch=4, max_new_tokens=6, n_train=16, n_eval=8, pref_prompts=8,
-                   rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=1, rank=True,
-                   lr=1e-5, seeds=2, rq2_algos=("grpo",), level=1, precision="fp32"),
-}
-SEEDED = ("sft", "grpo", "dpo")  # the algorithms RQ1 runs with every seed (SFT vs RL needs a spread)
-# why PPO stays out of every RL average: TRL's PPO scores with a reward *model*, here the backbone with a freshly
-# initialised scalar head, so it optimises a random reward, not the task's
-PPO_NOTE = ("PPO is reported but kept out of every RL average: TRL's PPO scores completions with a reward model, which "
-            "here is the backbone with an untrained scalar head, so it optimises a random reward rather than the task's.")
+from .budgets import BUDGETS, PPO_NOTE, RQS, SEEDED, Budget  # noqa: F401  (Budget, SEEDED: re-exported)
+from .results import RQ1, RQ4, OverlapRow, RQ1Row, StudyResults
 
 
 def run_lr_sum(tuned: str | Path) -> float | None:
@@ -168,7 +120,8 @@ class Study:
         b = self.b
         rl = algo in GENERATIVE
         base = dict(algo=algo, model=self.model, task=self.task, level=self.level, steps=b.steps, seed=self.seed,
-                    lr=self.lr, batch_size=b.batch if rl else b.pref_batch, num_generations=b.gens, precision=self.precision,
+                    lr=self.lr, lr_schedule=b.lr_schedule, warmup_ratio=b.warmup_ratio,
+                    batch_size=b.batch if rl else b.pref_batch, num_generations=b.gens, precision=self.precision,
                     max_new_tokens=b.max_new_tokens, n_train=b.n_train, reward=self.reward, out="")
         base.update(kw)
         return TrainConfig(**base)
@@ -177,14 +130,20 @@ class Study:
         """The one configuration of the main runs of an algorithm (per seed), shared by every research question
         (so the cache trains each once): GRPO keeps intermediate checkpoints and an fp32 copy when RQ5 needs them."""
         seed = self.seed + seed_offset
+        # RQ2's runs keep a checkpoint every K steps (the trajectory) and track every step (the union mask)
+        rq2 = "rq2" in self.rqs and algo in self.b.rq2_algos
+        every = self.b.every if rq2 else 0
         if algo == "grpo":
-            every = (self.b.save_every or max(1, self.b.steps // 5)) if "rq5" in self.rqs and not seed_offset else 0
+            if not every and "rq5" in self.rqs and not seed_offset:
+                every = self.b.save_every or max(1, self.b.steps // 5)
             # track_every=1: every step records the bytes a delta weight sync would send (issue 10)
             return self.config("grpo", seed=seed, save_every=every, fp32_copy="rq5" in self.rqs and not seed_offset, track_every=1)
+        track = 1 if rq2 else 0
         if algo in PREFERENCE:
             pref = self.own_preferences()
-            return self.config(algo, seed=seed, preference=pref if len(pref["prompt"]) >= 4 else self.offdist_preferences())
-        return self.config(algo, seed=seed)
+            return self.config(algo, seed=seed, preference=pref if len(pref["prompt"]) >= 4 else self.offdist_preferences(),
+                               save_every=every, track_every=track)
+        return self.config(algo, seed=seed, save_every=every, track_every=track)
 
     @staticmethod
     def run_name(algo: str, seed_offset: int = 0) -> str:
@@ -208,6 +167,10 @@ class Study:
         self.results["runs"][name] = {"dir": str(d), "algo": cfg.algo, "elapsed_s": log["elapsed_s"], "mask": cfg.mask,
                                       "loss": [s.get("loss") for s in log["steps"] if "loss" in s],
                                       "reward": [s.get("reward") for s in log["steps"] if "reward" in s],
+                                      "margin": [s.get("rewards/margins") for s in log["steps"] if "rewards/margins" in s],
+                                      # GRPO/RLOO: share of reward groups with zero spread (no gradient) and of truncated completions
+                                      "zero_std": [s.get("frac_reward_zero_std") for s in log["steps"] if "frac_reward_zero_std" in s],
+                                      "clipped": [s.get("completions/clipped_ratio") for s in log["steps"] if "completions/clipped_ratio" in s],
                                       "step_time_s": sum(log["step_times"]) / max(len(log["step_times"]), 1),
                                       "saved": log.get("saved", []),
                                       "delta_sync": [{k: r.get(k) for k in ("step", "changed_vs_prev", "delta_bytes", "delta_plain_bytes", "numel")}
@@ -296,12 +259,28 @@ class Study:
         if getattr(self, "_pref", None) is not None:
             return self._pref
 
-        probs = T.generate(self.task, self.b.pref_prompts, level=self.level, split="train")
-        key = f"pref-{self.task}-{self.level}-{self.b.pref_prompts}-{self.key_of(self.model)}-{self.seed}"
-        self.con.print("sampling the model's own answers for in-distribution preference pairs")
-        self._pref = self._cached(key, lambda: sample_preferences(self.model, probs, k=4, temperature=0.7,
-                                                                  max_new_tokens=self.b.max_new_tokens, seed=self.seed),
-                                  fields=("prompt", "chosen", "rejected"))
+        b = self.b
+        n = min(b.pref_prompts, T.split_sizes(self.task, self.level)["train"])
+        probs = T.generate(self.task, n, level=self.level, split="train")
+        key = f"pref-{self.task}-{self.level}-{n}-k{b.pref_k}-p{b.pairs_per_prompt}-{self.key_of(self.model)}-{self.seed}"
+        if b.pref_k == 4 and b.pairs_per_prompt == 1:
+            key = f"pref-{self.task}-{self.level}-{n}-{self.key_of(self.model)}-{self.seed}"  # as cached before these options
+
+        def sample():
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                t = bar.add_task("sampling preference pairs", total=len(probs))
+                return sample_preferences(self.model, probs, k=b.pref_k, temperature=0.7, max_new_tokens=b.max_new_tokens,
+                                          seed=self.seed, pairs_per_prompt=b.pairs_per_prompt,
+                                          progress=lambda done, total: bar.update(t, completed=done))
+
+        self.con.print(f"sampling the model's own answers for in-distribution preference pairs ({n} prompts × {b.pref_k})")
+        self._pref = self._cached(key, sample, fields=("prompt", "chosen", "rejected"))
+        self.results["preferences"] = {"in_distribution_pairs": len(self._pref["prompt"]),
+                                       "distinct_prompts": len(set(self._pref["prompt"])), "prompts_sampled": n,
+                                       "samples_per_prompt": b.pref_k, "min_pairs": b.min_pairs,
+                                       "correct_samples": len(self._pref["correct_samples"]["prompt"])}
         return self._pref
 
     def offdist_preferences(self, task: str | None = None) -> dict:
@@ -319,7 +298,6 @@ class Study:
 
         rows = []
         pref = self.own_preferences()
-        self.results["preferences"] = {"in_distribution_pairs": len(pref["prompt"]), "correct_samples": len(pref["correct_samples"]["prompt"])}
         failed = []
         for algo in self.b.rq1_algos:
             seeds = range(self.b.seeds) if algo in SEEDED else range(1)
@@ -377,61 +355,10 @@ class Study:
         return str(out)
 
     def rq2(self) -> None:
-        from .stats import mean_sd, paired_bootstrap
+        from .rq2 import run_rq2
 
-        rows = []
-        self.accuracy("init", self.model)
-        init_acc = self.results["accuracy"]["init"]
-        tols = [0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4]
-        for algo in self.b.rq2_algos:
-            for k in range(self.b.seeds):
-                name = self.run_name(algo, k)
-                cfg = self.main_config(algo, k)
-                full = self.train(name, cfg)
-                self.analyze(name, full, rank=self.b.rank and not k)
-                variants = {"sub": self.mask(name)}
-                for kind in self.b.controls:
-                    variants[f"random_{kind}"] = self.control_mask(name, kind, cfg.seed)
-                models, close = {"init": self.model, "full": full}, {}
-                for v, mask in variants.items():
-                    # the same run restarted from θ_init: same seed, data and hyperparameters, only the mask trained
-                    models[v] = self.train(f"{name}_{v}", replace(cfg, mask=mask, save_every=0, fp32_copy=False, track_every=0))
-                    c = closeness(self.model, full, models[v], mask=mask, atol=tols)
-                    close[v] = {"all": c.atol, "inside_mask": c.inside_mask, "outside_mask": c.outside_mask, "rel_l2": c.rel_l2,
-                                "mask_density": Subnetwork.load(mask).density()}
-                acc = {"init": init_acc}
-                for v, path in models.items():
-                    if v != "init":
-                        self.accuracy(f"{name}_{v}" if v != "full" else name, path)
-                        acc[v] = self.results["accuracy"][f"{name}_{v}" if v != "full" else name]
-                summary = {v: {"accuracy": a["accuracy"], "format_rate": a.get("format_rate"), "strict_accuracy": a.get("strict_accuracy")}
-                           for v, a in acc.items()}
-                comps = []
-                for a_, b_ in [("init", "full"), ("full", "sub")] + [(f"random_{c}", "sub") for c in self.b.controls]:
-                    if a_ in acc and b_ in acc and "outcomes" in acc[a_] and "outcomes" in acc[b_]:
-                        comps.append(paired_bootstrap(acc[a_]["outcomes"], acc[b_]["outcomes"], "accuracy", (a_, b_), seed=k).to_dict())
-                        if acc[a_].get("formatted") is not None:
-                            comps.append(paired_bootstrap(acc[a_]["formatted"], acc[b_]["formatted"], "format", (a_, b_), seed=k).to_dict())
-                runs = self.results["runs"]
-                rows.append(RQ2Row(
-                    algo=algo, seed=cfg.seed, run=name, n_eval=init_acc["n"], accuracy=summary, comparisons=comps, closeness_to_full=close,
-                    random_control={v[len("random_"):]: {"accuracy": summary[v]["accuracy"], "closeness": close[v]}
-                                    for v in variants if v.startswith("random_")},
-                    reward={v: runs[f"{name}_{v}" if v != "full" else name]["reward"] for v in models if v != "init"},
-                    # θ_sub's figures, flat
-                    acc_init=summary["init"]["accuracy"], acc_full=summary["full"]["accuracy"], acc_sub=summary["sub"]["accuracy"],
-                    closeness=close["sub"]["all"], inside_mask=close["sub"]["inside_mask"], outside_mask=close["sub"]["outside_mask"],
-                    rel_l2=close["sub"]["rel_l2"], mask_density=close["sub"]["mask_density"],
-                    loss_full=runs[name]["loss"], loss_sub=runs[f"{name}_sub"]["loss"],
-                    reward_full=runs[name]["reward"], reward_sub=runs[f"{name}_sub"]["reward"]))
-        agg = {}
-        for algo in self.b.rq2_algos:
-            rs = [r for r in rows if r.algo == algo]
-            agg[algo] = {v: {"accuracy": mean_sd([r.accuracy[v]["accuracy"] for r in rs]),
-                             "rel_l2": mean_sd([r.closeness_to_full[v]["rel_l2"] for r in rs]) if v not in ("init", "full") else None,
-                             "inside_1e-5": mean_sd([equal_at(r.closeness_to_full[v]["inside_mask"], 1e-5) for r in rs]) if v not in ("init", "full") else None}
-                         for v in rs[0].accuracy}
-        self.results["rq2"] = RQ2(rows=rows, across_seeds=agg)
+        self.own_preferences()  # the data summary reports the pairs
+        self.results["rq2"] = run_rq2(self)
 
     def _overlap(self, a: str, b: str, axis: str, paper_row: str | None) -> OverlapRow:
         from ..masks.overlap import stratified_baseline

@@ -116,9 +116,52 @@ class RQ2Row(_Typed):
 
 
 @dataclass
+class TrajectoryPoint(_Typed):
+    """One checkpoint of a run: its held-out accuracy and the training progress up to it."""
+
+    step: int
+    accuracy: float
+    format_rate: float | None
+    record: str  # its entry in StudyResults.accuracy (per-problem outcomes)
+    loss: float | None  # mean logged training loss over the steps since the previous checkpoint
+    progress: float | None  # DPO: mean reward margin; GRPO/RLOO: mean reward, over the same steps
+
+
+@dataclass
+class Trajectory(_Typed):
+    """A run's accuracy along training: θ_full, θ_sub or a control, one seed."""
+
+    algo: str
+    variant: str  # full | sub | random_uniform | random_magnitude | union
+    seed: int
+    run: str
+    points: list[TrajectoryPoint]
+
+    def at(self, step: int) -> TrajectoryPoint | None:
+        return next((p for p in self.points if p.step == step), None)
+
+
+@dataclass
+class RQ2Point(_Typed):
+    """Where RQ2's verdicts are taken: a checkpoint step for θ_full and, per variant and seed, the step compared."""
+
+    name: str  # "peak" | "final" | "matched"
+    why: str
+    full_step: int
+    steps: dict  # variant -> [step per seed] (matched progress: each run's own step)
+
+
+@dataclass
 class RQ2(_Typed):
     rows: list[RQ2Row]
     across_seeds: dict
+    every: int = 0  # checkpoint interval of the trajectories (0: endpoints only, results of an older version)
+    trajectories: list[Trajectory] = field(default_factory=list)
+    points: list[RQ2Point] = field(default_factory=list)
+    verdicts: list[dict] = field(default_factory=list)  # stats.Comparison.to_dict() + "point": pooled over seeds, Holm-corrected
+    nulls: list[dict] = field(default_factory=list)  # θ_full against θ_full' (another seed; its neighbouring checkpoint)
+    replay: dict | None = None  # what the mask can and cannot replay (ever-changed outside the mask, agreement by kind)
+    data: dict | None = None  # the preference data and training progress: pairs, epochs, final loss and margin
 
 
 @dataclass

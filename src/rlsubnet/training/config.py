@@ -22,6 +22,8 @@ GENERATIVE = ("grpo", "rloo")  # sample groups of completions and score them wit
 PREFERENCE = ("dpo", "kto", "orpo", "simpo")  # learn from (chosen, rejected) pairs
 DEFAULT_BETA = {"grpo": 0.0, "rloo": 0.0, "dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "ppo": 0.05, "sft": 0.0}
 PRECISIONS = ("fp32", "mixed", "bf16")
+SCHEDULES = ("constant", "linear", "cosine")
+MASK_ORDERS = ("before-clip", "after-clip")
 
 
 @dataclass
@@ -35,6 +37,9 @@ class TrainConfig:
     mask: str | None = None
     steps: int = 8
     lr: float = 1e-5
+    lr_schedule: str = "constant"  # constant | linear | cosine (transformers' schedulers), after warmup
+    warmup_ratio: float = 0.0  # share of the steps spent warming the learning rate up from 0 (the paper's DPO: 0.1)
+    mask_order: str = "before-clip"  # mask the gradient before clipping (the norm is the masked one) or after it
     seed: int = 0
     beta: float | None = None
     max_grad_norm: float | None = 1.0
@@ -70,6 +75,9 @@ class TrainConfig:
         for flag in ("sparse_state", "master_in_mask", "fsdp"):
             if not d[flag]:
                 d.pop(flag)  # keeps the keys of runs cached before these options existed
+        for flag, default in (("lr_schedule", "constant"), ("warmup_ratio", 0.0), ("mask_order", "before-clip")):
+            if d[flag] == default:
+                d.pop(flag)
         if self.mask:
             from ..masks.subnetwork import Subnetwork
 
@@ -136,6 +144,15 @@ def validate_config(cfg: TrainConfig) -> None:
     _finite(cfg.max_grad_norm, "max_grad_norm", strict=True)
     _finite(cfg.temperature, "temperature", strict=True)
     _finite(cfg.epsilon, "epsilon")
+    if cfg.lr_schedule not in SCHEDULES:
+        raise ConfigError("lr_schedule", f"{cfg.lr_schedule!r} is not one of {', '.join(SCHEDULES)}.")
+    _finite(cfg.warmup_ratio, "warmup_ratio")
+    if cfg.warmup_ratio >= 1:
+        raise ConfigError("warmup_ratio", f"{cfg.warmup_ratio!r} must be below 1 (a share of the steps).")
+    if cfg.mask_order not in MASK_ORDERS:
+        raise ConfigError("mask_order", f"{cfg.mask_order!r} is not one of {', '.join(MASK_ORDERS)}.")
+    if cfg.mask_order == "after-clip" and cfg.sparse_state:
+        raise ConfigError("mask_order", "after-clip masks the clipped dense gradient, so it needs dense optimizer state (no `sparse_state`).")
     if cfg.master_in_mask and not (cfg.sparse_state and cfg.precision == "bf16"):
         raise ConfigError("master_in_mask", "keeps fp32 masters for bf16 weights, so it needs `precision` bf16 and `sparse_state`.")
     if cfg.fsdp and cfg.algo == "ppo":

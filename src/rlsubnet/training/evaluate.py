@@ -72,9 +72,11 @@ def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24,
 
 
 def sample_preferences(model_path: str, problems: list[T.Problem], k: int = 4, temperature: float = 0.7,
-                       max_new_tokens: int = 24, seed: int = 0) -> dict:
-    """In-distribution preference pairs from the model's own samples: a correct completion (chosen)
-    against an incorrect one (rejected) for every prompt where both occur."""
+                       max_new_tokens: int = 24, seed: int = 0, pairs_per_prompt: int = 1, progress=None) -> dict:
+    """In-distribution preference pairs from the model's own samples: a correct completion (chosen) against an
+    incorrect one (rejected) for every prompt where both occur; with ``pairs_per_prompt`` > 1, up to that many
+    distinct pairs per prompt (distinct completions paired round-robin, so no pair repeats).
+    ``progress(done, total)`` is called after each batch of prompts."""
     import torch
 
     from .recipes import load_model
@@ -93,13 +95,16 @@ def sample_preferences(model_path: str, problems: list[T.Problem], k: int = 4, t
         comps = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, p in enumerate(batch):
             cs = [c.strip() for c in comps[j * k : (j + 1) * k]]
-            good = [c for c in cs if T.reward(c, p.answer) == 1.0 and c]
-            bad = [c for c in cs if T.reward(c, p.answer) == 0.0 and c]
+            good = list(dict.fromkeys(c for c in cs if T.reward(c, p.answer) == 1.0 and c))
+            bad = list(dict.fromkeys(c for c in cs if T.reward(c, p.answer) == 0.0 and c))
             if good:
                 out["correct_samples"]["prompt"].append(p.prompt)
                 out["correct_samples"]["completion"].append(good[0])
             if good and bad:
-                out["prompt"].append(p.prompt)
-                out["chosen"].append(good[0])
-                out["rejected"].append(bad[0])
+                for n in range(min(max(1, pairs_per_prompt), max(len(good), len(bad)))):
+                    out["prompt"].append(p.prompt)
+                    out["chosen"].append(good[n % len(good)])
+                    out["rejected"].append(bad[n % len(bad)])
+        if progress is not None:
+            progress(min(i + 16, len(problems)), len(problems))
     return out

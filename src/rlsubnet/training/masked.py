@@ -40,7 +40,7 @@ from .layout import local, shard_like
 class MaskedOptimizer(torch.optim.Optimizer):
     """An optimizer that trains only the entries inside ``masks`` (``{parameter: bool tensor}``)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, masks: dict[torch.nn.Parameter, torch.Tensor]):
+    def __init__(self, optimizer: torch.optim.Optimizer, masks: dict[torch.nn.Parameter, torch.Tensor], mask_order: str = "before-clip"):
         # state and param_groups stay the inner optimizer's own objects (forwarded by the properties
         # below); the base class still sets up its hooks and step patching, so register_step_pre_hook
         # and friends work on the wrapper
@@ -56,7 +56,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
         for g in optimizer.param_groups:
             g["masked_weight_decay"] = g.get("weight_decay", 0.0)
             g["weight_decay"] = 0.0
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(m)) for p, m in self.masks.items() if p.requires_grad]
+        if mask_order not in ("before-clip", "after-clip"):
+            raise ValueError(f"mask_order={mask_order!r}: expected 'before-clip' or 'after-clip'")
+        # before-clip (the paper's g ← m ⊙ ∇L): the hook masks each gradient as it accumulates, so clipping
+        # sees the masked norm; after-clip: the trainer clips the dense gradient, the step masks it
+        self.after_clip = mask_order == "after-clip"
+        self._hooks = [] if self.after_clip else [p.register_post_accumulate_grad_hook(self._hook(m)) for p, m in self.masks.items() if p.requires_grad]
         self._state_clean = False  # optimizer state may hold values outside the mask (carried over)
 
     @staticmethod
@@ -124,6 +129,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
             wd, lr = g.get("masked_weight_decay", 0.0), g["lr"]
             for p in g["params"]:
                 m = self.masks.get(p)
+                if self.after_clip and m is not None and p.grad is not None:
+                    local(p.grad).mul_(m)
                 if not self._state_clean and m is not None:
                     # once: zero state carried over from another mask; afterwards the zero gradient
                     # outside the mask keeps Adam's moments and momentum buffers at exactly zero there
@@ -216,7 +223,7 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
 
 def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork | str | os.PathLike | None,
                            num_training_steps: int | None = None, missing: str = "error", sparse_state: bool = False,
-                           master_dtype: torch.dtype | None = None):
+                           master_dtype: torch.dtype | None = None, mask_order: str = "before-clip"):
     """The (optimizer, scheduler) pair a Trainer would build from ``args``, with the mask applied.
 
     Pass the result as ``optimizers=(opt, sched)`` to any TRL trainer or transformers' ``Trainer``.
@@ -232,6 +239,10 @@ def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork 
     (:class:`~rlsubnet.training.sparse.SparseMaskedOptimizer`: Adam, AdamW or SGD), with a checkpoint
     bit-identical to the dense masked run. With it, ``master_dtype=torch.float32`` keeps an fp32 master copy
     of the masked entries of bf16 parameters (and fp32 moments), rounded into the parameters after each step.
+
+    ``mask_order="before-clip"`` (the default, the paper's g ← m ⊙ ∇L) masks each gradient as it accumulates,
+    so gradient clipping sees the masked norm; ``"after-clip"`` lets the trainer clip the dense gradient and
+    masks it in the step (dense optimizer state only).
     """
     from transformers import Trainer, get_scheduler
 
@@ -257,12 +268,15 @@ def build_masked_optimizer(model: torch.nn.Module, args, subnetwork: Subnetwork 
         if sparse_state:
             from .sparse import sparse_from
 
+            if mask_order != "before-clip":
+                raise InputError(f"mask_order={mask_order!r}: masking after clipping needs dense optimizer state (sparse_state=False).")
+
             try:
                 opt = sparse_from(opt, masks, master_dtype=master_dtype)
             except ValueError as e:
                 raise InputError(f"sparse_state=True: {e}.") from None
         else:
-            opt = MaskedOptimizer(opt, masks)
+            opt = MaskedOptimizer(opt, masks, mask_order=mask_order)
     elif sparse_state:
         raise InputError("sparse_state=True: keeps optimizer state for a mask's entries, so it needs a subnetwork (a mask).")
     if master_dtype is not None and not (subnetwork is not None and sparse_state):

@@ -76,7 +76,8 @@ def _common(cfg: TrainConfig, workdir: str) -> dict:
         output_dir=workdir, max_steps=cfg.steps, learning_rate=cfg.lr, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0,
-        weight_decay=cfg.weight_decay, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_ratio, optim="adamw_torch",  # a float below 1 is a share of the steps
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
         bf16=cfg.precision == "mixed",  # fp32 master weights, bf16 autocast for every forward (sampling included)
         gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
@@ -121,7 +122,8 @@ def _make_trainer(cfg: TrainConfig, model, tok, data, workdir: str):
         c.pop("max_steps")
         args = PPOConfig(**c)
         both = torch.nn.ModuleDict({"policy": model, "value_model": value})
-        opt = build_masked_optimizer(both, args, cfg.mask, cfg.steps, missing="train", sparse_state=cfg.sparse_state, master_dtype=_master(cfg))
+        opt = build_masked_optimizer(both, args, cfg.mask, cfg.steps, missing="train", sparse_state=cfg.sparse_state, master_dtype=_master(cfg),
+                                     mask_order=cfg.mask_order)
         ref, _, _ = load_model(cfg.model, cfg.precision)
         return PPOTrainer(args=args, processing_class=tok, model=model, ref_model=ref, reward_model=reward,
                           train_dataset=data, value_model=value, optimizers=opt)
@@ -160,7 +162,8 @@ def _optimizers(cfg: TrainConfig, model, args) -> dict:
 
     if cfg.fsdp:
         return {}
-    return {"optimizers": build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg))}
+    return {"optimizers": build_masked_optimizer(model, args, cfg.mask, cfg.steps, sparse_state=cfg.sparse_state, master_dtype=_master(cfg),
+                                                  mask_order=cfg.mask_order)}
 
 
 def _fsdp_factory(cfg: TrainConfig, args):
@@ -168,7 +171,8 @@ def _fsdp_factory(cfg: TrainConfig, args):
     from .masked import build_masked_optimizer
 
     def build(model, **_):
-        return build_masked_optimizer(model, args, cfg.mask, None, sparse_state=cfg.sparse_state, master_dtype=_master(cfg))[0]
+        return build_masked_optimizer(model, args, cfg.mask, None, sparse_state=cfg.sparse_state, master_dtype=_master(cfg),
+                                      mask_order=cfg.mask_order)[0]
 
     return lambda: build
 
@@ -416,6 +420,9 @@ def _finish(cfg: TrainConfig, run: _Run, model, tok, stored, res: TrainResult, c
     if cfg.fp32_copy:
         save_as(model, final / "fp32", torch.float32, tok, state_dict=full)
     write_log(final / "train_log.json", dataclasses.asdict(res))
+    if cb["tracker"] is not None and cb["tracker"].records:
+        (final / "tracking").mkdir(exist_ok=True)  # the union over tracked steps, as a mask
+        cb["tracker"].ever_mask().save(final / "tracking" / "ever_changed.safetensors")
     for s in cb["saver"].saved if cb["saver"] else []:
         os.replace(s, final / Path(s).name)
     write_marker(final, "train", algo=cfg.algo, model=str(cfg.model))

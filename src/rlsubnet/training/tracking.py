@@ -97,6 +97,14 @@ class SparsityTracker(TrainerCallback):
                 tot += int(np.bitwise_count(e & ~final_mask.packed(name)).sum())
         return tot
 
+    def ever_mask(self):
+        """The entries that differed from init at any record, as a Subnetwork (one tensor per tracked parameter)."""
+        from ..masks.subnetwork import Subnetwork
+
+        shapes = {n: tuple(self.init.tensors[n].shape) for n in self._ever}
+        return Subnetwork(shapes, {n: e.copy() for n, e in self._ever.items()},
+                          meta={"criterion": "bitwise", "what": "changed at any tracked step", "every": str(self.every)})
+
     def on_step_end(self, args, state, control, model=None, **kw):
         model = model or self.model
         if model is not None and state.global_step % self.every == 0:
