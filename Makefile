@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -16,7 +16,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rlsubnet demo --out demo-out
 
-test: $(STAMP)
+# the report's browser test renders report.html in Debian's Chromium (installed once, if missing)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null))
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest tests --full
 
 test-fast: $(STAMP)

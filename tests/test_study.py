@@ -256,3 +256,20 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     assert "**Operating point.**" in md and "**Verdicts.**" in md and "θ_sub on the union mask" in md
     assert (d / "out" / "figures" / "rq2_trajectory_grpo.png").exists() and (d / "out" / "figures" / "rq2_progress_grpo.png").exists()
     assert "/tmp/" not in md and str(d) not in md  # no local paths in the report
+
+
+def test_report_reads_right_in_a_real_browser(tiny_study, tmp_path):
+    """Issue 18 (6): the HTML report opened in headless Chromium: a summary and contents first, every heading
+    reachable from the contents, every figure loaded and no wider than the text, no literal Markdown escapes."""
+    from browser import render
+
+    d, _, _ = tiny_study
+    seen = render(d / "out" / "report.html", tmp_path)
+    heads = [h.split("=", 1) for h in seen["headings"].split("|")]
+    assert [t for _, t in heads][:2] == ["Summary", "Setup"]
+    assert {"RQ1: how sparse are the updates?", "RQ4: do subnetworks from different runs overlap?"} <= {t for _, t in heads}
+    assert int(seen["links"]) == len(heads)  # the contents link every section
+    assert int(seen["images"]) >= 8 and seen["loaded"] == seen["images"] and seen["wider"] == "0"
+    assert seen["backslashes"] == "0" and seen["stars"] == "0"
+    md = (d / "out" / "report.md").read_text()
+    assert md.splitlines()[2].startswith("Contents: [Summary](#summary)")

@@ -48,7 +48,7 @@ class Section:
 
 
 def _inline_html(s: str) -> str:
-    s = html.escape(s)
+    s = html.escape(s.replace("\\*", "*").replace("\\|", "|"))  # Markdown escapes are for report.md only
     s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
 
@@ -549,7 +549,7 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
                       [[x["step"], pct(x["sparsity"], 2), pct(x["consecutive_sparsity"], 2), pct(x["outside_final_share"], 2)] for x in s]))
         sec.figures.append(line_chart(figdir / "rq5_steps.png", [x["step"] for x in s],
                                       {"vs θ_init": [x["sparsity"] for x in s], "vs previous": [x["consecutive_sparsity"] for x in s]},
-                                      "Sparsity over training steps", "step", "sparsity"))
+                                      "Sparsity over training steps", "step", "sparsity", integer_x=True))
     sec.figures.append(bar_chart(figdir / "rq5_lr.png", [f"{x['scale']}×" for x in f["lr"]], [x["sparsity"] for x in f["lr"]],
                                  "Sparsity vs learning-rate scale", "learning rate", "sparsity"))
     text = (f"**What this shows.** The fp32 copy of the same GRPO run has bitwise sparsity {pct(f['precision']['fp32']['sparsity'], 2)} "
@@ -584,19 +584,55 @@ def render_sync(res: StudyResults, figdir: Path) -> Section | None:
             "and the ratio of the full checkpoint to the payload. Measured on this run's steps only.",
             Table(["run", "step", "entries changed", "patch bytes", "int32 + raw bytes", "plain / patch", "checkpoint / patch"], rows))
     steps = sorted({x for v in xs_by.values() for x in v})
-    sec.figures.append(line_chart(figdir / "delta_sync.png", steps, series, "Delta-sync payload per step", "step", "MB", xs_by=xs_by))
+    sec.figures.append(line_chart(figdir / "delta_sync.png", steps, series, "Delta-sync payload per step", "step", "MB", xs_by=xs_by, integer_x=True))
     return sec
 
 
 RENDERERS = (("rq1", render_rq1), ("rq2", render_rq2), ("rq4", render_rq4), ("rq5", render_rq5))
 
 
+def headline(res: StudyResults) -> Section:
+    """The report in a few bullets: what was measured, and which claims held, each with its interval."""
+    meta = res.meta
+    b = meta["budget_settings"]
+    out = [f"- **Measured**: {meta['runs']} training runs of `{Path(meta['model']).name}` ({meta['budget']} budget: {b['steps']} steps, "
+           f"peak lr {meta['lr']:g}, {b.get('seeds', 1)} seed(s) where stated), {meta.get('n_eval', b['n_eval'])} held-out problems per evaluation"]
+    if res.rq1 is not None and res.rq1.rows:
+        rs = res.rq1.rows
+        sp = [(r.sparsity_mean_sd or {}).get("mean", r.sparsity) for r in rs]
+        fl = [(r.floor or {}).get("fraction") for r in rs if r.floor]
+        out.append(f"- **RQ1 sparsity**: {pct(min(sp), 1)}–{pct(max(sp), 1)} of parameters bit-identical across {len(rs)} algorithms"
+                   + (f"; the precision floor alone accounts for {pct(min(fl), 1)}–{pct(max(fl), 1)}" if fl else ""))
+    if res.rq2 is not None and res.rq2.verdicts:
+        for c in res.rq2.verdicts:
+            if c["point"] == "peak" and (c["a"], c["b"]) in (("full", "sub"), ("init", "full")):
+                out.append("- **RQ2 at θ_full's peak**: " + claim(c, f"{_vname(c['b'])} against {_vname(c['a'])}", "accuracy", VARIANT))
+    elif res.rq2 is not None and res.rq2.rows:
+        out.append("- **RQ2**: endpoint comparisons only (results written before trajectories existed); see the section")
+    if res.rq4 is not None and res.rq4.rows:
+        ms = [r for r in res.rq4.rows if r.matched and r.matched.get("ratio") is not None]
+        if ms:
+            out.append(f"- **RQ4 overlap**: o1 {min(100 * (r.matched['ratio'] - 1) for r in ms):+.1f}% to {max(100 * (r.matched['ratio'] - 1) for r in ms):+.1f}% "
+                       "against random masks matched per tensor × |w0| bin (the uniform baseline overstates it)")
+    if res.rq5 is not None:
+        p = res.rq5.get("precision") or {}
+        if p:
+            out.append(f"- **RQ5 precision**: the same run stored in fp32 has sparsity {pct(p['fp32']['sparsity'], 2)} against "
+                       f"{pct(p['bf16']['sparsity'], 1)} in bf16")
+    return Section("Summary").add("\n".join(out))
+
+
 def sections(res: StudyResults, figdir: Path) -> list[Section]:
     """Every part of the study present in ``res``, rendered."""
-    out = [render_setup(res, figdir)]
+    out = [headline(res), render_setup(res, figdir)]
     out += [fn(res, figdir) for key, fn in RENDERERS if getattr(res, key) is not None]
     sync = render_sync(res, figdir)
     return out + ([sync] if sync else [])
+
+
+def _anchor(title: str) -> str:
+    """GitHub-style anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title.lower()).strip())
 
 
 def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
@@ -609,7 +645,7 @@ def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     figdir = out / "figures"
     secs = sections(res, figdir)
-    md = ["# rlsubnet study report", ""]
+    md = ["# rlsubnet study report", "", "Contents: " + " · ".join(f"[{s.title}](#{_anchor(s.title)})" for s in secs), ""]
     for s in secs:
         md += [f"## {s.title}", ""]
         for b in s.blocks:
@@ -617,11 +653,14 @@ def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
         md += [f"![{f.stem}](figures/{f.name})" for f in s.figures] + [""]
     write_text(out / "report.md", "\n".join(md))
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>rlsubnet study</title><style>",
-             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}",
-             "</style></head><body><h1>rlsubnet study report</h1>"]
+             "body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.45}"
+             "table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+             "img{width:100%;height:auto;margin:.5em 0}nav ul{columns:2}",
+             "</style></head><body><h1>rlsubnet study report</h1>",
+             "<nav><b>Contents</b><ul>" + "".join(f"<li><a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a></li>" for s in secs) + "</ul></nav>"]
     for s in secs:
-        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        parts.append(f"<h2 id='{_anchor(s.title)}'>{html.escape(s.title)}</h2>")
         parts += [b.to_html() if isinstance(b, Table) else _para_html(b) for b in s.blocks]
         for f in s.figures:
             b64 = base64.b64encode(f.read_bytes()).decode()

@@ -55,12 +55,12 @@ BUDGETS = {
     "standard": Budget(steps=32, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=200, pref_prompts=450,
                        rqs=("rq1", "rq2", "rq4", "rq5"), rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "orpo", "simpo"), save_every=0,
                        lr=6.4e-5, seeds=3, rq2_algos=("dpo",), lr_schedule="linear", warmup_ratio=0.1, rq2_every=4,
-                       pref_k=8, pairs_per_prompt=2, min_pairs=256, union_control=True),
+                       pref_k=8, pairs_per_prompt=3, min_pairs=256, union_control=True),
     # standard + PPO + the ablations of RQ5
     "full": Budget(steps=32, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=200, pref_prompts=450,
                    rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=8,
                    lr=6.4e-5, seeds=3, rq2_algos=("dpo", "grpo"), lr_schedule="linear", warmup_ratio=0.1, rq2_every=4,
-                   pref_k=8, pairs_per_prompt=2, min_pairs=256, union_control=True),
+                   pref_k=8, pairs_per_prompt=3, min_pairs=256, union_control=True),
     # seconds, for the test suite's tiny random model
     "tiny": Budget(steps=2, batch=4, gens=2, pref_batch=4, max_new_tokens=6, n_train=16, n_eval=8, pref_prompts=8,
                    rqs=RQS, rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "ppo", "orpo", "simpo"), save_every=1, rank=True,
