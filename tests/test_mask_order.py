@@ -51,7 +51,7 @@ def test_orders_differ_when_clipping_binds():
 
 
 def test_unknown_order_is_refused():
-    from rlsubnet.training.config import TrainConfig, validate_config, ConfigError
+    from rlsubnet.training.config import ConfigError, TrainConfig, validate_config
 
     with pytest.raises(ConfigError, match="mask_order"):
         validate_config(TrainConfig(algo="dpo", model="m", mask_order="sideways"))
@@ -71,7 +71,9 @@ def test_new_options_keep_old_run_keys():
 
     a = TrainConfig(algo="dpo", model="", steps=3)
     assert a.key() != TrainConfig(algo="dpo", model="", steps=3, lr_schedule="linear").key()
-    import dataclasses, hashlib, json
+    import dataclasses
+    import hashlib
+    import json
 
     d = dataclasses.asdict(a)
     for k in ("out", "sparse_state", "master_in_mask", "fsdp", "lr_schedule", "warmup_ratio", "mask_order"):

@@ -77,7 +77,7 @@ def _traj(variant, seed, accs, losses):
     from rlsubnet.study.results import Trajectory, TrajectoryPoint
 
     pts = [TrajectoryPoint(0, 0.2, None, "init", None, None)]
-    pts += [TrajectoryPoint(4 * (i + 1), a, None, f"{variant}{seed}@{4 * (i + 1)}", l, None) for i, (a, l) in enumerate(zip(accs, losses))]
+    pts += [TrajectoryPoint(4 * (i + 1), a, None, f"{variant}{seed}@{4 * (i + 1)}", lo, None) for i, (a, lo) in enumerate(zip(accs, losses))]
     return Trajectory("dpo", variant, seed, f"{variant}{seed}", pts)
 
 
