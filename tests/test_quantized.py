@@ -96,9 +96,12 @@ def test_fp8_block_pair_is_read_by_value(tmp_path):
     assert got[1e-4] == int(np.count_nonzero(ad > 1e-4)) and got[0.0] == truth
     # ULPs in the stored grid: a one-mantissa-bit move is 1 ULP of the code grid
     assert t[q]["ulp_hist"]["1"] >= 5
-    # the terminal shows both views
-    r = run("diff", a, b, "--by", "tensor")
+    # the terminal, the Markdown report and the plots show both views
+    r = run("diff", a, b, "--by", "tensor", "--markdown", tmp_path / "d.md", "--plot", tmp_path / "plots")
     assert r.returncode == 0 and "codes" in r.stdout and "scales" in r.stdout
+    md = (tmp_path / "d.md").read_text()
+    assert f"| `{q}` | fp8-block | 128×128 | {truth:,} | {codes_truth:,} | 1 |" in md and "values identical" in md
+    assert (tmp_path / "plots" / "quantized_changes.png").stat().st_size > 0
 
 
 def test_our_dequantization_equals_transformers(tmp_path):

@@ -177,6 +177,18 @@ def diff_markdown(result: DiffResult, by: str = "module") -> str:
     lines += ["", f"## By {by}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(pct(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if result.quantized is not None:
+        q = result.quantized
+        lines += ["", "## Quantized parameters: what moved, values, codes or scales", "",
+                  f"{q['tensors']} quantized parameters; `changed` counts dequantized values (code × scale, exact; +0 = −0), "
+                  f"codes are counted one per weight and scales one per stored scale: codes changed {num(q['codes_changed'])}, "
+                  f"scales changed {num(q['scales_changed'])}.", "",
+                  "| parameter | format | block | values changed | codes changed | scales changed |", "|---|---|---|---:|---:|---:|"]
+        for t in (t for t in result.tensors if t.quantized is not None):
+            qi = t.quantized
+            dash = lambda k: "-" if qi.get(k) is None else num(qi[k])  # noqa: E731
+            lines.append(f"| `{t.name}` | {qi['format']} | {'×'.join(map(str, qi['block']))} | {num(t.changed)} | "
+                         f"{dash('codes_changed')} | {dash('scales_changed')} |")
     if result.skipped:
         lines += ["", "## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in result.skipped]
     return "\n".join(lines) + "\n"
@@ -209,6 +221,13 @@ def diff_plots(result: DiffResult, out_dir: str | os.PathLike) -> list[Path]:
                  for e in range(n_exp)] for L in layers_m]
         written.append(heatmap(out / "expert_heatmap.png", grid, [str(L["layer"]) for L in layers_m], [str(e) for e in range(n_exp)],
                                "Update sparsity per routed expert × layer", "expert", "layer"))
+    if result.quantized is not None:
+        qs = [t for t in result.tensors if t.quantized is not None][:40]
+        written.append(bar_chart(out / "quantized_changes.png", [t.name.rsplit(".", 2)[-2] if t.name.count(".") >= 2 else t.name for t in qs], [],
+                                 "Quantized parameters: values, codes and scales changed", "parameter", "entries changed",
+                                 groups={"values": [t.changed for t in qs],
+                                         "codes": [t.quantized.get("codes_changed") for t in qs],
+                                         "scales": [t.quantized.get("scales_changed") for t in qs]}))
     xs = [a["atol"] for a in result.atol]
     written.append(line_chart(out / "tolerance_sweep.png", [max(x, 1e-12) for x in xs],
                               {"|Δ| ≤ tol": [a["sparsity"] for a in result.atol]},
