@@ -186,7 +186,7 @@ def diff_markdown(result: DiffResult, by: str = "module") -> str:
                   "| parameter | format | block | values changed | codes changed | scales changed |", "|---|---|---|---:|---:|---:|"]
         for t in (t for t in result.tensors if t.quantized is not None):
             qi = t.quantized
-            dash = lambda k: "-" if qi.get(k) is None else num(qi[k])  # noqa: E731
+            dash = lambda k: "-" if qi.get(k) is None else num(qi[k])
             lines.append(f"| `{t.name}` | {qi['format']} | {'×'.join(map(str, qi['block']))} | {num(t.changed)} | "
                          f"{dash('codes_changed')} | {dash('scales_changed')} |")
     if result.skipped:
