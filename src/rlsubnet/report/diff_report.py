@@ -186,9 +186,8 @@ def diff_markdown(result: DiffResult, by: str = "module") -> str:
                   "| parameter | format | block | values changed | codes changed | scales changed |", "|---|---|---|---:|---:|---:|"]
         for t in (t for t in result.tensors if t.quantized is not None):
             qi = t.quantized
-            dash = lambda k: "-" if qi.get(k) is None else num(qi[k])
-            lines.append(f"| `{t.name}` | {qi['format']} | {'×'.join(map(str, qi['block']))} | {num(t.changed)} | "
-                         f"{dash('codes_changed')} | {dash('scales_changed')} |")
+            codes, scales = ("-" if qi.get(k) is None else num(qi[k]) for k in ("codes_changed", "scales_changed"))
+            lines.append(f"| `{t.name}` | {qi['format']} | {'×'.join(map(str, qi['block']))} | {num(t.changed)} | {codes} | {scales} |")
     if result.skipped:
         lines += ["", "## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in result.skipped]
     return "\n".join(lines) + "\n"
