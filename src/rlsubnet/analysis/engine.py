@@ -84,6 +84,18 @@ def _run_in_worker(i: int):
 ENGINES = ("local", "ray")
 
 
+def _set_page_cache_policy(jobs: list[Job]) -> None:
+    """Pairs larger than memory are read without keeping them in the page cache (see ``page_cache_policy``)."""
+    from ..io.checkpoint import page_cache_policy
+
+    cks = list({id(ck): ck for j in jobs for ck, _ in j.sources}.values())
+    drop = page_cache_policy(cks)
+    for ck in cks:
+        for c in (ck, getattr(ck, "storage", None)):  # a quantized checkpoint reads through its storage
+            if c is not None and hasattr(c, "drop_cache"):
+                c.drop_cache = drop
+
+
 def map_chunks(
     jobs: Sequence[Job],
     fn: Callable[[Job, int, list[np.ndarray]], Any],
@@ -114,6 +126,7 @@ def map_chunks(
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise InputError(f"--workers: {workers!r} must be a positive integer.")
     workers = min(workers or default_workers(), max(1, len(jobs)))
+    _set_page_cache_policy(jobs)
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].nbytes)
     total = sum(j.nbytes for j in jobs)
     task = (jobs, fn, chunk)

@@ -63,6 +63,9 @@ class Checkpoint:
     def __init__(self, index: CheckpointIndex):
         self.index = index
         self._fds: dict[str, int] = {}
+        # True: every range read is dropped from the page cache once read (posix_fadvise DONTNEED), so a pair
+        # larger than memory does not evict the machine's cache with bytes it will not read again
+        self.drop_cache = False
 
     def __getstate__(self) -> dict:
         """A checkpoint travels (to a Ray worker) as its index: file descriptors are opened again where it lands."""
@@ -83,6 +86,8 @@ class Checkpoint:
         fd = self._fds.get(file)
         if fd is None:
             fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # ranges are read front to back: a larger readahead
             self._fds[file] = fd
         return fd
 
@@ -98,9 +103,12 @@ class Checkpoint:
             return torch_raw(info.obj.reshape(-1)[start : start + count]).copy()
         out = np.empty(count, dtype=raw_t)
         nbytes = count * info.dtype.itemsize
-        got = os.preadv(self._fd(info.file), [memoryview(out).cast("B")], info.offset + start * info.dtype.itemsize)
+        fd, off = self._fd(info.file), info.offset + start * info.dtype.itemsize
+        got = os.preadv(fd, [memoryview(out).cast("B")], off)
         if got != nbytes:
             raise InputError(f"{info.file}: file is truncated while reading tensor '{name}'.")
+        if self.drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
     def size_of(self, file: str) -> int:
@@ -353,3 +361,36 @@ def iter_chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
     """(start, count) pairs covering ``range(numel)`` in pieces of at most ``chunk``."""
     for s in range(0, numel, chunk):
         yield s, min(chunk, numel - s)
+
+
+def page_cache_policy(checkpoints, env: str | None = None) -> bool:
+    """Whether to drop what is read from the page cache: ``RLSUBNET_PAGE_CACHE`` = ``keep`` | ``drop`` | ``auto``
+    (default). ``auto`` drops when the local files of ``checkpoints`` together exceed half of the memory the
+    kernel reports available: such a pair cannot stay cached anyway, and reading it would evict everything else."""
+    mode = (env if env is not None else os.environ.get("RLSUBNET_PAGE_CACHE", "auto")).strip().lower()
+    if mode not in ("keep", "drop", "auto"):
+        raise InputError(f"RLSUBNET_PAGE_CACHE: {mode!r} is not keep, drop or auto.")
+    if mode != "auto":
+        return mode == "drop"
+    total = 0
+    for ck in checkpoints:
+        if not isinstance(ck, Checkpoint) or type(ck).__name__ == "RemoteCheckpoint":  # object storage fills no page cache
+            continue
+        for f in set(ck.files):
+            try:
+                total += os.path.getsize(f)
+            except OSError:
+                pass
+    return total > available_memory() / 2
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (a very large number where the system does not say)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
