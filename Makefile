@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean browser
+.PHONY: demo test test-fast bench bench-big install clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_live.py
 	$(BIN)/python benchmarks/bench_floor.py
 	$(BIN)/python benchmarks/bench_scale.py
+
+# a pair larger than half of this machine's memory (2 × 12 GB written under bench-out/, removed afterwards)
+bench-big: $(STAMP)
+	$(BIN)/python benchmarks/bench_bigpair.py --gb 12
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache
