@@ -114,7 +114,7 @@ def test_rq4_rows_carry_the_magnitude_matched_baseline(tiny_study):
 
 def test_rq1_seeds_and_comparisons(tiny_study):
     """SFT, GRPO and DPO run with every seed of the budget; SFT vs RL comes with an interval and a verdict."""
-    _, _, res = tiny_study
+    d, _, res = tiny_study
     by = {r["algo"]: r for r in res["rq1"]["rows"]}
     for a in ("sft", "grpo", "dpo"):
         assert [x["seed"] for x in by[a]["seeds"]] == [0, 1] and by[a]["sparsity_mean_sd"]["n"] == 2
@@ -123,7 +123,10 @@ def test_rq1_seeds_and_comparisons(tiny_study):
     assert {(c["a"], c["b"], c["what"]) for c in comps} >= {("sft", "grpo", "sparsity"), ("sft", "dpo", "sparsity above the floor")}
     for c in comps:
         assert c["verdict"] in ("higher", "lower", "inconclusive") and c["lo"] is not None
-    assert not by["ppo"]["in_rl_average"] and res["rq1"]["ppo_note"]
+    assert not by["ppo"]["in_rl_average"]
+    from rlsubnet.report.study_report import PPO_NOTE
+
+    assert PPO_NOTE in (d / "out" / "report.md").read_text()  # the report explains PPO; the study records numbers
 
 
 def test_rq2_rows_carry_random_mask_controls(tiny_study):

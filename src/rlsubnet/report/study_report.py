@@ -110,6 +110,30 @@ class _Paper:
 
 
 # -- one renderer per part ------------------------------------------------------------------------------------
+# why PPO stays out of every RL average: TRL's PPO scores with a reward *model*, here the backbone with a freshly
+# initialised scalar head, so it optimises a random reward, not the task's
+PPO_NOTE = ("PPO is reported but kept out of every RL average: TRL's PPO scores completions with a reward model, which "
+            "here is the backbone with an untrained scalar head, so it optimises a random reward rather than the task's.")
+
+
+def quant_note(meta: dict) -> str | None:
+    """What a GGUF-quantized origin means for the study, from the numbers the study measured."""
+    if meta.get("quantized_note"):  # results written by an older version carry the sentence itself
+        return meta["quantized_note"]
+    q = meta.get("quantized_source")
+    if not q:
+        return None
+    types = q.get("gguf_tensor_types") or {}
+    stored = ", ".join(f"{v} tensor{'s' if v != 1 else ''} in {k}" for k, v in types.items()) or "an unrecorded mix of types"
+    share = pct(q["even_mantissa_share"], 0) if q.get("even_mantissa_share") is not None else "an unmeasured share"
+    return ("The weights come from a GGUF file that was quantized before publication (" + stored + "; in the 4-bit types each "
+            "block of weights holds at most 16 distinct levels) and were dequantized to bf16 here. What that changes is the "
+            "distribution of values, not their bf16 bit patterns: the lowest mantissa bit is zero in " + share + " of the weights "
+            "(50% for random bits), so the precision floor applies exactly as to any bf16 checkpoint; but the model has lost the "
+            "fine structure of the original's weights, and its absolute sparsities are not directly comparable with those of "
+            "unquantized checkpoints.")
+
+
 def render_setup(res: StudyResults, figdir: Path) -> Section:
     meta = res.meta
     b = meta["budget_settings"]
@@ -121,8 +145,9 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
              f"second task `{meta['task2']}`; accuracy on {meta.get('n_eval', b['n_eval'])} held-out problems, none a reordering of a training problem",
              f"- {meta['runs']} runs, {meta['elapsed_s'] / 60:.1f} minutes in all"]
     lines += _signal_lines(res)
-    if meta.get("quantized_note"):
-        lines.append(f"- **Note on the weights.** {meta['quantized_note']}")
+    note = quant_note(meta)
+    if note:
+        lines.append(f"- **Note on the weights.** {note}")
     return Section("Setup").add("\n".join(lines))
 
 
@@ -169,8 +194,8 @@ def render_rq1(res: StudyResults, figdir: Path) -> Section:
             "*Below the floor*: share of entries that no update of the run's size (Σ of its logged learning rates) could move in "
             "bf16 (every value within Σlr rounds back to the stored one); the sparsity above the floor counts only the entries "
             "that could have changed.")
-    if rq.ppo_note:
-        sec.add("\\* " + rq.ppo_note)
+    if rq.ppo_note or any(r.algo == "ppo" for r in rows_in):
+        sec.add("\\* " + PPO_NOTE)
     for f in rq.failed:
         sec.add(f"{f['run'].upper()} is missing from the table: {f['why']}")
     tols = [1e-8, 1e-7, 1e-6, 1e-5]

@@ -67,7 +67,3 @@ BUDGETS = {
                    lr=1e-5, seeds=2, rq2_algos=("grpo",), level=1, precision="fp32", rq2_every=1, union_control=True),
 }
 SEEDED = ("sft", "grpo", "dpo")  # the algorithms RQ1 runs with every seed (SFT vs RL needs a spread)
-# why PPO stays out of every RL average: TRL's PPO scores with a reward *model*, here the backbone with a freshly
-# initialised scalar head, so it optimises a random reward, not the task's
-PPO_NOTE = ("PPO is reported but kept out of every RL average: TRL's PPO scores completions with a reward model, which "
-            "here is the backbone with an untrained scalar head, so it optimises a random reward rather than the task's.")

@@ -26,7 +26,7 @@ from ..masks.overlap import pair_overlap
 from ..training import tasks as T
 from ..training.config import GENERATIVE, PREFERENCE, TrainConfig
 from ..training.recipes import run_training
-from .budgets import BUDGETS, PPO_NOTE, RQS, SEEDED, Budget  # noqa: F401  (Budget, SEEDED: re-exported)
+from .budgets import BUDGETS, RQS, SEEDED, Budget  # noqa: F401  (Budget, SEEDED: re-exported)
 from .results import RQ1, RQ4, OverlapRow, RQ1Row, StudyResults
 
 
@@ -359,7 +359,7 @@ class Study:
                         comps.append(seed_difference([x[key] for x in by["sft"].seeds], [x[key] for x in by[algo].seeds],
                                                      what, ("sft", algo)).to_dict())
         self.results["rq1"] = RQ1(rows=rows, comparisons=comps, lr=self.lr, steps=self.b.steps, failed=failed,
-                                  ppo_note=PPO_NOTE if "ppo" in self.b.rq1_algos else None)
+                                  ppo_note=None)  # the report explains PPO; the study records numbers
 
     def control_mask(self, name: str, kind: str, seed: int) -> str:
         """A random mask matched to ``name``'s mask (``uniform`` or ``magnitude``), drawn once and kept."""
@@ -498,7 +498,7 @@ class Study:
             "task": self.task, "task2": self.task2, "level": self.level, "rqs": list(self.rqs), "lr": self.lr,
             "elapsed_s": time.perf_counter() - t0, "runs": self.n_runs, "precision": self.precision,
             "n_eval": self.b.n_eval, "test_problems": T.split_sizes(self.task, self.level)["test"],
-            "quantized_note": _quant_note(self.model),
+            "quantized_source": _quant_source(self.model),
         }
         from . import paper
 
@@ -510,8 +510,9 @@ class Study:
 
 
 
-def _quant_note(model: str) -> str | None:
-    """What a GGUF-quantized origin means for the study, with the measured share of even bf16 mantissas."""
+def _quant_source(model: str) -> dict | None:
+    """Where a GGUF-quantized origin shows in the weights: the GGUF tensor types and the measured share of bf16
+    weights whose lowest mantissa bit is zero (50% for random bits). The report turns it into its note."""
     import numpy as np
 
     from ..io.checkpoint import open_checkpoint
@@ -526,15 +527,9 @@ def _quant_note(model: str) -> str | None:
                 raw = ck.read(name, 0, info.numel)
                 even += int(np.count_nonzero((raw & 1) == 0))
                 total += info.numel
-    share = f"{100 * even / total:.0f}%" if total else "an unmeasured share"
     try:
         types = json.loads(src.read_text(encoding="utf-8")).get("gguf_tensor_types") or {}
     except (OSError, ValueError):
         types = {}
-    stored = ", ".join(f"{v} tensor{'s' if v != 1 else ''} in {k}" for k, v in types.items()) if isinstance(types, dict) and types else "Q4_1"
-    return ("The weights come from a GGUF file that was quantized before publication (" + stored + "; in Q4_1 each block of 32 "
-            "weights holds at most 16 distinct values, a scale times a 4-bit level plus an offset) and were dequantized to bf16 here. What that changes is the "
-            "distribution of values, not their bf16 bit patterns: the lowest mantissa bit is zero in " + share + " of the weights "
-            "(50% for random bits), so the precision floor applies exactly as to any bf16 checkpoint; but the model has lost the "
-            "fine structure of the original's weights, and its absolute sparsities are not directly comparable with those of "
-            "unquantized checkpoints.")
+    return {"gguf_tensor_types": types if isinstance(types, dict) else {}, "even_mantissa_share": even / total if total else None,
+            "bf16_weights": total}
