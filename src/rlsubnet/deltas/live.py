@@ -108,8 +108,9 @@ class DeltaPublisher:
     """
 
     def __init__(self, model: torch.nn.Module | dict, dtype: torch.dtype | None = torch.bfloat16, level: int = 3,
-                 chunk: int = CHUNK, raw_values: bool = False):
+                 chunk: int = CHUNK, raw_values: bool = False, layout: str | None = None):
         self.model = model
+        self.layout = _choose_layout(model, layout)  # "file": the checkpoint's names (transformers' conversion, reverted)
         self.raw_values = raw_values  # new values as they are (no xor/sub against the base): readable by iter_updates alone
         self.dtype = dtype
         self.level = level
@@ -117,6 +118,9 @@ class DeltaPublisher:
         self.rank, self.world = _dist()
         named = self._named()
         self.sharded = any(_is_dtensor(t) for _, t in named)
+        if self.sharded and self.layout == "file":
+            raise ValueError("layout='file' publishes in the checkpoint's names, which needs whole (unsharded) parameters; "
+                             "under FSDP2 publish with layout='model'")
         self._local: dict[str, np.ndarray] = {}  # FSDP2: this process's shard of the stored view
         self._offset: dict[str, int] = {}
         if self.sharded:
@@ -139,6 +143,10 @@ class DeltaPublisher:
     def _named(self):
         if isinstance(self.model, dict):
             return list(self.model.items())
+        if self.layout == "file":
+            from transformers.core_model_loading import revert_weight_conversion
+
+            return list(revert_weight_conversion(self.model, dict(self.model.named_parameters())).items())
         return list(self.model.named_parameters())
 
     def _changes(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -221,6 +229,32 @@ class DeltaPublisher:
         self.sizes.append({"bytes": len(payload), "plain": h["sizes"]["plain"],
                            "changed": sum(t["changed"] for t in h["tensors"])})
         return payload
+
+
+LAYOUTS = ("model", "file")
+
+
+def _choose_layout(model, layout: str | None) -> str:
+    """``layout=None``: ``"file"`` where transformers keeps the model's parameters under other names than its
+    checkpoint files (fused MoE experts), so live deltas name what patches and masks name; else ``"model"``."""
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r}: expected 'model' or 'file'")
+        if layout == "file" and not isinstance(model, torch.nn.Module):
+            raise ValueError("layout='file' needs a transformers model (a state dict has no conversion to revert)")
+        return layout
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        return "model"
+    params = dict(model.named_parameters())
+    if any(_is_dtensor(t) for t in params.values()):
+        return "model"  # sharded: names are compared per process in the model's own layout
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        names = set(revert_weight_conversion(model, params))
+    except (ImportError, AttributeError, TypeError, ValueError, KeyError, RuntimeError):
+        return "model"
+    return "file" if names != set(params) else "model"
 
 
 def apply_delta(target: torch.nn.Module | dict, payload: bytes, recheck: bool = False) -> int:
