@@ -542,13 +542,13 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
     sec = Section("RQ5: what makes updates sparse?")
     kl_paper = P.KL["with KL"] - P.KL["without KL"]
     af = lambda x, k: f" ({pct((x.get('above_floor') or {}).get(k), 1)} above the floor)" if (x.get("above_floor") or {}).get(k) is not None else ""
-    rows = [["KL term (GRPO β)", f"without {pct(f['kl']['without'], 1)}{af(f['kl'], 'without')}", f"with {pct(f['kl']['with'], 1)}{af(f['kl'], 'with')}",
+    rows = [["KL term (GRPO β)", f"without {pct(f.kl['without'], 1)}{af(f.kl, 'without')}", f"with {pct(f.kl['with'], 1)}{af(f.kl, 'with')}",
              f"paper: with {P.KL['with KL']}%, without {P.KL['without KL']}% ({kl_paper:+.1f} points)"],
-            ["gradient clipping", f"with {pct(f['clip']['with'], 1)}{af(f['clip'], 'with')}", f"without {pct(f['clip']['without'], 1)}{af(f['clip'], 'without')}",
+            ["gradient clipping", f"with {pct(f.clip['with'], 1)}{af(f.clip, 'with')}", f"without {pct(f.clip['without'], 1)}{af(f.clip, 'without')}",
              "paper: comparable"],
-            ["storage precision (one run)", f"bf16 {pct(f['precision']['bf16']['sparsity'], 2)}", f"fp32 copy {pct(f['precision']['fp32']['sparsity'], 2)}",
+            ["storage precision (one run)", f"bf16 {pct(f.precision['bf16']['sparsity'], 2)}", f"fp32 copy {pct(f.precision['fp32']['sparsity'], 2)}",
              "RL's Razor / 2511.08567: sparsity mostly vanishes in fp32"]]
-    tp = f.get("training_precision")
+    tp = f.training_precision
     if tp:
         rows.append(["training precision", f"{tp['main']['precision']} {pct(tp['main']['sparsity'], 2)}", f"pure fp32 {pct(tp['fp32']['sparsity'], 2)}",
                      "the paper trained in bf16 mixed precision"])
@@ -556,35 +556,35 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
             Table(["factor", "A", "B", "published"], rows))
     sec.add("Learning rate (same run at 1×, 4×, 16×):",
             Table(["lr", "bits identical", "below the floor", "sparsity above the floor", "bf16-relative"],
-                  [[f"{x['scale']}×", pct(x["sparsity"], 2), pct((x.get("floor") or {}).get("fraction"), 2), pct(x.get("sparsity_above_floor"), 2),
-                    pct(x["bf16_rel_sparsity"], 2)] for x in f["lr"]]))
+                  [[f"{x.scale:g}×", pct(x.sparsity, 2), pct((x.floor or {}).get("fraction"), 2), pct(x.sparsity_above_floor, 2),
+                    pct(x.bf16_rel_sparsity, 2)] for x in f.lr]))
     sec.add("Table 5 analogue (in- vs off-distribution data; the off-distribution sets have as many examples as the in-distribution ones):",
             Table(["method", "in-dist", "examples", "sparsity", "sparsity above the floor"],
-                  [[x["method"], "✓" if x["in_distribution"] else "✗", x.get("examples", "—"), pct(x["sparsity"], 1), pct(x.get("sparsity_above_floor"), 1)]
-                   for x in f["distribution"]]
+                  [[x.method, "✓" if x.in_distribution else "✗", x.examples, pct(x.sparsity, 1), pct(x.sparsity_above_floor, 1)]
+                   for x in f.distribution]
                   + [[f"paper: {n} ({k})", "✓" if i else "✗", "—", f"{v}%", "—"] for n, v, k, i in P.TABLE5]))
-    tols = [x["atol"] for x in f["precision"]["bf16"]["atol"]]
+    tols = [x["atol"] for x in f.precision["bf16"]["atol"]]
     sec.add("The same run stored in bf16 and in fp32 (its fp32 copy), across the tolerance sweep:",
             Table(["stored as"] + [f"|Δ| ≤ {t:g}" if t else "bits identical" for t in tols],
-                  [[k] + [pct(_atol(f["precision"][k]["atol"], t), 2) for t in tols] for k in ("bf16", "fp32")]))
-    if f["steps"]:
-        s = f["steps"]
+                  [[k] + [pct(_atol(f.precision[k]["atol"], t), 2) for t in tols] for k in ("bf16", "fp32")]))
+    if f.steps:
+        s = f.steps
         sec.add("Sparsity over training (Fig. 5/6 analogue):",
                 Table(["step", "vs θ_init", "vs previous checkpoint", "updated share outside final mask"],
-                      [[x["step"], pct(x["sparsity"], 2), pct(x["consecutive_sparsity"], 2), pct(x["outside_final_share"], 2)] for x in s]))
-        sec.figures.append(line_chart(figdir / "rq5_steps.png", [x["step"] for x in s],
-                                      {"vs θ_init": [x["sparsity"] for x in s], "vs previous": [x["consecutive_sparsity"] for x in s]},
+                      [[x.step, pct(x.sparsity, 2), pct(x.consecutive_sparsity, 2), pct(x.outside_final_share, 2)] for x in s]))
+        sec.figures.append(line_chart(figdir / "rq5_steps.png", [x.step for x in s],
+                                      {"vs θ_init": [x.sparsity for x in s], "vs previous": [x.consecutive_sparsity for x in s]},
                                       "Sparsity over training steps", "step", "sparsity", integer_x=True))
-    sec.figures.append(bar_chart(figdir / "rq5_lr.png", [f"{x['scale']}×" for x in f["lr"]], [x["sparsity"] for x in f["lr"]],
+    sec.figures.append(bar_chart(figdir / "rq5_lr.png", [f"{x.scale:g}×" for x in f.lr], [x.sparsity for x in f.lr],
                                  "Sparsity vs learning-rate scale", "learning rate", "sparsity"))
-    text = (f"**What this shows.** The fp32 copy of the same GRPO run has bitwise sparsity {pct(f['precision']['fp32']['sparsity'], 2)} "
-            f"against {pct(f['precision']['bf16']['sparsity'], 1)} in bf16: under Adam nearly every entry with a non-zero gradient moves, "
+    text = (f"**What this shows.** The fp32 copy of the same GRPO run has bitwise sparsity {pct(f.precision['fp32']['sparsity'], 2)} "
+            f"against {pct(f.precision['bf16']['sparsity'], 1)} in bf16: under Adam nearly every entry with a non-zero gradient moves, "
             "so this is mechanical, not a finding about RL. "
-            f"A 16× learning rate gives {pct(f['lr'][-1]['sparsity'], 1)} against {pct(f['lr'][0]['sparsity'], 1)} at 1× (the floor moves with Σlr). "
-            f"The KL term moves sparsity by {100 * (f['kl']['with'] - f['kl']['without']):+.1f} points in one run (paper: {kl_paper:+.1f}); "
+            f"A 16× learning rate gives {pct(f.lr[-1].sparsity, 1)} against {pct(f.lr[0].sparsity, 1)} at 1× (the floor moves with Σlr). "
+            f"The KL term moves sparsity by {100 * (f.kl['with'] - f.kl['without']):+.1f} points in one run (paper: {kl_paper:+.1f}); "
             "with one seed per setting this is inconclusive.")
-    if f.get("ever_updated_outside_final") is not None:
-        text += f" Of all entries updated at some saved step, {pct(f['ever_updated_outside_final'], 1)} end outside the final mask (paper: about 8.5%)."
+    if f.ever_updated_outside_final is not None:
+        text += f" Of all entries updated at some saved step, {pct(f.ever_updated_outside_final, 1)} end outside the final mask (paper: about 8.5%)."
     sec.add(text)
     return sec
 
@@ -640,7 +640,7 @@ def headline(res: StudyResults) -> Section:
             out.append(f"- **RQ4 overlap**: o1 {min(100 * (r.matched['ratio'] - 1) for r in ms):+.1f}% to {max(100 * (r.matched['ratio'] - 1) for r in ms):+.1f}% "
                        "against random masks matched per tensor × |w0| bin (the uniform baseline overstates it)")
     if res.rq5 is not None:
-        p = res.rq5.get("precision") or {}
+        p = res.rq5.precision or {}
         if p:
             out.append(f"- **RQ5 precision**: the same run stored in fp32 has sparsity {pct(p['fp32']['sparsity'], 2)} against "
                        f"{pct(p['bf16']['sparsity'], 1)} in bf16")

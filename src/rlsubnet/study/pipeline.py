@@ -27,7 +27,7 @@ from ..training import tasks as T
 from ..training.config import GENERATIVE, PREFERENCE, TrainConfig
 from ..training.recipes import run_training
 from .budgets import BUDGETS, RQS, SEEDED, Budget  # noqa: F401  (Budget, SEEDED: re-exported)
-from .results import RQ1, RQ4, OverlapRow, RQ1Row, StudyResults
+from .results import RQ1, RQ4, RQ5, DistributionRow, LrRow, OverlapRow, RQ1Row, StepRow, StudyResults
 
 
 def run_lr_sum(tuned: str | Path) -> float | None:
@@ -421,8 +421,8 @@ class Study:
                      "above_floor": {"without": base.get("sparsity_above_floor"), "with": d["grpo_kl"].get("sparsity_above_floor")}}
         res["clip"] = {"with": base["sparsity"], "without": d["grpo_noclip"]["sparsity"],
                        "above_floor": {"with": base.get("sparsity_above_floor"), "without": d["grpo_noclip"].get("sparsity_above_floor")}}
-        res["lr"] = [{"scale": s, "sparsity": d[n]["sparsity"], "bf16_rel_sparsity": d[n]["bf16_rel_sparsity"],
-                      "floor": d[n].get("floor"), "sparsity_above_floor": d[n].get("sparsity_above_floor")}
+        res["lr"] = [LrRow(scale=s, sparsity=d[n]["sparsity"], bf16_rel_sparsity=d[n]["bf16_rel_sparsity"],
+                           floor=d[n].get("floor"), sparsity_above_floor=d[n].get("sparsity_above_floor"))
                      for s, n in ((1, "grpo"), (4, "grpo_lr4"), (16, "grpo_lr16"))]
         fp32 = self.analyze("grpo_fp32", str(Path(main) / "fp32"))
         res["precision"] = {"bf16": {"sparsity": base["sparsity"], "atol": base["atol"]},
@@ -449,8 +449,8 @@ class Study:
                                            ("dpo_off", dpo_off, "DPO on reference vs corrupted", False)):
             if path:
                 a = self.analyze(name, path)
-                rows.append({"name": name, "method": method, "in_distribution": indist, "examples": sizes[name], "sparsity": a["sparsity"],
-                             "floor": a.get("floor"), "sparsity_above_floor": a.get("sparsity_above_floor")})
+                rows.append(DistributionRow(name=name, method=method, in_distribution=indist, examples=sizes[name], sparsity=a["sparsity"],
+                                            floor=a.get("floor"), sparsity_above_floor=a.get("sparsity_above_floor")))
         res["distribution"] = rows
         # sparsity over training steps (intermediate checkpoints)
         steps = sorted(int(Path(s).name.split("-")[1]) for s in self.results["runs"]["grpo"]["saved"])
@@ -462,12 +462,12 @@ class Study:
             v_prev = self.analyze(f"grpo_step{k}_consecutive", ck, base=prev)
             m = Subnetwork.load(self.mask(f"grpo_step{k}"))
             union = m if union is None else union | m
-            traj.append({"step": k, "sparsity": v_init["sparsity"], "consecutive_sparsity": v_prev["sparsity"],
-                         "outside_final_share": (m - final).count() / max(m.count(), 1)})
+            traj.append(StepRow(step=k, sparsity=v_init["sparsity"], consecutive_sparsity=v_prev["sparsity"],
+                                outside_final_share=(m - final).count() / max(m.count(), 1)))
             prev = ck
         res["steps"] = traj
         res["ever_updated_outside_final"] = ((union - final).count() / max(union.count(), 1)) if union is not None else None
-        self.results["rq5"] = res
+        self.results["rq5"] = RQ5(**res)
 
     # -- all of it ------------------------------------------------------------------------------------------
     def run(self) -> StudyResults:

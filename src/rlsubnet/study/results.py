@@ -191,6 +191,54 @@ class RQ4(_Typed):
 
 
 @dataclass
+class LrRow(_Typed):
+    """The same GRPO run at a multiple of the learning rate."""
+
+    scale: float
+    sparsity: float
+    bf16_rel_sparsity: float
+    floor: dict | None
+    sparsity_above_floor: float | None
+
+
+@dataclass
+class DistributionRow(_Typed):
+    """In- vs off-distribution training data of matched size (Table 5)."""
+
+    name: str
+    method: str
+    in_distribution: bool
+    examples: int
+    sparsity: float
+    floor: dict | None
+    sparsity_above_floor: float | None
+
+
+@dataclass
+class StepRow(_Typed):
+    """An intermediate checkpoint of the main GRPO run (Figs. 5-6)."""
+
+    step: int
+    sparsity: float
+    consecutive_sparsity: float
+    outside_final_share: float
+
+
+@dataclass
+class RQ5(_Typed):
+    """What makes updates sparse: KL, clipping, learning rate, precision, data distribution, training steps."""
+
+    kl: dict  # {"without", "with", "above_floor": {"without", "with"}}
+    clip: dict  # {"with", "without", "above_floor": {...}}
+    lr: list[LrRow]
+    precision: dict  # storage: {"bf16": {"sparsity", "atol"}, "fp32": {...}}
+    distribution: list[DistributionRow]
+    steps: list[StepRow]
+    training_precision: dict | None = None  # {"main": {"precision", "sparsity", "floor"}, "fp32": {...}}
+    ever_updated_outside_final: float | None = None
+
+
+@dataclass
 class StudyResults(_Typed):
     meta: dict
     paper: dict
@@ -201,7 +249,7 @@ class StudyResults(_Typed):
     rq1: RQ1 | None = None
     rq2: RQ2 | None = None
     rq4: RQ4 | None = None
-    rq5: dict | None = None
+    rq5: RQ5 | None = None
 
     def to_dict(self) -> dict:
         """``results.json``: every field, research questions that did not run left out."""
