@@ -47,7 +47,8 @@ class Budget:
 BUDGETS = {
     # what `make demo` runs: ≤ 15 min on 2 cores; floor-dominated (Σlr = 1e-4) and says so
     "quick": Budget(steps=10, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=128, n_eval=200, pref_prompts=48,
-                    rqs=("rq1", "rq2"), rq1_algos=("grpo", "dpo"), save_every=0, lr=1e-5, seeds=1, rq2_algos=("grpo",)),
+                    rqs=("rq1", "rq2"), rq1_algos=("grpo", "dpo"), save_every=0, lr=1e-5, seeds=1, rq2_algos=("grpo",),
+                    rq2_every=5),
     # the paper's regime on this model: linear schedule with 10% warmup (the paper's DPO), peak 6.4e-5, so
     # Σlr ≈ 16 × 6.4e-5 ≈ 1.0e-3 puts the floor near 1% of parameters; DPO on ≥ 256 distinct pairs of the model's
     # own samples (32 steps × 8 = one pass, no pair repeated); 3 seeds for SFT, GRPO and DPO; RQ2 on DPO (the
