@@ -310,3 +310,30 @@ def test_receiver_digest_cache_never_hides_a_missed_or_foreign_write():
         apply_delta(target, p2, recheck=True)  # ... recheck=True hashes again
     target["b"].data[6] = 0.0
     assert apply_delta(target, p2, recheck=True) == 1 and torch.equal(target["a"], src["a"])
+
+
+@pytest.mark.parametrize("workers", [2, None])
+def test_parallel_patch_create_writes_the_same_bytes(tmp_path, workers):
+    """Issue 19: tensors encoded and hashed in worker processes, written in the sequential order: the patch is
+    byte-for-byte the one a single process writes, for multi-chunk, empty, 0-d and unchanged tensors."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    base = {"big": rng.standard_normal(5000).astype(np.float32), "mat": rng.standard_normal((30, 40)).astype(np.float16),
+            "empty": np.zeros((0, 4), np.float32), "scalar": np.array(1.5, np.float32), "same": np.arange(100, dtype=np.int64)}
+    tuned = {k: v.copy() for k, v in base.items()}
+    tuned["big"][rng.choice(5000, 700, replace=False)] += 1
+    tuned["mat"][3, 5:9] = 0
+    tuned["scalar"] = np.array(-1.5, np.float32)
+    for name, sd in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+    one = create(tmp_path / "base", tmp_path / "tuned", tmp_path / "one.rlpatch", chunk=512)
+    many = create(tmp_path / "base", tmp_path / "tuned", tmp_path / "many.rlpatch", chunk=512, workers=workers)
+    assert (tmp_path / "one.rlpatch").read_bytes() == (tmp_path / "many.rlpatch").read_bytes()
+    assert one.changed == many.changed == 700 + 4 + 1
+    apply(tmp_path / "base", [tmp_path / "many.rlpatch"], tmp_path / "applied")
+    from safetensors.numpy import load_file as load_np
+
+    got, want = load_np(str(tmp_path / "applied" / "model.safetensors")), load_np(str(tmp_path / "tuned" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(got[k].tobytes() == want[k].tobytes() and got[k].shape == want[k].shape for k in want)

@@ -73,6 +73,11 @@ def test_ray_engine_equals_local(cluster, pair, tmp_path):
     rc = run("closeness", a, a, b, "--engine", "ray", "--ray-address", cluster, "--json", "-", "-q", timeout=600)
     lc = run("closeness", a, a, b, "--json", "-", "-q")
     assert rc.returncode == 0 and _strip(json.loads(rc.stdout)) == _strip(json.loads(lc.stdout))
+    # patch create: one Ray task per tensor, encoded and hashed where it runs; the same file byte for byte
+    rp = run("patch", "create", a, b, "-o", tmp_path / "r.rlpatch", "-q", "--engine", "ray", "--ray-address", cluster, timeout=600)
+    lp = run("patch", "create", a, b, "-o", tmp_path / "l.rlpatch", "-q")
+    assert rp.returncode == 0 and lp.returncode == 0, rp.stderr[-2000:]
+    assert (tmp_path / "r.rlpatch").read_bytes() == (tmp_path / "l.rlpatch").read_bytes()
 
 
 def test_ray_failures_are_one_sentence(cluster, pair, tmp_path):

@@ -397,6 +397,9 @@ def patch_create(
     include: Optional[List[str]] = typer.Option(None, "--include", help="also carry this file of TUNED's folder (repeatable); config, generation config, tokenizer and chat template are carried by default"),
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="worker processes encoding tensors (default 1; the file is the same byte for byte)")] = 1,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Write the patch that turns BASE into TUNED, streaming, and print its size breakdown."""
     from .deltas import create
@@ -405,7 +408,9 @@ def patch_create(
     if not 1 <= level <= 22:
         raise InputError(f"--level: {level} must be between 1 and 22.")
     check_outputs({"-o": out}, _inputs(base, tuned))
-    st = create(base, tuned, out, level=level, cache_dir=cache_dir, progress=not quiet, include=tuple(include or ()))
+    _check_workers(workers)
+    st = create(base, tuned, out, level=level, cache_dir=cache_dir, progress=not quiet, include=tuple(include or ()),
+                workers=workers, engine=engine, ray_address=ray_address)
     con = Console()
     con.print(f"wrote {safe(out)}: {num(st.total)} bytes for {num(st.changed)} changed of {num(st.numel)} entries "
               f"in {st.tensors} tensors ({st.elapsed_s:.2f} s)")

@@ -30,6 +30,7 @@ class Job:
     numel: int
     payload: Any = None  # anything the caller wants back with the results
     read: bool = True  # False: the function reads its chunks itself (it gets None for the raws)
+    whole: bool = False  # True: every chunk of the job in one work unit, in order (state carried across chunks)
 
     @property
     def nbytes(self) -> int:
@@ -171,6 +172,8 @@ def _units(jobs: Sequence[Job], chunk: int) -> list[tuple[int, list[tuple[int, i
         itemsize = job.nbytes // job.numel if job.numel else 1  # bytes read per element, over all sources
         per = max(1, UNIT_BYTES // (chunk * max(1, itemsize)))  # chunks per unit
         ranges = list(iter_chunks(job.numel, chunk))
+        if job.whole:
+            per = max(len(ranges), 1)
         for k in range(0, max(len(ranges), 1), per):
             out.append((i, ranges[k : k + per]))
     return out

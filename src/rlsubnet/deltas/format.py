@@ -189,6 +189,28 @@ def decode_values(enc: str, planes: bool, raw: bytes, old: np.ndarray) -> np.nda
 
 
 # -- writing ----------------------------------------------------------------------------------------------
+@dataclass
+class EncodedChunk:
+    """One chunk's change, encoded and compressed, ready to be written: what workers send back."""
+
+    start: int
+    count: int
+    changed: int
+    itemsize: int
+    positions: tuple[str, bytes, int] | None  # (encoding, compressed, raw length); None: every entry changed
+    values: tuple  # (encoding, planes, compressed, raw length)
+
+
+def encode_chunk(enc: Encoder, start: int, old: np.ndarray, new: np.ndarray) -> EncodedChunk | None:
+    """The change of one chunk (raw bits before and after) encoded by ``enc``; None when nothing changed. Pure:
+    the same inputs give the same bytes in any process."""
+    idx = np.flatnonzero(old != new)
+    if idx.size == 0:
+        return None
+    return EncodedChunk(start, int(old.size), int(idx.size), old.dtype.itemsize, enc.positions(idx, old.size),
+                        enc.values(new[idx], old[idx]))
+
+
 class PatchWriter:
     """Writes a patch to a binary stream in one pass: blobs as they come, the header at the end."""
 
@@ -215,22 +237,25 @@ class PatchWriter:
 
     def chunk_update(self, t: dict, start: int, old: np.ndarray, new: np.ndarray) -> int:
         """Record one chunk of tensor ``t`` (raw bits before and after); returns how many entries changed."""
-        idx = np.flatnonzero(old != new)
-        if idx.size == 0:
+        return self.add_encoded(t, encode_chunk(self.enc, start, old, new))
+
+    def add_encoded(self, t: dict, e: EncodedChunk | None) -> int:
+        """Write a chunk encoded by :func:`encode_chunk` (possibly in another process) into tensor ``t``; chunks of a
+        tensor are added in order. The bytes written are those ``chunk_update`` would write."""
+        if e is None:
             return 0
-        c = {"start": start, "count": int(old.size), "changed": int(idx.size), "positions": None}
-        p = self.enc.positions(idx, old.size)
-        if p is not None:
-            enc, comp, raw = p
+        c = {"start": e.start, "count": e.count, "changed": e.changed, "positions": None}
+        if e.positions is not None:
+            enc, comp, raw = e.positions
             c["positions"] = {"enc": enc, **self._write(comp), "raw": raw}
             self.sizes["positions"] += len(comp)
-        enc, planes, comp, raw = self.enc.values(new[idx], old[idx])
+        enc, planes, comp, raw = e.values
         c["values"] = {"enc": enc, "planes": planes, **self._write(comp), "raw": raw}
         self.sizes["values"] += len(comp)
-        self.sizes["plain"] += int(idx.size) * (4 + old.dtype.itemsize)
+        self.sizes["plain"] += e.changed * (4 + e.itemsize)
         t["chunks"].append(c)
-        t["changed"] += int(idx.size)
-        return int(idx.size)
+        t["changed"] += e.changed
+        return e.changed
 
     def add_file(self, name: str, data: bytes) -> None:
         comp = self.enc.compress(data)

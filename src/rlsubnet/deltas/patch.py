@@ -25,7 +25,7 @@ from rich.progress import Progress
 from ..io.atomic import atomic_dir, atomic_path
 from ..io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, iter_chunks, open_checkpoint
 from ..io.errors import InputError
-from .format import CHUNK, MAX_SIDE_FILE, PatchReader, PatchWriter, carried_name_problem, checkpoint_hash
+from .format import CHUNK, MAX_SIDE_FILE, Encoder, PatchReader, PatchWriter, carried_name_problem, checkpoint_hash, encode_chunk
 
 # what a checkpoint needs beside its weights: carried by default; anything else only when asked for by name
 CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -134,11 +134,16 @@ def _bar(progress: bool) -> Progress:
 
 def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, level: int = 3,
            cache_dir: str | None = None, progress: bool = False, chunk: int = CHUNK,
-           include: tuple[str, ...] = ()) -> PatchStats:
+           include: tuple[str, ...] = (), workers: int | None = 1, engine: str = "local",
+           ray_address: str | None = None) -> PatchStats:
     """Write the patch that turns ``base`` into ``tuned`` (same tensor names, dtypes and shapes).
 
     The tuned folder's config, generation config, tokenizer and chat template travel with it, plus the
     files named in ``include``; every other file there is listed in ``PatchStats.files_left_out``.
+
+    ``workers`` > 1 (or None: the CPU count) encodes tensors in worker processes, ``engine="ray"`` as Ray tasks
+    (one task per tensor, reading its own ranges where it runs); chunks are encoded and hashed where they are
+    read and written here in the sequential order, so the file is byte-for-byte the one ``workers=1`` writes.
     """
     for n in include:
         why = carried_name_problem(n)
@@ -151,18 +156,29 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
         numel = changed = 0
         with atomic_path(out) as tmp, open(tmp, "wb") as fh, _bar(progress) as bar, HashThread() as hashing:
             w = PatchWriter(fh, level=level, chunk=chunk)
-            task = bar.add_task("patch", total=sum(t.nbytes for t in cb.tensors.values()))
-            for name in sorted(cb.tensors, key=lambda n: (cb.tensors[n].file, cb.tensors[n].offset)):
+            order = sorted(cb.tensors, key=lambda n: (cb.tensors[n].file, cb.tensors[n].offset))
+            if engine == "local" and workers == 1:
+                encoded = None
+            else:
+                encoded = _encoded_tensors(cb, ct, src, order, level, chunk, workers, engine, ray_address, progress)
+            task = bar.add_task("patch", total=sum(t.nbytes for t in cb.tensors.values()) if encoded is None else 0)
+            for name in order:
                 info = cb.tensors[name]
                 t = w.begin_tensor(name, info.dtype.name, info.shape)
-                ha, hb = hashlib.sha256(), hashlib.sha256()
-                for s, c in iter_chunks(info.numel, chunk):
-                    old, new = cb.read(name, s, c), ct.read(src[name], s, c)
-                    hashing.update((ha, old), (hb, new))
-                    changed += w.chunk_update(t, s, old, new)
-                    bar.advance(task, c * info.dtype.itemsize)
-                hashing.wait()
-                t["base_sha256"], t["result_sha256"] = ha.hexdigest(), hb.hexdigest()
+                if encoded is not None:  # encoded and hashed elsewhere, written here in order
+                    chunks, (da, db) = next(encoded)
+                    for e in chunks:
+                        changed += w.add_encoded(t, e)
+                    t["base_sha256"], t["result_sha256"] = da, db
+                else:
+                    ha, hb = hashlib.sha256(), hashlib.sha256()
+                    for s, c in iter_chunks(info.numel, chunk):
+                        old, new = cb.read(name, s, c), ct.read(src[name], s, c)
+                        hashing.update((ha, old), (hb, new))
+                        changed += w.chunk_update(t, s, old, new)
+                        bar.advance(task, c * info.dtype.itemsize)
+                    hashing.wait()
+                    t["base_sha256"], t["result_sha256"] = ha.hexdigest(), hb.hexdigest()
                 base_entries.append((name, info.dtype.name, tuple(info.shape), t["base_sha256"]))
                 result_entries.append((name, info.dtype.name, tuple(info.shape), t["result_sha256"]))
                 numel += info.numel
@@ -179,6 +195,49 @@ def create(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Path
     s = h["sizes"]
     return PatchStats(str(out), len(h["tensors"]), numel, changed, s["positions"], s["values"], s["files"], s["header"],
                       s["total"], s["plain"], tuned_bytes, time.perf_counter() - t0, [f.name for f in carried], left_out)
+
+
+_HASHES: dict[str, tuple] = {}  # per worker process: the running sha256 of the tensor it is encoding
+_ENCODERS: dict[int, Encoder] = {}
+
+
+def _encode_piece(level: int, job, start: int, raws) -> tuple:
+    """One chunk of a tensor, in a worker: its encoded change, and both tensor hashes once its last chunk is read
+    (a job's chunks arrive in order in one process: ``Job.whole``)."""
+    old, new = raws
+    if start == 0:
+        _HASHES[job.name] = (hashlib.sha256(), hashlib.sha256())
+    ha, hb = _HASHES[job.name]
+    ha.update(old.data)
+    hb.update(new.data)
+    enc = _ENCODERS.get(level)
+    if enc is None:
+        enc = _ENCODERS[level] = Encoder(level)
+    e = encode_chunk(enc, start, old, new)
+    if start + old.size >= job.numel:
+        del _HASHES[job.name]
+        return e, (ha.hexdigest(), hb.hexdigest())
+    return e, None
+
+
+def _encoded_tensors(cb, ct, src, order, level, chunk, workers, engine, ray_address, progress):
+    """``(encoded chunks, (base sha256, result sha256))`` per tensor, in ``order``, computed by the engine's workers
+    and re-ordered here (a tensor finished early waits, encoded, for its turn)."""
+    import functools
+
+    from ..analysis.engine import Job, map_chunks
+
+    jobs = [Job(n, [(cb, n), (ct, src[n])], cb.tensors[n].numel, whole=True) for n in order]
+    empty = hashlib.sha256(b"").hexdigest()
+    ready: dict[str, tuple] = {}
+    it = map_chunks(jobs, functools.partial(_encode_piece, level), workers=workers, chunk=chunk, desc="patch",
+                    progress=progress, engine=engine, ray_address=ray_address)
+    for name in order:
+        while name not in ready:
+            job, res = next(it)
+            hashes = next((h for _, h in res if h is not None), (empty, empty))
+            ready[job.name] = ([e for e, _ in res if e is not None], hashes)
+        yield ready.pop(name)
 
 
 def _sources(cb: Checkpoint, ct: Checkpoint, base, tuned) -> tuple[dict[str, str], list[dict]]:
