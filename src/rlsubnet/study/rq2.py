@@ -173,17 +173,22 @@ def compare_at(study, trajs: list[Trajectory], point: RQ2Point, controls: list[s
 
 
 def nulls_at(study, trajs: list[Trajectory], point: RQ2Point, every: int, seed: int = 0) -> list[Comparison]:
-    """θ_full against θ_full': the same runs one checkpoint apart, and pairs of seeds at the same step."""
+    """θ_full against θ_full', run by run: each seed's θ_full one checkpoint before and after the point, and every
+    pair of seeds at the point (paired over problems; pooling would let opposite signs cancel, and a cycle of seed
+    pairs sums to zero by construction)."""
     full = sorted((t for t in trajs if t.variant == "full"), key=lambda t: t.seed)
     s = point.full_step
     out = []
-    for other in (s - every, s + every):
-        pairs = [(_outcomes(study, t, s), _outcomes(study, t, other)) for t in full if other > 0 and t.at(other)]
-        if pairs:
-            out.append(pooled_bootstrap(pairs, "accuracy", (f"full@{s}", f"full@{other}"), seed=seed))
-    if len(full) > 1:
-        pairs = [(_outcomes(study, full[i], s), _outcomes(study, full[(i + 1) % len(full)], s)) for i in range(len(full))]
-        out.append(pooled_bootstrap(pairs, "accuracy", (f"full seed k@{s}", f"full seed k+1@{s}"), seed=seed))
+    for t in full:
+        for other in (s - every, s + every):
+            if other > 0 and t.at(other) is not None and t.at(s) is not None:
+                out.append(paired_bootstrap(_outcomes(study, t, s), _outcomes(study, t, other), "accuracy",
+                                            (f"full s{t.seed}@{s}", f"full s{t.seed}@{other}"), seed=seed))
+    for i in range(len(full)):
+        for j in range(i + 1, len(full)):
+            if full[i].at(s) is not None and full[j].at(s) is not None:
+                out.append(paired_bootstrap(_outcomes(study, full[i], s), _outcomes(study, full[j], s), "accuracy",
+                                            (f"full s{full[i].seed}@{s}", f"full s{full[j].seed}@{s}"), seed=seed))
     return out
 
 
