@@ -578,10 +578,6 @@ def read_capped(comp: bytes, cap: int, what: str) -> bytes:
     return b"".join(parts)
 
 
-def raw_dtype(itemsize: int):
-    return _UINT[itemsize]
-
-
 def iter_updates(payload: bytes | str | os.PathLike, old=None):
     """Yield ``(name, dtype, shape, indices, values)`` for every tensor a patch or live payload changes.
 

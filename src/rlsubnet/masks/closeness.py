@@ -70,7 +70,7 @@ def closeness(init: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLik
     init, a, b = str(init), str(a), str(b)
     with open_checkpoint(init, cache_dir) as ci, open_checkpoint(a, cache_dir) as ca, open_checkpoint(b, cache_dir) as cb:
         pairs_ab, skipped = align(ca, cb)
-        pairs_ia, skipped_i = align(ci, ca)
+        pairs_ia, _ = align(ci, ca)
         init_src = {p.name: p.src_a for p in pairs_ia if not p.sliced}
         pairs = [p for p in pairs_ab if p.name in init_src and not p.sliced and not p.buffer]
         if not pairs:
@@ -90,7 +90,7 @@ def closeness(init: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLik
             k = atol_exceed(absd, fa, fb, tols)
             ex = np.bincount(k, minlength=tols.size + 1)[::-1].cumsum()[::-1][1:]
             res = {"ex": ex, "ab2": dot(absd) if absd.size else 0.0}
-            di, fi, fa2 = differing(ri, ra, ci.tensors[init_src[p.name]].dtype, p.a.dtype)
+            _, fi, fa2 = differing(ri, ra, ci.tensors[init_src[p.name]].dtype, p.a.dtype)
             dd = fa2 - fi
             res["ai2"] = dot(dd) if dd.size else 0.0
             if m is not None:

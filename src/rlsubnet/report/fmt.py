@@ -20,9 +20,3 @@ def num(x: int) -> str:
 def tol(t: float) -> str:
     return "0 (exact)" if t == 0 else f"{t:g}"
 
-
-def sci(x: float) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3g}"
-
