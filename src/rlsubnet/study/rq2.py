@@ -125,15 +125,16 @@ def choose_points(trajs: list[Trajectory], steps: list[int], algo: str) -> list[
     if final != peak:
         pts.append(RQ2Point("final", f"the last step ({final})", final, same(final)))
     key = progress_key(algo)
+    attr = "loss" if key == "loss" else "progress"  # TrajectoryPoint.progress holds the mean reward for GRPO
     matched: dict = {}
     ok = True
     for v in variants:
         matched[v] = []
         for t in (x for x in trajs if x.variant == v):
             ref = next((f for f in full if f.seed == t.seed), full[0])
-            target = getattr(ref.at(peak), key if key == "loss" else "progress", None)
-            cand = [(abs(getattr(p, key if key == "loss" else "progress") - target), p.step) for p in t.points
-                    if p.step > 0 and target is not None and getattr(p, key if key == "loss" else "progress") is not None]
+            target = getattr(ref.at(peak), attr, None)
+            cand = [(abs(getattr(p, attr) - target), p.step) for p in t.points
+                    if p.step > 0 and target is not None and getattr(p, attr) is not None]
             if not cand:
                 ok = False
                 break
@@ -160,7 +161,8 @@ def compare_at(study, trajs: list[Trajectory], point: RQ2Point, controls: list[s
         vs = [x.seed for x in trajs if x.variant == v]
         return _outcomes(study, t, ss[vs.index(k)] if k in vs and vs.index(k) < len(ss) else point.full_step)
 
-    pairs_of = [("init", "full"), ("full", "sub"), ("init", "sub")]
+    # at matched progress θ_full sits at its peak: θ_full − θ_init is the peak's comparison, not drawn twice
+    pairs_of = [("full", "sub"), ("init", "sub")] if point.name == "matched" else [("init", "full"), ("full", "sub"), ("init", "sub")]
     for c in controls:
         pairs_of += [("full", c), ("init", c), (c, "sub")]
     out = []
