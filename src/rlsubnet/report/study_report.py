@@ -626,8 +626,9 @@ def headline(res: StudyResults) -> Section:
         rs = res.rq1.rows
         sp = [(r.sparsity_mean_sd or {}).get("mean", r.sparsity) for r in rs]
         fl = [(r.floor or {}).get("fraction") for r in rs if r.floor]
-        out.append(f"- **RQ1 sparsity**: {pct(min(sp), 1)}–{pct(max(sp), 1)} of parameters bit-identical across {len(rs)} algorithms"
-                   + (f"; the precision floor alone accounts for {pct(min(fl), 1)}–{pct(max(fl), 1)}" if fl else ""))
+        span = lambda xs: pct(min(xs), 1) if pct(min(xs), 1) == pct(max(xs), 1) else f"{pct(min(xs), 1)}–{pct(max(xs), 1)}"
+        out.append(f"- **RQ1 sparsity**: {span(sp)} of parameters bit-identical across {len(rs)} algorithms"
+                   + (f"; the precision floor alone accounts for {span(fl)}" if fl else ""))
     if res.rq2 is not None and res.rq2.verdicts:
         for c in res.rq2.verdicts:
             if c["point"] == "peak" and (c["a"], c["b"]) in (("full", "sub"), ("init", "full")):
