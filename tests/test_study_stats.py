@@ -100,3 +100,23 @@ def test_half_ulp_of_bf16():
         w = torch.tensor(2.0**e * 1.25, dtype=torch.float32)
         up = torch.nextafter(w.to(torch.bfloat16), torch.tensor(10.0, dtype=torch.bfloat16)).float()
         assert half_ulp_bf16(e) == pytest.approx(float(up - w.to(torch.bfloat16).float()) / 2)
+
+
+def test_schedule_sum_matches_transformers():
+    """The Setup's Σlr under a schedule equals the sum of the learning rates transformers' scheduler gives."""
+    import torch
+    from transformers import get_scheduler
+
+    from rlsubnet.report.study_report import schedule_sum
+
+    for name, ratio, steps in (("linear", 0.1, 32), ("cosine", 0.1, 20), ("constant", 0.0, 10), ("linear", 0.0, 7)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=6.4e-5)
+        w = int(np.ceil(steps * ratio))
+        sched = get_scheduler(name if not (name == "constant" and w) else "constant_with_warmup", opt, num_warmup_steps=w,
+                              num_training_steps=steps)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert schedule_sum(steps, 6.4e-5, name, ratio) == pytest.approx(sum(lrs), rel=1e-9), name

@@ -134,12 +134,38 @@ def quant_note(meta: dict) -> str | None:
             "unquantized checkpoints.")
 
 
+def schedule_sum(steps: int, peak: float, schedule: str = "constant", warmup_ratio: float = 0.0) -> float:
+    """Σ of the learning rates of ``steps`` optimizer steps under transformers' schedule of that name (warmup
+    ``ceil(ratio × steps)`` steps, then constant, linear decay to 0, or a half cosine)."""
+    import math
+
+    w = math.ceil(steps * warmup_ratio) if warmup_ratio else 0
+    total = 0.0
+    for t in range(steps):
+        if t < w:
+            f = t / max(1, w)
+        elif schedule == "linear":
+            f = max(0.0, (steps - t) / max(1, steps - w))
+        elif schedule == "cosine":
+            f = max(0.0, 0.5 * (1.0 + math.cos(math.pi * (t - w) / max(1, steps - w))))
+        else:
+            f = 1.0
+        total += peak * f
+    return total
+
+
+def _schedule_words(b: dict) -> str:
+    s, w = b.get("lr_schedule", "constant"), b.get("warmup_ratio", 0.0)
+    return (f"{s} schedule" if s != "constant" else "constant") + (f" after {100 * w:.0f}% warmup" if w else "")
+
+
 def render_setup(res: StudyResults, figdir: Path) -> Section:
     meta = res.meta
     b = meta["budget_settings"]
     lines = [f"- model: `{Path(meta['model']).name}` (no local paths in the report; `results.json` has the full one)",
              f"- budget: {meta['budget']}: {b['steps']} steps per run at one learning rate for every algorithm "
-             f"({meta['lr']:g}, so Σlr = {b['steps'] * meta['lr']:.2g}), training precision {meta.get('precision', 'fp32')}"
+             f"(peak {meta['lr']:g}, {_schedule_words(b)}, so Σlr = {schedule_sum(b['steps'], meta['lr'], b.get('lr_schedule', 'constant'), b.get('warmup_ratio', 0.0)):.2g}), "
+             f"training precision {meta.get('precision', 'fp32')}"
              + (" (fp32 master weights, bf16 compute and sampling, checkpoints stored in the base dtype)" if meta.get("precision") == "mixed" else ""),
              f"- seed {meta['seed']} ({b.get('seeds', 1)} seed(s) where the report gives mean ± sd), task `{meta['task']}` level {meta['level']}, "
              f"second task `{meta['task2']}`; accuracy on {meta.get('n_eval', b['n_eval'])} held-out problems, none a reordering of a training problem",
