@@ -45,7 +45,7 @@ class Budget:
 
 
 BUDGETS = {
-    # what `make demo` runs: ≤ 15 min on 2 cores; floor-dominated (Σlr = 1e-4) and says so
+    # what `make demo` runs (its measured time is in the README); floor-dominated (Σlr = 1e-4) and says so
     "quick": Budget(steps=10, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=128, n_eval=200, pref_prompts=48,
                     rqs=("rq1", "rq2"), rq1_algos=("grpo", "dpo"), save_every=0, lr=1e-5, seeds=1, rq2_algos=("grpo",),
                     rq2_every=5),
