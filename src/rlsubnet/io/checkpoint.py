@@ -60,6 +60,8 @@ EMBED_NAMES = (
 class Checkpoint:
     """A reader over one :class:`CheckpointIndex`: open file descriptors and ``pread``."""
 
+    fills_page_cache = True  # reads of local files go through the page cache (see page_cache_policy)
+
     def __init__(self, index: CheckpointIndex):
         self.index = index
         self._fds: dict[str, int] = {}
@@ -374,7 +376,7 @@ def page_cache_policy(checkpoints, env: str | None = None) -> bool:
         return mode == "drop"
     total = 0
     for ck in checkpoints:
-        if not isinstance(ck, Checkpoint) or type(ck).__name__ == "RemoteCheckpoint":  # object storage fills no page cache
+        if not getattr(ck, "fills_page_cache", False):
             continue
         for f in set(ck.files):
             try:

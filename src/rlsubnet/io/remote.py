@@ -69,6 +69,8 @@ def _join(root: str, name: str, where: str) -> str:
 class RemoteCheckpoint(Checkpoint):
     """A checkpoint in object storage: the same index, reads by range requests."""
 
+    fills_page_cache = False  # range requests go through the network, not this machine's page cache
+
     def __init__(self, index: CheckpointIndex, fs: _FS, sizes: dict[str, int]):
         super().__init__(index)
         self._remote = fs
