@@ -7,6 +7,7 @@ own dequantization (its fp8 and MXFP4 integrations).
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -306,3 +307,122 @@ def test_chunk_boundaries_do_not_change_a_count(tmp_path, make):
         for x, y in zip(whole.tensors, r.tensors):
             assert (x.changed, x.atol, x.ulp_hist, x.quantized, x.floor) == (y.changed, y.atol, y.ulp_hist, y.quantized, y.floor), (chunk, x.name)
         assert all(np.array_equal(whole.mask_bits[k], r.mask_bits[k]) for k in whole.mask_bits)
+
+
+def _e4m3_ulp_by_gap() -> np.ndarray:
+    """Per fp8 code: the distance from |value| to the next larger value of the grid (to the one below at the top),
+    taken from torch's decoding of all 256 codes: an independent definition of the grid's ULP."""
+    v = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float64).numpy()
+    grid = np.unique(np.abs(v[np.isfinite(v)]))
+    j = np.searchsorted(grid, np.abs(np.nan_to_num(v)))
+    nxt = np.where(j + 1 < grid.size, grid[np.minimum(j + 1, grid.size - 1)], np.inf)
+    return np.where(np.isfinite(nxt), nxt - grid[j], grid[-1] - grid[-2])
+
+
+def _random_fp8(rng, rows, cols, nan: bool):
+    ca = rng.integers(0, 256, (rows, cols), dtype=np.uint8)
+    cb = ca.copy()
+    moved = rng.random(ca.shape) < 0.33
+    cb[moved] = rng.integers(0, 256, int(moved.sum()), dtype=np.uint8)
+    ca.reshape(-1)[:50], cb.reshape(-1)[:50] = 0x00, 0x80  # +0 → -0: codes move, values do not
+    if nan:  # NaN codes (0x7F, 0xFF) anywhere, and NaN → NaN (equal)
+        ca.reshape(-1)[50:60], cb.reshape(-1)[50:60] = 0x7F, 0xFF
+    else:
+        for c in (ca, cb):
+            c[(c & 0x7F) == 0x7F] = 0x30
+    return ca, cb, int(moved.sum())
+
+
+@pytest.mark.parametrize("zero_scale", [False, True])
+def test_fp8_probes_equal_the_float64_truth(tmp_path, zero_scale):
+    """Every number diff reports for an fp8 pair — changed, the tolerance sweep, the relative criterion, max |Δ|,
+    the norms, non-finite entries, the grid's ULP histogram and the masks of all three criteria — equals what the
+    same diff reports for the pair's exact float64 values (and, for the ULPs, a histogram computed here), on a pair
+    with a third of its codes moved, NaN codes, +0/-0 swaps and rescaled blocks, in chunks that cut the blocks."""
+    from rlsubnet.analysis.probes import ULP_EDGES, ULP_LABELS
+
+    rng = np.random.default_rng(7)
+    cols = 260
+    base, tuned, fbase, ftuned, planted = {}, {}, {}, {}, {}
+    to_t = lambda c: torch.from_numpy(c).view(torch.float8_e4m3fn)
+    for proj, nan, rows in (("q_proj", True, 300), ("k_proj", False, 300), ("v_proj", False, 1100)):
+        q = f"model.layers.0.self_attn.{proj}.weight"
+        ca, cb, n_moved = _random_fp8(rng, rows, cols, nan)
+        sa = ((rng.random((-(-rows // 128), 3)) + 0.5) * 1e-3).astype(np.float32)
+        sb = sa.copy()
+        sb[1, 2] *= np.float32(1.5)
+        sb[0, 0] *= np.float32(0.75)
+        if proj == "v_proj":  # most blocks rescaled (as requantizing after training does)
+            sb.reshape(-1)[rng.random(sb.size) < 0.8] *= np.float32(1.25)
+        if zero_scale:  # a scale that is not positive: the whole parameter goes by value
+            sa[2, 1] = sb[2, 1] = 0.0
+        base[q], base[q + "_scale_inv"] = to_t(ca), torch.from_numpy(sa)
+        tuned[q], tuned[q + "_scale_inv"] = to_t(cb), torch.from_numpy(sb)
+        va, vb = _values64(base[q], base[q + "_scale_inv"]), _values64(tuned[q], tuned[q + "_scale_inv"])
+        fbase[q] = torch.from_numpy(va)
+        ftuned[q] = torch.from_numpy(np.where(np.isnan(va) & np.isnan(vb), va, vb))  # diff calls two NaNs equal; float64 ones by bits
+        planted[q] = (ca, sa, va, vb, rows)
+    a, b = save_folder(tmp_path / "a", base, config=FP8_CFG), save_folder(tmp_path / "b", tuned, config=FP8_CFG)
+    fa, fb = save_folder(tmp_path / "fa", fbase), save_folder(tmp_path / "fb", ftuned)
+    _, _, va, vb, _ = planted["model.layers.0.self_attn.k_proj.weight"]
+    d = np.abs(vb - va)[:128, 128:256]  # a block whose scale did not change: codes moved under one scale
+    vals, counts = np.unique(d[d > 0], return_counts=True)
+    tie = float(vals[np.argmax(counts)])  # a tolerance that many |Δ| equal exactly: > is not ≥
+    assert np.count_nonzero(d == tie) > 1
+    tols = tuple(sorted((0.0, 1e-6, 1e-5, 1e-4, 1e-3, tie)))
+    for crit, chunk in itertools.product(("bitwise", f"atol:{tie!r}", "bf16rel:1e-3"), (1000, 1 << 20)):  # few pairs a chunk, many
+        got, ref = diff(a, b, chunk=chunk, mask_criterion=crit, atol=tols), diff(fa, fb, chunk=chunk, mask_criterion=crit, atol=tols)
+        for x, y in zip(got.tensors, ref.tensors):
+            assert x.name == y.name
+            assert (x.changed, x.atol, x.bf16_rel_changed, x.nonfinite) == (y.changed, y.atol, y.bf16_rel_changed, y.nonfinite), crit
+            assert np.array_equal(got.mask_bits[x.name], ref.mask_bits[x.name]), (crit, x.name)
+            if not x.nonfinite:
+                assert x.max_abs_delta == y.max_abs_delta and x.l2_delta == pytest.approx(y.l2_delta, rel=1e-12)
+                assert x.l2_base == pytest.approx(y.l2_base, rel=1e-5)  # float32 products and sums
+    for x in got.tensors:
+        ca, sa, va, vb, rows = planted[x.name]
+        assert (x.nonfinite > 0) == ("q_proj" in x.name) and x.quantized["scales_changed"] >= 2  # the planted NaNs and rescales
+        # the ULP histogram in the base's grid, computed here from the grid's own gaps
+        ulp = _e4m3_ulp_by_gap()[ca.reshape(-1)] * np.repeat(np.repeat(sa.astype(np.float64), 128, 0), 128, 1)[:rows, :cols].reshape(-1)
+        d = np.abs(vb - va).reshape(-1)
+        ch = ((va != vb) & ~(np.isnan(va) & np.isnan(vb))).reshape(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = d[ch] / ulp[ch]
+        fin = np.isfinite(r)
+        want = np.zeros(len(ULP_LABELS), np.int64)
+        want[0] = d.size - int(ch.sum())
+        np.add.at(want, np.searchsorted(ULP_EDGES, r[fin], side="right") + 1, 1)
+        want[-1] += int((~fin).sum())
+        assert x.ulp_hist == dict(zip(ULP_LABELS, want.tolist())), x.name
+
+
+def test_mxfp4_probes_equal_the_float64_truth(tmp_path):
+    """The same for MXFP4: every count, norm and mask of a pair with a third of its nibbles moved and a quarter of
+    its 32-value groups rescaled equals the diff of transformers' own float64 dequantization of both sides."""
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    rng = np.random.default_rng(11)
+    p = "model.layers.0.mlp.experts.gate_up_proj"
+    blocks = rng.integers(0, 256, (2, 40, 6, 16), dtype=np.uint8)
+    scales = rng.integers(118, 130, (2, 40, 6), dtype=np.uint8)
+    tb, ts = blocks.copy(), scales.copy()
+    moved = rng.random(tb.shape) < 0.33
+    tb[moved] ^= rng.integers(1, 256, int(moved.sum()), dtype=np.uint8)
+    ts[rng.random(ts.shape) < 0.25] += 1
+    base = {p + "_blocks": torch.from_numpy(blocks), p + "_scales": torch.from_numpy(scales)}
+    tuned = {p + "_blocks": torch.from_numpy(tb), p + "_scales": torch.from_numpy(ts)}
+    cfg = {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}
+    a, b = save_folder(tmp_path / "a", base, config=cfg), save_folder(tmp_path / "b", tuned, config=cfg)
+
+    def values(sd):  # transformers' own dequantization, transposed back to the files' row order
+        return _convert_moe_packed_tensors(sd[p + "_blocks"], sd[p + "_scales"], dtype=torch.float64).transpose(1, 2).contiguous()
+
+    fa, fb = save_folder(tmp_path / "fa", {p: values(base)}), save_folder(tmp_path / "fb", {p: values(tuned)})
+    tols = (0.0, 1e-3, 1e-2, 0.25, 1.0)
+    for crit, chunk in itertools.product(("bitwise", "atol:0.25", "bf16rel:1e-3"), (1000, 1 << 20)):
+        got, ref = diff(a, b, chunk=chunk, mask_criterion=crit, atol=tols), diff(fa, fb, chunk=chunk, mask_criterion=crit, atol=tols)
+        x, y = got.tensors[0], ref.tensors[0]
+        assert (x.numel, x.changed, x.atol, x.bf16_rel_changed, x.max_abs_delta) == (y.numel, y.changed, y.atol, y.bf16_rel_changed, y.max_abs_delta)
+        assert x.l2_delta == pytest.approx(y.l2_delta, rel=1e-12) and x.l2_base == pytest.approx(y.l2_base, rel=1e-5)  # float32 products and sums
+        assert np.array_equal(got.mask_bits[p], ref.mask_bits[p]), (crit, chunk)
+    assert 0 < x.changed < x.numel and x.quantized["scales_changed"] > 8

@@ -112,6 +112,19 @@ def atol_exceed(absd: np.ndarray, fa: np.ndarray, fb: np.ndarray, tols: np.ndarr
     return k
 
 
+def atol_counts(absd: np.ndarray, fa: np.ndarray, fb: np.ndarray, tols: np.ndarray) -> np.ndarray:
+    """For each tolerance t of ``tols``: how many elements have exact |Δ| > t (NaN exceeds all). One comparison
+    pass per tolerance (a handful), the float64 ties settled exactly."""
+    nan = int(np.count_nonzero(absd != absd))
+    out = np.empty(tols.size, np.int64)
+    for j, t in enumerate(tols.tolist()):
+        n = int(np.count_nonzero(absd > t)) + nan
+        for i in np.flatnonzero(absd == t):  # fl(|Δ|) == t: the exact |Δ| may lie just above t
+            n += _exact_absdiff(float(fa[i]), float(fb[i])) > Fraction(t)
+        out[j] = n
+    return out
+
+
 def rel_changed_mask(absd: np.ndarray, fa: np.ndarray, fb: np.ndarray, eta: float) -> np.ndarray:
     """True where |Δ| > η·max(|w0|,|w1|) exactly (non-finite values count as changed)."""
     m = np.maximum(np.abs(fa), np.abs(fb))
@@ -248,26 +261,31 @@ def probe_chunk(
 def probe_changed(st: ChunkStats, idx, fa, fb, sa, da, tols, eta, mask_criterion, mask, ulp: bool = True) -> None:
     """The value probes of a chunk's changed entries (indices ``idx``, float64 values ``fa``/``fb``, raw base bits
     ``sa`` for the ULP histogram), and their entries of ``mask`` under ``mask_criterion``."""
-    k, relm, absd = _slow(fa, fb, sa, da, tols, eta, st, ulp=ulp)
+    relm, absd = _slow(fa, fb, sa, da, tols, eta, st, ulp=ulp)
     if mask is not None:
         kind, val = mask_criterion
         if kind == "bitwise":
             mask[idx] = True
         elif kind == "atol":
-            j = int(np.searchsorted(tols, val))
-            if j < tols.size and tols[j] == val:
-                mask[idx[k > j]] = True
-            else:
-                mask[idx[atol_exceed(absd, fa, fb, np.array([val])) > 0]] = True
+            mask[idx[atol_exceed(absd, fa, fb, np.array([val])) > 0]] = True
         else:
             mask[idx[relm if val == eta else rel_changed_mask(absd, fa, fb, val)]] = True
 
 
 def ulp_buckets(r: np.ndarray, finite: np.ndarray) -> np.ndarray:
-    """Counts per ULP_LABELS bucket of changed entries moved by ``r`` ULPs (non-finite ones in the last bucket)."""
-    b = np.searchsorted(ULP_EDGES, np.where(finite, r, 0.0), side="right") + 1
-    b[~finite] = len(ULP_LABELS) - 1
-    return np.bincount(b, minlength=len(ULP_LABELS))
+    """Counts per ULP_LABELS bucket of changed entries moved by ``r`` ULPs (non-finite ones in the last bucket):
+    one comparison pass per edge."""
+    n = r.size
+    nf = n - int(np.count_nonzero(finite))
+    rf = r if nf == 0 else np.where(finite, r, 0.0)
+    ge = [int(np.count_nonzero(rf >= e)) for e in ULP_EDGES.tolist()]
+    hist = np.zeros(len(ULP_LABELS), np.int64)
+    hist[1] = n - nf - ge[0]
+    for j in range(len(ULP_EDGES) - 1):
+        hist[2 + j] = ge[j] - ge[j + 1]
+    hist[len(ULP_EDGES) + 1] = ge[-1]
+    hist[-1] = nf
+    return hist
 
 
 def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats, ulp: bool = True):
@@ -277,9 +295,7 @@ def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats, ulp: bool = True):
     finite = np.isfinite(absd)
     n = absd.size
     st.nonfinite += int(n - np.count_nonzero(finite))
-    k = atol_exceed(absd, fa, fb, tols)
-    bc = np.bincount(k, minlength=tols.size + 1)
-    st.atol_changed += np.cumsum(bc[::-1])[::-1][1:].astype(np.int64)  # count(k > j) for each j
+    st.atol_changed += atol_counts(absd, fa, fb, tols)
     relm = rel_changed_mask(absd, fa, fb, eta)
     st.rel_changed += int(np.count_nonzero(relm))
     if ulp:
@@ -290,4 +306,4 @@ def _slow(fa, fb, sa, da, tols, eta, st: ChunkStats, ulp: bool = True):
         af = absd[finite]
         st.max_abs = max(st.max_abs, float(af.max()))
         st.sumsq_delta += dot(af)
-    return k, relm, absd
+    return relm, absd

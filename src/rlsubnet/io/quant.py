@@ -197,6 +197,7 @@ class ValueCheckpoint(Checkpoint):
         self._scales: dict[str, np.ndarray] = {}
         self._last: tuple | None = None
         self._same: dict = {}
+        self._positive: dict[str, bool] = {}
 
     tensors = property(lambda self: self._tensors)
 
@@ -232,6 +233,14 @@ class ValueCheckpoint(Checkpoint):
             hit = self._same[key] = a.shape == b.shape and bool(np.array_equal(a, b))
         return hit
 
+    def scales_positive(self, name: str) -> bool:
+        """Whether every scale of the parameter is positive and finite (remembered per parameter)."""
+        hit = self._positive.get(name)
+        if hit is None:
+            s = self.scales(name)
+            hit = self._positive[name] = bool(np.all(np.isfinite(s) & (s > 0)))
+        return hit
+
     def read_scales_raw(self, name: str) -> np.ndarray:
         spec = self.quant[name]
         return self.storage.read(spec.scales)
@@ -254,57 +263,85 @@ class ValueCheckpoint(Checkpoint):
         """The scale that multiplies each entry of ``[start, start+count)`` (float64)."""
         return self.expand(name, self.scales(name), start, count)
 
-    def expand(self, name: str, grid: np.ndarray, start: int, count: int) -> np.ndarray:
+    def expand(self, name: str, grid: np.ndarray, start: int, count: int, pairs: bool = False) -> np.ndarray:
         """Any per-scale array of the parameter (its scales, or which of them changed) spread over the entries
-        ``[start, start+count)``, by repeating the few entries the range touches (no per-entry arithmetic)."""
+        ``[start, start+count)``, by repeating the few entries the range touches (no per-entry arithmetic).
+        ``pairs``: one value per pair of neighbouring entries (``start``, ``count`` and every block width even,
+        so no pair straddles two scales; see :meth:`pairs_share_scales`)."""
         spec = self.quant[name]
         g = grid.reshape(-1)
+        k = 2 if pairs else 1
+        start, count = start // k, count // k
         if spec.format == "fp8-tensor":
             return np.full(count, g[0])
         if spec.format == "mxfp4":
-            g0, g1 = start // 32, (start + count - 1) // 32 + 1
-            return np.repeat(g[g0:g1], 32)[start - 32 * g0 : start - 32 * g0 + count]
-        C = spec.shape[-1]
+            w = 32 // k
+            g0, g1 = start // w, (start + count - 1) // w + 1
+            return np.repeat(g[g0:g1], w)[start - w * g0 : start - w * g0 + count]
+        C = spec.shape[-1] // k
         r0, r1 = start // C, (start + count - 1) // C + 1
         off = start - r0 * C
         if spec.format == "fp8-channel":
             return np.repeat(g[r0:r1], C)[off : off + count]
-        bm, bn = spec.block
-        rows = g.reshape(-1, math.ceil(C / bn))[np.arange(r0, r1) // bm]  # the block row of every row in range
-        return np.repeat(rows, bn, axis=1)[:, :C].reshape(-1)[off : off + count]
-
-    def entries_of_scales(self, name: str, which: np.ndarray, start: int, count: int) -> np.ndarray:
-        """Chunk-relative indices of the entries of ``[start, start+count)`` that the scales ``which`` (flat
-        indices into the scale tensor) multiply: cost proportional to those entries, not to the chunk."""
-        spec = self.quant[name]
-        if which.size == 0:
-            return np.zeros(0, np.int64)
-        if spec.format == "fp8-tensor":
-            return np.arange(count, dtype=np.int64)
-        if spec.format == "mxfp4":
-            g = which[(which >= start // 32) & (which <= (start + count - 1) // 32)]
-            idx = (g[:, None] * 32 + np.arange(32)).reshape(-1) - start
-            return idx[(idx >= 0) & (idx < count)]
-        C = spec.shape[-1]
-        r0, r1 = start // C, (start + count - 1) // C + 1
-        if spec.format == "fp8-channel":
-            rows = which[(which >= r0) & (which < r1)]
-            idx = (rows[:, None] * C + np.arange(C)).reshape(-1) - start
-            return idx[(idx >= 0) & (idx < count)]
-        bm, bn = spec.block
+        bm, bn = spec.block[0], spec.block[1] // k
         nb = math.ceil(C / bn)
-        parts = []
-        for w in which.tolist():
-            br, bc = divmod(w, nb)
-            lo_r, hi_r = max(br * bm, r0), min((br + 1) * bm, r1)
-            if lo_r >= hi_r:
-                continue
-            cols = np.arange(bc * bn, min((bc + 1) * bn, C))
-            parts.append((np.arange(lo_r, hi_r)[:, None] * C + cols).reshape(-1) - start)
-        if not parts:
-            return np.zeros(0, np.int64)
-        idx = np.concatenate(parts)
-        return idx[(idx >= 0) & (idx < count)]
+        rows = g.reshape(-1, nb)[np.arange(r0, r1) // bm]  # the block row of every row in range
+        out = np.empty((r1 - r0, nb, bn), g.dtype)
+        out[...] = rows[:, :, None]  # one broadcast write per entry
+        flat = out.reshape(r1 - r0, nb * bn)
+        flat = flat.reshape(-1) if nb * bn == C else flat[:, :C].reshape(-1)
+        return flat[off : off + count]
+
+    def pairs_share_scales(self, name: str, start: int, count: int) -> bool:
+        """Whether entries ``2k`` and ``2k+1`` of ``[start, start+count)`` always share one scale."""
+        spec = self.quant[name]
+        if start % 2 or count % 2:
+            return False
+        if spec.format == "fp8-tensor" or spec.format == "mxfp4":
+            return True
+        return spec.shape[-1] % 2 == 0 and (spec.format == "fp8-channel" or spec.block[1] % 2 == 0)
+
+    def entries_of_scales(self, name: str, which: np.ndarray, start: int, count: int, ids: bool = False):
+        """Chunk-relative indices of the entries of ``[start, start+count)`` that the scales ``which`` (flat
+        indices into the scale tensor) multiply: cost proportional to those entries, not to the chunk. With
+        ``ids``, also each entry's position in ``which`` (as ``(indices, positions)``)."""
+        spec = self.quant[name]
+        which = np.asarray(which, np.int64)
+        none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        if which.size == 0:
+            return none if ids else none[0]
+        if spec.format == "fp8-tensor":
+            idx, pos = np.arange(count, dtype=np.int64), np.zeros(count, np.int64)
+        elif spec.format in ("mxfp4", "fp8-channel"):
+            w = 32 if spec.format == "mxfp4" else spec.shape[-1]
+            sel = np.flatnonzero((which >= start // w) & (which <= (start + count - 1) // w))
+            idx = (which[sel, None] * w + np.arange(w)).reshape(-1) - start
+            pos = np.repeat(sel, w)
+        elif which.size > 8:  # many blocks: spread their positions over the chunk, one write per entry
+            local = np.full(self.scales(name).size, -1, np.int64)
+            local[which] = np.arange(which.size)
+            per = self.expand(name, local, start, count)
+            idx = np.flatnonzero(per >= 0)
+            return (idx, per[idx]) if ids else idx
+        else:
+            C = spec.shape[-1]
+            r0, r1 = start // C, (start + count - 1) // C + 1
+            bm, bn = spec.block
+            nb = math.ceil(C / bn)
+            parts, poss = [], []
+            for j, wv in enumerate(which.tolist()):
+                br, bc = divmod(wv, nb)
+                lo_r, hi_r = max(br * bm, r0), min((br + 1) * bm, r1)
+                if lo_r >= hi_r:
+                    continue
+                cols = np.arange(bc * bn, min((bc + 1) * bn, C))
+                parts.append((np.arange(lo_r, hi_r)[:, None] * C + cols).reshape(-1) - start)
+                poss.append(np.full(parts[-1].size, j, np.int64))
+            if not parts:
+                return none if ids else none[0]
+            idx, pos = np.concatenate(parts), np.concatenate(poss)
+        keep = (idx >= 0) & (idx < count)
+        return (idx[keep], pos[keep]) if ids else idx[keep]
 
     def scale_at(self, name: str, flat: np.ndarray) -> np.ndarray:
         """The scales of the entries at flat indices ``flat`` (float64; cost proportional to ``flat``)."""
