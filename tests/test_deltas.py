@@ -337,3 +337,34 @@ def test_parallel_patch_create_writes_the_same_bytes(tmp_path, workers):
 
     got, want = load_np(str(tmp_path / "applied" / "model.safetensors")), load_np(str(tmp_path / "tuned" / "model.safetensors"))
     assert got.keys() == want.keys() and all(got[k].tobytes() == want[k].tobytes() and got[k].shape == want[k].shape for k in want)
+
+
+def test_in_place_writes_are_undone_when_a_result_fails(monkeypatch):
+    """A contiguous target takes its changed entries in place before its result hash is checked. A payload whose
+    recorded result for its last tensor is wrong (a sender that hashed the wrong bytes; every blob intact, so
+    nothing fails before the writes) must leave the whole target as it was, bit for bit, the tensors written
+    before it included; the same payload with the right hash applies exactly."""
+    import rlsubnet.deltas.live as live
+
+    g = torch.Generator().manual_seed(0)
+    start = {"a": torch.randn(500, generator=g).bfloat16(), "b": torch.randn(40, 30, generator=g).bfloat16(),
+             "c": torch.randn(64, generator=g)}
+    moved = {k: v.clone() for k, v in start.items()}
+    bump_ulps(moved["a"], torch.arange(0, 500, 7), 1)
+    bump_ulps(moved["b"], torch.arange(0, 1200, 3), 2)
+    moved["c"][::5] += 1.0
+    good = DeltaPublisher(dict(start), dtype=None)
+    good.model = moved
+    payload = good.delta()
+    honest = live.sha256_many
+    monkeypatch.setattr(live, "sha256_many", lambda arrays: honest(arrays)[:-1] + ["0" * 64])
+    bad = DeltaPublisher(dict(start), dtype=None)
+    bad.model = moved
+    wrong = bad.delta()
+    monkeypatch.setattr(live, "sha256_many", honest)
+    target = {k: v.clone() for k, v in start.items()}
+    with pytest.raises(DeltaError, match="does not reproduce the recorded result"):
+        apply_delta(target, wrong)
+    assert all(torch.equal(bits_view(target[k]), bits_view(start[k])) for k in start)
+    assert apply_delta(target, payload) == sum(int((bits_view(moved[k]) != bits_view(start[k])).sum()) for k in start)
+    assert all(torch.equal(bits_view(target[k]), bits_view(moved[k])) for k in start)

@@ -260,11 +260,12 @@ def _choose_layout(model, layout: str | None) -> str:
 def apply_delta(target: torch.nn.Module | dict, payload: bytes, recheck: bool = False) -> int:
     """Apply a payload to a model's parameters or a state dict in place; returns the entries changed.
 
-    Everything is verified before anything is written: every tensor's base hash, every decoded result hash,
-    that each target tensor can be written in place (not an inference-mode tensor), and that names sharing
-    storage (tied weights) receive the same result. Only then are the tensors written, and each written
-    tensor is read back and checked against its recorded result. A payload that fails (:class:`DeltaError`)
-    leaves the target unchanged.
+    Before anything is written: every tensor's base hash, that each target tensor can be written in place (not
+    an inference-mode tensor), and that names sharing storage (tied weights) receive the same result. A
+    contiguous target alone in its storage then takes only its changed entries, in place on its device, and is
+    hashed against its recorded result; if any result fails, every entry written is restored. Other targets
+    are built whole, hashed before they are written, and read back after. A payload that fails
+    (:class:`DeltaError`) leaves the target unchanged.
 
     The digest of every tensor verified or written is remembered with torch's version counter, so a tensor the
     payload leaves unchanged is neither copied nor hashed again while it has not been written since. A write
@@ -278,9 +279,42 @@ def apply_delta(target: torch.nn.Module | dict, payload: bytes, recheck: bool = 
     except InputError as e:
         raise DeltaError(e.message) from None
     check = _check_writable(updates, named, results)
+    # contiguous targets that share no storage take the changed entries in place, on their device (cost grows
+    # with the change); the rest receive whole new tensors, built and hashed before anything is written
+    inplace = [n for n in updates if n not in check and named[n].is_contiguous()]
+    whole = {}
+    for name in updates:
+        if name not in inplace:
+            idx, vals = updates[name]
+            new = torch_raw(named[name].detach().cpu()).copy()
+            new[idx] = vals
+            whole[name] = new
+    names = list(whole)
+    for name, digest in zip(names, sha256_many([whole[n] for n in names])):
+        if digest != results[name]:
+            raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
+    saved = []  # (flat target, positions, old values) of every in-place write, to undo them if a result fails
+    try:
+        with torch.no_grad():
+            for name in inplace:
+                dst = named[name]
+                idx, vals = updates[name]
+                flat = dst.view(-1)
+                at = torch.from_numpy(idx).to(dst.device)
+                saved.append((flat, at, flat[at].clone()))
+                flat[at] = torch.from_numpy(vals.view(_signed(vals.dtype.itemsize))).view(dst.dtype).to(dst.device)
+        got = sha256_many([torch_raw(named[n].detach().cpu()) for n in inplace])  # the results, hashed in threads
+        for name, digest in zip(inplace, got):
+            if digest != results[name]:
+                raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
+    except BaseException:
+        with torch.no_grad():
+            for flat, at, old in reversed(saved):
+                flat[at] = old
+        raise
     written = {}
     with torch.no_grad():
-        for name, new in updates.items():
+        for name, new in whole.items():
             dst = named[name]
             src = torch.from_numpy(new.view(_signed(new.dtype.itemsize))).view(dst.dtype).reshape(dst.shape).to(dst.device)
             dst.copy_(src)
@@ -388,16 +422,18 @@ def _decode_delta(target, payload: bytes, recheck: bool = False):
         _remember(dst, digest)
         if not t["chunks"]:
             continue
-        new = old.copy()
+        idx, vals = [], []
         for c in t["chunks"]:
-            s = c["start"]
-            new[s : s + c["count"]] = r.apply_chunk(c, old[s : s + c["count"]])
-        updates[name] = new
+            if c["count"] < 0 or c["start"] < 0 or c["start"] + c["count"] > old.size:
+                raise DeltaError(f"delta payload: a chunk of tensor '{name}' lies outside it.")
+            at = r.chunk_positions(c) + c["start"]
+            v = r.chunk_values(c, old[at])
+            if v.size != at.size:
+                raise DeltaError(f"delta payload: a chunk of tensor '{name}' has {v.size} values for {at.size} positions.")
+            idx.append(at)
+            vals.append(v)
+        updates[name] = (np.concatenate(idx), np.concatenate(vals))
         changed += t["changed"]
-    names = list(updates)
-    for name, digest in zip(names, sha256_many([updates[n] for n in names])):  # the results, hashed in threads
-        if digest != results[name]:
-            raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
     return updates, changed, named, results
 
 
