@@ -182,16 +182,16 @@ def _signal_lines(res: StudyResults) -> list[str]:
     truncated completions, per GRPO/RLOO run; masked runs whose reward curve equals θ_full's are named."""
     out = []
     for name, r in res.runs.items():
-        zs = [z for z in r.get("zero_std") or [] if z is not None]
-        if not zs or r.get("mask"):
+        zs = [z for z in r.zero_std or [] if z is not None]
+        if not zs or r.mask:
             continue
         signal = sum(1 for z in zs if z < 1)
-        cl = [c for c in r.get("clipped") or [] if c is not None]
-        out.append(f"- learning signal of `{name}` ({r['algo'].upper()}): a gradient in {signal} of {len(zs)} steps (in the others every "
+        cl = [c for c in r.clipped or [] if c is not None]
+        out.append(f"- learning signal of `{name}` ({r.algo.upper()}): a gradient in {signal} of {len(zs)} steps (in the others every "
                    "group of completions got the same reward)" + (f"; {pct(sum(cl) / len(cl), 0)} of completions were cut at the token limit"
                                                                   if cl else "")
                    + (" — **this run barely learned**" if signal < len(zs) / 2 else ""))
-        same = [m for m, q in res.runs.items() if m.startswith(name + "_") and q.get("mask") and q.get("reward") and q.get("reward") == r.get("reward")]
+        same = [m for m, q in res.runs.items() if m.startswith(name + "_") and q.mask and q.reward and q.reward == r.reward]
         if same:
             out.append(f"- the reward curves of {', '.join(f'`{m}`' for m in same)} are identical to `{name}`'s")
     return out
@@ -243,13 +243,13 @@ def render_rq1(res: StudyResults, figdir: Path) -> Section:
                                   "Sparsity vs absolute tolerance (0 at 1e-12)", "tolerance", "sparsity", logx=True))
     d = res.diffs
     for a in [r.run for r in rows_in][:3]:
-        g = d.get(a, {}).get("grid")
+        g = d[a].grid if a in d else None
         if g:
             layers = sorted(g, key=int)
             kinds = sorted({k for L in g.values() for k in L})
             sec.figures.append(heatmap(figdir / f"rq1_layers_{a}.png", [[g[L].get(k, float("nan")) for k in kinds] for L in layers], layers, kinds,
                                        f"{a.upper()}: sparsity per layer × module (Fig. 3 analogue)", "module", "layer"))
-    ulp = d.get(rows_in[0].run, {}).get("ulp_hist")
+    ulp = d[rows_in[0].run].ulp_hist if rows_in[0].run in d else None
     if ulp:
         ks = [k for k in ulp if k != "0"]  # changed entries only, in the order the diff wrote them (<1, 1, 2, ... ULPs)
         sec.figures.append(bar_chart(figdir / "rq1_ulp.png", [str(k) for k in ks], [ulp[k] for k in ks],
@@ -289,7 +289,7 @@ def half_ulp_bf16(e: int) -> float:
 def _exponent_table(res: StudyResults, rows_in, sec: Section) -> None:
     """Sparsity per |w0| bin beside the run's Σlr / half-ULP: how much of the sparsity still depends on magnitude."""
     d = res.diffs
-    runs = [(r.algo.upper(), d.get(r.run, {}).get("by_exponent"), r.lr_sum) for r in rows_in]
+    runs = [(r.algo.upper(), d[r.run].by_exponent if r.run in d else None, r.lr_sum) for r in rows_in]
     runs = [(a, [x for x in bx if x["dtype"] == "bfloat16" and x["exponent"] is not None], S) for a, bx, S in runs if bx and S]
     if not runs:
         return
@@ -376,7 +376,7 @@ def _rq2_curves(res: StudyResults, algo: str, figdir: Path, sec: Section) -> Non
     for key, label in (("loss", "training loss"), ("margin", "reward margin (chosen − rejected)"), ("reward", "mean reward")):
         series = {}
         for v, rs in by_variant.items():
-            curves = [r.get(key) or [] for r in rs]
+            curves = [getattr(r, key) or [] for r in rs]
             n = min((len(c) for c in curves), default=0)
             if n:
                 series[VARIANT.get(v, v)] = [_mean([c[i] for c in curves]) for i in range(n)]
@@ -478,13 +478,13 @@ def _examples(res: StudyResults, sec: Section, k: int = 3) -> None:
         return
     r = rows[0]
     recs = [("θ_init", "init"), ("θ_full", r.run), ("θ_sub", f"{r.run}_sub")]
-    recs = [(label, res.accuracy[key]) for label, key in recs if key in res.accuracy and res.accuracy[key].get("samples")]
+    recs = [(label, res.accuracy[key]) for label, key in recs if key in res.accuracy and res.accuracy[key].samples]
     if not recs:
         return
     table = []
-    for i in range(min(k, min(len(a["samples"]) for _, a in recs))):
-        p = recs[0][1]["samples"][i]
-        table.append([p["prompt"][:60], p["answer"]] + [f"{'✓' if a['samples'][i]['correct'] else '✗'} {a['samples'][i]['completion'][:60]!r}"
+    for i in range(min(k, min(len(a.samples) for _, a in recs))):
+        p = recs[0][1].samples[i]
+        table.append([p["prompt"][:60], p["answer"]] + [f"{'✓' if a.samples[i]['correct'] else '✗'} {a.samples[i]['completion'][:60]!r}"
                                                        for _, a in recs])
     sec.add(f"Example completions at the final step ({r.algo.upper()} seed {r.seed}; greedy, the first {len(table)} test problems):",
             Table(["problem", "answer"] + [label for label, _ in recs], table))
@@ -616,19 +616,19 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
 
 
 def render_sync(res: StudyResults, figdir: Path) -> Section | None:
-    sync = [(name, r) for name, r in res.runs.items() if r.get("delta_sync")]
+    sync = [(name, r) for name, r in res.runs.items() if r.delta_sync]
     if not sync:
         return None
     rows, series, xs_by = [], {}, {}
     for name, r in sync:
-        for x in r["delta_sync"]:
-            full = r.get("checkpoint_bytes") or 0
+        for x in r.delta_sync:
+            full = r.checkpoint_bytes or 0
             rows.append([name, x["step"], f"{x['changed_vs_prev']:,}", f"{x['delta_bytes']:,}", f"{x['delta_plain_bytes']:,}",
                          f"{x['delta_plain_bytes'] / x['delta_bytes']:.2f}x" if x["delta_bytes"] else "—",
                          f"{full / x['delta_bytes']:.0f}x" if x["delta_bytes"] and full else "—"])
-        series[name] = [x["delta_bytes"] / 1e6 for x in r["delta_sync"]]
-        series[f"{name} (int32 + raw)"] = [x["delta_plain_bytes"] / 1e6 for x in r["delta_sync"]]
-        xs_by[name] = xs_by[f"{name} (int32 + raw)"] = [x["step"] for x in r["delta_sync"]]
+        series[name] = [x["delta_bytes"] / 1e6 for x in r.delta_sync]
+        series[f"{name} (int32 + raw)"] = [x["delta_plain_bytes"] / 1e6 for x in r.delta_sync]
+        xs_by[name] = xs_by[f"{name} (int32 + raw)"] = [x["step"] for x in r.delta_sync]
     sec = Section("Delta weight sync: what a step sends")
     sec.add("Bytes a delta weight sync would send after each optimizer step (the stored bf16 view against the previous step), as an "
             "rlsubnet-patch/1 payload and in the plain encoding of int32 positions + raw values (what verl's `delta_sharded` sends), "

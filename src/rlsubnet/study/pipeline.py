@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -22,12 +22,13 @@ from ..io.display import safe
 from ..io.errors import InputError
 from ..io.jsonout import dumps
 from ..masks import Subnetwork
-from ..masks.overlap import pair_overlap
 from ..training import tasks as T
 from ..training.config import GENERATIVE, PREFERENCE, TrainConfig
 from ..training.recipes import run_training
 from .budgets import BUDGETS, RQS, SEEDED, Budget  # noqa: F401  (Budget, SEEDED: re-exported)
-from .results import RQ1, RQ4, RQ5, DistributionRow, LrRow, OverlapRow, RQ1Row, StepRow, StudyResults
+from .results import AccuracyRecord, DiffSummary, RunRecord, StudyResults
+
+DIFF_FIELDS = tuple(f.name for f in fields(DiffSummary) if f.default is MISSING)  # a cached summary without one is recomputed
 
 
 def run_lr_sum(tuned: str | Path) -> float | None:
@@ -186,21 +187,20 @@ class Study:
         except (OSError, UnicodeDecodeError, ValueError, AssertionError):
             raise InputError(f"{d / 'train_log.json'}: the cached run's log is corrupt or truncated; remove the folder {d} "
                              "to train that run again.") from None
-        self.results["runs"][name] = {"dir": str(d), "algo": cfg.algo, "elapsed_s": log["elapsed_s"], "mask": cfg.mask,
-                                      "loss": [s.get("loss") for s in log["steps"] if "loss" in s],
-                                      "reward": [s.get("reward") for s in log["steps"] if "reward" in s],
-                                      "margin": [s.get("rewards/margins") for s in log["steps"] if "rewards/margins" in s],
-                                      # GRPO/RLOO: share of reward groups with zero spread (no gradient) and of truncated completions
-                                      "zero_std": [s.get("frac_reward_zero_std") for s in log["steps"] if "frac_reward_zero_std" in s],
-                                      "clipped": [s.get("completions/clipped_ratio") for s in log["steps"] if "completions/clipped_ratio" in s],
-                                      "step_time_s": sum(log["step_times"]) / max(len(log["step_times"]), 1),
-                                      "saved": log.get("saved", []),
-                                      "delta_sync": [{k: r.get(k) for k in ("step", "changed_vs_prev", "delta_bytes", "delta_plain_bytes", "numel")}
-                                                     for r in log.get("tracking", []) if "delta_bytes" in r],
-                                      "checkpoint_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors"))}
+        steps = log["steps"]
+        self.results["runs"][name] = RunRecord(
+            dir=str(d), algo=cfg.algo, elapsed_s=log["elapsed_s"], mask=cfg.mask,
+            loss=[x.get("loss") for x in steps if "loss" in x], reward=[x.get("reward") for x in steps if "reward" in x],
+            margin=[x.get("rewards/margins") for x in steps if "rewards/margins" in x],
+            zero_std=[x.get("frac_reward_zero_std") for x in steps if "frac_reward_zero_std" in x],
+            clipped=[x.get("completions/clipped_ratio") for x in steps if "completions/clipped_ratio" in x],
+            step_time_s=sum(log["step_times"]) / max(len(log["step_times"]), 1), saved=log.get("saved", []),
+            delta_sync=[{k: r.get(k) for k in ("step", "changed_vs_prev", "delta_bytes", "delta_plain_bytes", "numel")}
+                        for r in log.get("tracking", []) if "delta_bytes" in r],
+            checkpoint_bytes=sum(f.stat().st_size for f in d.glob("*.safetensors")))
         return str(d)
 
-    def analyze(self, name: str, tuned: str, rank: bool = False, base: str | None = None) -> dict:
+    def analyze(self, name: str, tuned: str, rank: bool = False, base: str | None = None) -> DiffSummary:
         base = base or self.model
         import hashlib
 
@@ -236,7 +236,7 @@ class Study:
                 out["effective_rank_mean"] = sum(m.effective_rank / m.max_rank for m in ms) / len(ms) if ms else None
             return out
 
-        d = self._cached(key, go, fields=("numel", "changed", "sparsity", "atol", "by_module", "by_layer", "grid"))
+        d = DiffSummary.from_dict(self._cached(key, go, fields=DIFF_FIELDS), f"cache entry {key}")
         self.ensure_mask(name, base, tuned)
         self.results["diffs"][name] = d
         return d
@@ -272,8 +272,8 @@ class Study:
         key = f"acc-{task}-{self.level}-{len(probs)}-{self.precision}-{self.key_of(path)}"
         prec = "mixed" if self.precision == "mixed" else "fp32"
         r = self._cached(key, lambda: accuracy(path, probs, max_new_tokens=self.b.max_new_tokens + 8, precision=prec), fields=("accuracy",))
-        self.results["accuracy"][name] = {"task": task, "model": str(path), **r}
-        return r["accuracy"]
+        rec = self.results["accuracy"][name] = AccuracyRecord.from_dict({**r, "task": task, "model": str(path)}, f"cache entry {key}")
+        return rec.accuracy
 
     def own_preferences(self) -> dict:
         from ..training.evaluate import sample_preferences
@@ -314,53 +314,6 @@ class Study:
         r = random.Random(self.seed)
         return {"prompt": [p.prompt for p in probs], "chosen": [p.solution for p in probs], "rejected": [corrupt(p, r) for p in probs]}
 
-    # -- the research questions ---------------------------------------------------------------------------
-    def rq1(self) -> None:
-        from .stats import mean_sd, seed_difference
-
-        rows = []
-        pref = self.own_preferences()
-        failed = []
-        for algo in self.b.rq1_algos:
-            seeds = range(self.b.seeds) if algo in SEEDED else range(1)
-            per_seed = []
-            for k in seeds:
-                cfg = self.main_config(algo, k)
-                name = self.run_name(algo, k)
-                try:
-                    path = self.train(name, cfg)
-                except InputError as e:  # e.g. a run that diverged at the matched learning rate: say so, keep going
-                    if "diverged" not in str(e):
-                        raise
-                    self.con.print(f"[yellow]run {name} diverged; it is reported as such[/yellow]")
-                    failed.append({"algo": algo, "run": name, "why": str(e)})
-                    continue
-                a = self.analyze(name, path, rank=self.b.rank and not k)
-                indist = algo not in ("sft", "ppo") and (cfg.preference is None or cfg.preference is pref)
-                per_seed.append({"run": name, "seed": cfg.seed, "sparsity": a["sparsity"], "atol": a["atol"],
-                                 "bf16_rel_sparsity": a["bf16_rel_sparsity"], "rank_mean": a.get("rank_mean"), "by_module": a["by_module"],
-                                 "stable_rank_mean": a.get("stable_rank_mean"), "effective_rank_mean": a.get("effective_rank_mean"),
-                                 "in_distribution": indist, "lr_sum": a.get("lr_sum"), "floor": a.get("floor"),
-                                 "sparsity_above_floor": a.get("sparsity_above_floor")})
-            if not per_seed:
-                continue
-            first = per_seed[0]
-            rows.append(RQ1Row(**first, algo=algo, seeds=per_seed,
-                               sparsity_mean_sd=mean_sd([x["sparsity"] for x in per_seed]),
-                               above_floor_mean_sd=mean_sd([x["sparsity_above_floor"] for x in per_seed]),
-                               in_rl_average=algo not in ("sft", "ppo")))
-        # SFT against each RL algorithm run with every seed: a difference is claimed only when its interval excludes 0
-        comps = []
-        by = {r.algo: r for r in rows}
-        if "sft" in by:
-            for algo in ("grpo", "dpo"):
-                if algo in by:
-                    for what, key in (("sparsity", "sparsity"), ("sparsity above the floor", "sparsity_above_floor")):
-                        comps.append(seed_difference([x[key] for x in by["sft"].seeds], [x[key] for x in by[algo].seeds],
-                                                     what, ("sft", algo)).to_dict())
-        self.results["rq1"] = RQ1(rows=rows, comparisons=comps, lr=self.lr, steps=self.b.steps, failed=failed,
-                                  ppo_note=None)  # the report explains PPO; the study records numbers
-
     def control_mask(self, name: str, kind: str, seed: int) -> str:
         """A random mask matched to ``name``'s mask (``uniform`` or ``magnitude``), drawn once and kept."""
         from ..masks.overlap import matched_random_mask
@@ -376,98 +329,27 @@ class Study:
         matched_random_mask(src, kind, base=self.model, seed=1000 + seed).save(out)
         return str(out)
 
+    # -- the research questions (each in its own function, returning typed rows) --------------------------
+    def rq1(self) -> None:
+        from .questions import run_rq1
+
+        self.results["rq1"] = run_rq1(self)
+
     def rq2(self) -> None:
         from .rq2 import run_rq2
 
         self.own_preferences()  # the data summary reports the pairs
         self.results["rq2"] = run_rq2(self)
 
-    def _overlap(self, a: str, b: str, axis: str, paper_row: str | None) -> OverlapRow:
-        from ..masks.overlap import stratified_baseline
-
-        A, B = Subnetwork.load(self.mask(a)), Subnetwork.load(self.mask(b))
-        p = pair_overlap(A, B)
-        m = stratified_baseline(A, B, "magnitude", self.model)  # random masks matched per tensor × |w0| exponent
-        return OverlapRow(axis=axis, paper_row=paper_row, a=a, b=b, o1=p.o1, o2=p.o2, o1_random=p.o1_random, o2_random=p.o2_random,
-                          jaccard=p.jaccard, jaccard_random=p.jaccard_random, ratio=p.ratio, z=p.z,
-                          s1=1 - p.count_a / p.numel, s2=1 - p.count_b / p.numel, matched=m)
-
     def rq4(self) -> None:
-        """Overlap of the updated sets: one factor at a time (seed; data; algorithm), and the paper's row 3,
-        where seed, data and algorithm all differ (GRPO on the main task against DPO with another seed on the
-        second task)."""
-        self.analyze("grpo", self.train("grpo", self.main_config("grpo")), rank=self.b.rank)
-        self.analyze("grpo_s1", self.train("grpo_s1", self.main_config("grpo", 1)))
-        self.analyze("grpo_task2", self.train("grpo_task2", self.config("grpo", task=self.task2, track_every=0)))
-        self.analyze("dpo", self.train("dpo", self.main_config("dpo")), rank=self.b.rank)
-        other = self.config("dpo", seed=self.seed + 1, task=self.task2, preference=self.offdist_preferences(self.task2))
-        self.analyze("dpo_s1_task2", self.train("dpo_s1_task2", other))
-        self.results["rq4"] = RQ4(rows=[self._overlap("grpo", "grpo_s1", "seed", "seed"),
-                                        self._overlap("grpo", "grpo_task2", "data", "data"),
-                                        self._overlap("grpo", "dpo", "algorithm", None),
-                                        self._overlap("grpo", "dpo_s1_task2", "seed+data+algorithm", "algorithm")])
+        from .questions import run_rq4
+
+        self.results["rq4"] = run_rq4(self)
 
     def rq5(self) -> None:
-        res: dict = {}
-        pref = self.own_preferences()
-        main = self.train("grpo", self.main_config("grpo"))
-        base = self.analyze("grpo", main, rank=self.b.rank)
-        variants = {"grpo_kl": {"beta": 0.04}, "grpo_noclip": {"max_grad_norm": None}, "grpo_lr4": {"lr": self.lr * 4},
-                    "grpo_lr16": {"lr": self.lr * 16}, "grpo_fp32train": {"precision": "fp32"}}
-        for name, kw in variants.items():
-            self.analyze(name, self.train(name, self.config("grpo", **kw)))
-        d = self.results["diffs"]
-        res["kl"] = {"without": base["sparsity"], "with": d["grpo_kl"]["sparsity"],
-                     "above_floor": {"without": base.get("sparsity_above_floor"), "with": d["grpo_kl"].get("sparsity_above_floor")}}
-        res["clip"] = {"with": base["sparsity"], "without": d["grpo_noclip"]["sparsity"],
-                       "above_floor": {"with": base.get("sparsity_above_floor"), "without": d["grpo_noclip"].get("sparsity_above_floor")}}
-        res["lr"] = [LrRow(scale=s, sparsity=d[n]["sparsity"], bf16_rel_sparsity=d[n]["bf16_rel_sparsity"],
-                           floor=d[n].get("floor"), sparsity_above_floor=d[n].get("sparsity_above_floor"))
-                     for s, n in ((1, "grpo"), (4, "grpo_lr4"), (16, "grpo_lr16"))]
-        fp32 = self.analyze("grpo_fp32", str(Path(main) / "fp32"))
-        res["precision"] = {"bf16": {"sparsity": base["sparsity"], "atol": base["atol"]},
-                            "fp32": {"sparsity": fp32["sparsity"], "atol": fp32["atol"]}}
-        # training precision: the main run's (mixed by default) against the same run trained in pure fp32
-        res["training_precision"] = {"main": {"precision": self.precision, "sparsity": base["sparsity"], "floor": base.get("floor")},
-                                     "fp32": {"precision": "fp32", "sparsity": d["grpo_fp32train"]["sparsity"], "floor": d["grpo_fp32train"].get("floor")}}
-        # in- vs off-distribution data, for SFT and DPO
-        # in- vs off-distribution with matched size: the off-distribution sets take as many examples as the
-        # in-distribution ones have (the model's own correct samples; its own preference pairs)
-        own = pref["correct_samples"]
-        sft_in = self.train("sft_in", self.config("sft", sft_data=own)) if len(own["prompt"]) >= 2 else None
-        ref = T.generate(self.task, max(len(own["prompt"]), 2), level=self.level, split="train")
-        sft_off = self.train("sft_off", self.config("sft", sft_data={"prompt": [p.prompt for p in ref], "completion": [p.solution for p in ref]}))
-        dpo_in = self.train("dpo", self.main_config("dpo"))
-        off = self.offdist_preferences()
-        k = max(len(pref["prompt"]), 4)
-        dpo_off = self.train("dpo_off", self.config("dpo", preference={x: v[:k] for x, v in off.items()}))
-        rows = []
-        sizes = {"sft_in": len(own["prompt"]), "sft_off": len(ref), "dpo": len(pref["prompt"]), "dpo_off": min(k, len(off["prompt"]))}
-        for name, path, method, indist in (("sft_in", sft_in, "SFT on own correct samples (RFT)", True),
-                                           ("sft_off", sft_off, "SFT on reference solutions", False),
-                                           ("dpo", dpo_in, "DPO on own samples", len(pref["prompt"]) >= 4),
-                                           ("dpo_off", dpo_off, "DPO on reference vs corrupted", False)):
-            if path:
-                a = self.analyze(name, path)
-                rows.append(DistributionRow(name=name, method=method, in_distribution=indist, examples=sizes[name], sparsity=a["sparsity"],
-                                            floor=a.get("floor"), sparsity_above_floor=a.get("sparsity_above_floor")))
-        res["distribution"] = rows
-        # sparsity over training steps (intermediate checkpoints)
-        steps = sorted(int(Path(s).name.split("-")[1]) for s in self.results["runs"]["grpo"]["saved"])
-        prev, traj, union = self.model, [], None
-        final = Subnetwork.load(self.mask("grpo"))
-        for k in steps:
-            ck = str(Path(main) / f"step-{k}")
-            v_init = self.analyze(f"grpo_step{k}", ck)
-            v_prev = self.analyze(f"grpo_step{k}_consecutive", ck, base=prev)
-            m = Subnetwork.load(self.mask(f"grpo_step{k}"))
-            union = m if union is None else union | m
-            traj.append(StepRow(step=k, sparsity=v_init["sparsity"], consecutive_sparsity=v_prev["sparsity"],
-                                outside_final_share=(m - final).count() / max(m.count(), 1)))
-            prev = ck
-        res["steps"] = traj
-        res["ever_updated_outside_final"] = ((union - final).count() / max(union.count(), 1)) if union is not None else None
-        self.results["rq5"] = RQ5(**res)
+        from .questions import run_rq5
+
+        self.results["rq5"] = run_rq5(self)
 
     # -- all of it ------------------------------------------------------------------------------------------
     def run(self) -> StudyResults:

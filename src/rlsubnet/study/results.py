@@ -51,7 +51,74 @@ def _build(tp, v, where: str):
         if not isinstance(v, list):
             raise InputError(f"{where}: expected a list, found {type(v).__name__}.")
         return [args[0].from_dict(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if origin is dict and len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], _Typed):
+        if not isinstance(v, dict):
+            raise InputError(f"{where}: expected an object, found {type(v).__name__}.")
+        return {k: args[1].from_dict(x, f"{where}[{k!r}]") for k, x in v.items()}
     return v
+
+
+@dataclass
+class RunRecord(_Typed):
+    """One training run of the study, as its log recorded it."""
+
+    dir: str
+    algo: str
+    elapsed_s: float
+    mask: str | None
+    loss: list  # per logged step
+    reward: list
+    margin: list  # DPO: chosen − rejected reward
+    zero_std: list  # GRPO/RLOO: share of reward groups with zero spread (no gradient)
+    clipped: list  # GRPO/RLOO: share of completions cut at the token limit
+    step_time_s: float
+    saved: list  # intermediate checkpoint folders
+    delta_sync: list  # per step: {step, changed_vs_prev, delta_bytes, delta_plain_bytes, numel}
+    checkpoint_bytes: int
+
+
+@dataclass
+class DiffSummary(_Typed):
+    """What the study keeps of one diff against the base (cached as JSON under OUT/cache)."""
+
+    numel: int
+    changed: int
+    sparsity: float
+    atol: list  # [{"atol", "changed", "sparsity"}]
+    bf16_rel_sparsity: float
+    ulp_hist: dict
+    by_module: dict  # module kind -> sparsity
+    by_layer: dict  # layer -> sparsity
+    grid: dict  # layer -> {kind -> sparsity}
+    paper_layerwise_density: typing.Any = None
+    skipped: int = 0
+    notes: list = field(default_factory=list)
+    lr_sum: float | None = None  # with the floor: the run's Σlr
+    floor: dict | None = None  # FloorSummary.to_dict()
+    sparsity_above_floor: float | None = None
+    by_exponent: list | None = None
+    rank_mean: float | None = None
+    rank_by_kind: dict | None = None
+    stable_rank_mean: float | None = None
+    effective_rank_mean: float | None = None
+
+
+@dataclass
+class AccuracyRecord(_Typed):
+    """Greedy held-out accuracy of one model, every per-problem outcome kept."""
+
+    task: str
+    model: str
+    accuracy: float
+    n: int = 0
+    correct: int = 0
+    format_rate: float | None = None
+    strict_accuracy: float | None = None
+    outcomes: list = field(default_factory=list)
+    formatted: list = field(default_factory=list)
+    completions: list = field(default_factory=list)
+    problems_digest: str | None = None
+    samples: list = field(default_factory=list)
 
 
 @dataclass
@@ -242,9 +309,9 @@ class RQ5(_Typed):
 class StudyResults(_Typed):
     meta: dict
     paper: dict
-    runs: dict
-    diffs: dict
-    accuracy: dict
+    runs: dict[str, RunRecord]
+    diffs: dict[str, DiffSummary]
+    accuracy: dict[str, AccuracyRecord]
     preferences: dict | None = None
     rq1: RQ1 | None = None
     rq2: RQ2 | None = None

@@ -48,15 +48,15 @@ def trajectory(study, algo: str, variant: str, seed: int, run: str, run_dir: str
     """Accuracy at step 0 (θ_init) and at every saved checkpoint of ``run``, with the progress since the last one."""
     log = _log(run_dir)
     init = study.results["accuracy"]["init"]
-    pts = [TrajectoryPoint(0, init["accuracy"], init.get("format_rate"), "init", None, None)]
-    saved = {int(Path(s).name[5:]): s for s in study.results["runs"][run]["saved"]}
+    pts = [TrajectoryPoint(0, init.accuracy, init.format_rate, "init", None, None)]
+    saved = {int(Path(s).name[5:]): s for s in study.results["runs"][run].saved}
     saved.setdefault(study.b.steps, run_dir)
     pk = "rewards/margins" if algo in PREFERENCE else "reward"
     for step in sorted(saved):
         rec = f"{run}@{step}"
         study.accuracy(rec, saved[step])
         a = study.results["accuracy"][rec]
-        pts.append(TrajectoryPoint(step, a["accuracy"], a.get("format_rate"), rec, _window(log, "loss", step - every, step),
+        pts.append(TrajectoryPoint(step, a.accuracy, a.format_rate, rec, _window(log, "loss", step - every, step),
                                    _window(log, pk, step - every, step)))
     return Trajectory(algo, variant, seed, run, pts)
 
@@ -110,7 +110,7 @@ def replay_numbers(study, name: str, full_dir: str, close_sub) -> dict:
 
 def _outcomes(study, traj: Trajectory, step: int) -> list | None:
     p = traj.at(step)
-    return study.results["accuracy"][p.record]["outcomes"] if p is not None else None
+    return study.results["accuracy"][p.record].outcomes if p is not None else None
 
 
 def choose_points(trajs: list[Trajectory], steps: list[int], algo: str) -> list[RQ2Point]:
@@ -149,7 +149,7 @@ def compare_at(study, trajs: list[Trajectory], point: RQ2Point, controls: list[s
     """Pooled comparisons at one point: each model against θ_init and θ_full, and θ_sub against each control."""
     by = {(t.variant, t.seed): t for t in trajs}
     seeds = sorted({t.seed for t in trajs if t.variant == "full"})
-    init = study.results["accuracy"]["init"]["outcomes"]
+    init = study.results["accuracy"]["init"].outcomes
 
     def outs(v: str, k: int):
         if v == "init":
@@ -278,7 +278,7 @@ def _data_summary(study, trajs: list[Trajectory]) -> dict:
     finals = {}
     for t in trajs:
         if t.variant == "full":
-            log = _log(study.results["runs"][t.run]["dir"])
+            log = _log(study.results["runs"][t.run].dir)
             finals[t.run] = {"loss": _window(log, "loss", b.steps - b.every, b.steps),
                              "margin": _window(log, "rewards/margins", b.steps - b.every, b.steps),
                              "reward": _window(log, "reward", b.steps - b.every, b.steps),
@@ -295,19 +295,19 @@ def _endpoint_row(study, algo, k, cfg, name, models, variants, close, init_acc) 
             rec = f"{name}_{v}" if v != "full" else name
             study.accuracy(rec, path)
             acc[v] = study.results["accuracy"][rec]
-    summary = {v: {"accuracy": a["accuracy"], "format_rate": a.get("format_rate"), "strict_accuracy": a.get("strict_accuracy")}
+    summary = {v: {"accuracy": a.accuracy, "format_rate": a.format_rate, "strict_accuracy": a.strict_accuracy}
                for v, a in acc.items()}
     comps = []
     for a_, b_ in [("init", "full"), ("full", "sub")] + [(v, "sub") for v in variants if v != "sub"]:
-        if a_ in acc and b_ in acc and "outcomes" in acc[a_] and "outcomes" in acc[b_]:
-            comps.append(paired_bootstrap(acc[a_]["outcomes"], acc[b_]["outcomes"], "accuracy", (a_, b_), seed=k).to_dict())
+        if a_ in acc and b_ in acc and acc[a_].outcomes and acc[b_].outcomes:
+            comps.append(paired_bootstrap(acc[a_].outcomes, acc[b_].outcomes, "accuracy", (a_, b_), seed=k).to_dict())
     runs = study.results["runs"]
     return RQ2Row(
-        algo=algo, seed=cfg.seed, run=name, n_eval=init_acc["n"], accuracy=summary, comparisons=comps, closeness_to_full=close,
+        algo=algo, seed=cfg.seed, run=name, n_eval=init_acc.n, accuracy=summary, comparisons=comps, closeness_to_full=close,
         random_control={v[len("random_"):]: {"accuracy": summary[v]["accuracy"], "closeness": close[v]} for v in variants if v.startswith("random_")},
-        reward={v: runs[f"{name}_{v}" if v != "full" else name]["reward"] for v in models if v != "init"},
+        reward={v: runs[f"{name}_{v}" if v != "full" else name].reward for v in models if v != "init"},
         acc_init=summary["init"]["accuracy"], acc_full=summary["full"]["accuracy"], acc_sub=summary["sub"]["accuracy"],
         closeness=close["sub"]["all"], inside_mask=close["sub"]["inside_mask"], outside_mask=close["sub"]["outside_mask"],
         rel_l2=close["sub"]["rel_l2"], mask_density=close["sub"]["mask_density"],
-        loss_full=runs[name]["loss"], loss_sub=runs[f"{name}_sub"]["loss"],
-        reward_full=runs[name]["reward"], reward_sub=runs[f"{name}_sub"]["reward"])
+        loss_full=runs[name].loss, loss_sub=runs[f"{name}_sub"].loss,
+        reward_full=runs[name].reward, reward_sub=runs[f"{name}_sub"].reward)
