@@ -28,7 +28,7 @@ from ..training.recipes import run_training
 from .budgets import BUDGETS, RQS, SEEDED, Budget  # noqa: F401  (Budget, SEEDED: re-exported)
 from .results import AccuracyRecord, DiffSummary, RunRecord, StudyResults
 
-DIFF_FIELDS = tuple(f.name for f in fields(DiffSummary) if f.default is MISSING)  # a cached summary without one is recomputed
+DIFF_FIELDS = tuple(f.name for f in fields(DiffSummary) if f.default is MISSING and f.default_factory is MISSING)  # a cached summary without one is recomputed
 
 
 def run_lr_sum(tuned: str | Path) -> float | None:
