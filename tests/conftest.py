@@ -115,3 +115,42 @@ def pair(tmp_path):
     tuned = {k: v.clone() for k, v in base.items()}
     bump_ulps(tuned["model.layers.1.self_attn.v_proj.weight"], torch.arange(5), 1)
     return save_folder(tmp_path / "a", base), save_folder(tmp_path / "b", tuned)
+
+
+def clean_error(r, needle=None):
+    """Bad input: exit code 2, one sentence (containing ``needle``), no traceback."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    if needle:
+        assert needle in r.stderr, r.stderr
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes: to prove nothing was modified or removed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tiny import write_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("model")
+    return Path(write_tiny_checkpoint(d / "model", seed=0, dtype="bfloat16", hidden=32, layers=2, heads=2, inter=64))
+
+
+TRAIN = ["train", "--algo", "sft", "--steps", "1", "--batch-size", "2", "--lr", "1e-3"]
+
+
+def small_lm(seed=0, vocab=20, hidden=8):
+    """A two-tensor bf16 language-model state dict (embeddings, one MLP matrix)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g).bfloat16(),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(hidden, hidden, generator=g).bfloat16()}
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses NaN and Infinity, which strict JSON has no spelling for."""
+    def bad(c):
+        raise ValueError(f"non-JSON constant {c}")
+
+    return json.loads(text, parse_constant=bad)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from rlsubnet.io import InputError, open_checkpoint
 from rlsubnet.io.checkpoint import read_safetensors_header
+from rlsubnet.masks import Subnetwork
 
-from conftest import run, save_folder
+from conftest import EXE, bump_ulps, clean_error, run, save_folder, strict_json
 
 
 def test_diff_cli_outputs(pair, tmp_path):
@@ -156,3 +159,47 @@ def test_inputs_not_modified(pair, tmp_path):
     before = {p: p.read_bytes() for d in (a, b) for p in d.iterdir()}
     assert run("diff", a, b, "--mask-out", tmp_path / "m.safetensors", "-q").returncode == 0
     assert {p: p.read_bytes() for d in (a, b) for p in d.iterdir()} == before
+
+
+def test_json_output_is_strict(tmp_path):
+    """Defect: --json held NaN/Infinity (non-finite weights in diff, empty mask in overlap, A == INIT in
+    closeness)."""
+    base = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]).bfloat16()}
+    tuned = {"w": torch.tensor([1.0, float("nan"), float("inf"), 4.5]).bfloat16()}
+    save_folder(tmp_path / "a", base)
+    save_folder(tmp_path / "b", tuned)
+    r = run("diff", tmp_path / "a", tmp_path / "b", "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    d = strict_json(r.stdout)
+    assert d["tensors"][0]["max_abs_delta"] is None and d["tensors"][0]["nonfinite"] == 2
+    Subnetwork.full({"w": (4,)}, value=False).save(tmp_path / "e.safetensors")
+    Subnetwork.full({"w": (4,)}).save(tmp_path / "f.safetensors")
+    r = run("overlap", tmp_path / "e.safetensors", tmp_path / "f.safetensors", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    p = strict_json(r.stdout)["pairs"][0]
+    assert p["o1"] is None and p["ratio"] is None
+    r = run("closeness", tmp_path / "a", tmp_path / "a", tmp_path / "b", "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    assert strict_json(r.stdout)["rel_l2"] is None
+
+
+def test_markup_and_escape_sequences_in_names(tmp_path):
+    """Defect: Rich markup in a file or tensor name crashed with MarkupError or named the wrong file;
+    escape sequences in names reached the terminal raw."""
+    evil = "[/bold]evil\x1b[31m"
+    g = torch.Generator().manual_seed(0)
+    base = {evil: torch.randn(4, 4, generator=g).bfloat16()}
+    tuned = {evil: base[evil].clone()}
+    bump_ulps(tuned[evil], torch.arange(2), 1)
+    d = tmp_path / "[red]dir"
+    (d / "[").mkdir(parents=True)
+    save_file(base, str(d / "[/red]x.safetensors"))  # folder "[" holding "red]x.safetensors"
+    save_file(tuned, str(d / "y.safetensors"))
+    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
+    r = subprocess.run([*EXE, "diff", str(d / "[/red]x.safetensors"), str(d / "y.safetensors"), "--by", "tensor"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "evil\x1b[31m" not in r.stdout  # the raw escape sequence never reaches the terminal
+    assert "[/red]x.safetensors" in r.stdout and "[/bold]evil\\x1b[31m" in r.stdout
+    r = run("diff", d / "[/red]missing.safetensors", d / "y.safetensors")
+    clean_error(r, "[/red]missing.safetensors")

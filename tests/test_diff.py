@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -10,10 +14,13 @@ import pytest
 import torch
 
 import rlsubnet
+from rlsubnet.analysis.engine import Job, map_chunks
 from rlsubnet.analysis.probes import ULP_LABELS
-from rlsubnet.io import InputError
+from rlsubnet.io import InputError, open_checkpoint
+from rlsubnet.masks import Subnetwork
+from rlsubnet.masks.verify import verify_frozen
 
-from conftest import bump_ulps, reference_counts, save_folder
+from conftest import bump_ulps, clean_error, reference_counts, run, save_folder, small_lm, strict_json
 
 TOLS = [0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4]
 
@@ -237,3 +244,167 @@ def test_json_contract(tmp_path):
         assert set(t) >= {"name", "shape", "dtype", "numel", "changed", "atol"}
         assert set(t["atol"][0]) >= {"atol", "changed"}
     assert d["tensors"][0]["dtype"] == "bfloat16"
+
+
+def test_tied_on_one_side_untied_on_the_other(tmp_path):
+    """Defect: a head tied on one side and untied on the other was skipped as "counted once": 0 changed."""
+    base = small_lm()
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["lm_head.weight"] = base["model.embed_tokens.weight"].clone()
+    bump_ulps(tuned["lm_head.weight"], torch.arange(6), 1)  # the untied head moved in 6 entries
+    save_folder(tmp_path / "a", base, config={"model_type": "llama", "tie_word_embeddings": True})
+    save_folder(tmp_path / "b", tuned, config={"model_type": "llama", "tie_word_embeddings": False})
+    r = rlsubnet.diff(tmp_path / "a", tmp_path / "b")
+    assert r.changed == 6
+    assert any("lm_head" in n for n in r.notes)
+    # and verify-frozen sees the frozen head entries that moved
+    mask = Subnetwork.full({t.name: tuple(t.shape) for t in r.tensors}, value=False)
+    mask.save(tmp_path / "none.safetensors")
+    v = verify_frozen(tmp_path / "a", tmp_path / "b", tmp_path / "none.safetensors")
+    assert v.frozen_moved == 6 and not v.ok
+
+
+def test_config_says_tied_but_stored_head_differs(tmp_path):
+    """Defect: config says tied while the stored head differs from the embedding: head skipped."""
+    base = small_lm()
+    base["lm_head.weight"] = base["model.embed_tokens.weight"].clone()
+    bump_ulps(base["lm_head.weight"], torch.arange(3), 2)  # not actually tied
+    tuned = {k: v.clone() for k, v in base.items()}
+    bump_ulps(tuned["lm_head.weight"], torch.arange(10, 14), 1)
+    for n, sd in (("a", base), ("b", tuned)):
+        save_folder(tmp_path / n, sd, config={"model_type": "llama", "tie_word_embeddings": True})
+    r = rlsubnet.diff(tmp_path / "a", tmp_path / "b")
+    assert r.changed == 4 and "lm_head.weight" in {t.name for t in r.tensors}
+
+
+def test_gpt2_default_tie_counts_head_once(tmp_path):
+    """Defect: a GPT-2 config without `tie_word_embeddings` (tied by default) storing a head copy was
+    double-counted."""
+    g = torch.Generator().manual_seed(1)
+    base = {"transformer.wte.weight": torch.randn(20, 8, generator=g).bfloat16(),
+            "transformer.h.0.mlp.c_fc.weight": torch.randn(8, 8, generator=g).bfloat16()}
+    tuned = {k: v.clone() for k, v in base.items()}
+    bump_ulps(tuned["transformer.wte.weight"], torch.arange(5), 1)
+    base["lm_head.weight"] = base["transformer.wte.weight"].clone()
+    tuned["lm_head.weight"] = tuned["transformer.wte.weight"].clone()
+    for n, sd in (("a", base), ("b", tuned)):
+        save_folder(tmp_path / n, sd, config={"model_type": "gpt2"})
+    r = rlsubnet.diff(tmp_path / "a", tmp_path / "b")
+    assert r.changed == 5 and r.numel == 20 * 8 + 64
+    assert any(s["name"] == "lm_head.weight" and "counted once" in s["reason"] for s in r.skipped)
+
+
+def test_buffers_reported_apart(tmp_path):
+    """Defect: stored buffers (attn.bias, masked_bias, inv_freq) were counted as parameters."""
+    g = torch.Generator().manual_seed(2)
+    sd = {"transformer.h.0.attn.c_attn.weight": torch.randn(8, 24, generator=g),
+          "transformer.h.0.attn.c_attn.bias": torch.zeros(24),
+          "transformer.h.0.attn.bias": torch.tril(torch.ones(1, 1, 16, 16)),
+          "transformer.h.0.attn.masked_bias": torch.tensor(-1e4),
+          "model.layers.0.self_attn.rotary_emb.inv_freq": torch.rand(4, generator=g)}
+    tuned = {k: v.clone() for k, v in sd.items()}
+    tuned["transformer.h.0.attn.c_attn.weight"][0, :3] += 1
+    save_folder(tmp_path / "a", sd)
+    save_folder(tmp_path / "b", tuned)
+    r = rlsubnet.diff(tmp_path / "a", tmp_path / "b")
+    assert r.numel == 8 * 24 + 24 and r.changed == 3
+    assert {b.name for b in r.buffers} == {"transformer.h.0.attn.bias", "transformer.h.0.attn.masked_bias",
+                                           "model.layers.0.self_attn.rotary_emb.inv_freq"}
+    assert json.loads(r.to_json())["buffers"][0]["numel"] > 0
+
+
+def test_atol_sparsity_names_the_missing_tolerance(pair):
+    """Defect: `DiffResult.atol_sparsity(tol)` raised a bare KeyError for a tolerance not computed."""
+    r = rlsubnet.diff(*pair, atol=[0, 1e-5])
+    with pytest.raises(ValueError, match="was not computed"):
+        r.atol_sparsity(1e-3)
+
+
+def test_workers_validated_and_capped(pair):
+    """Defect: `--workers 1000` forked 1000 processes for 3 tensors; `--workers -1` was accepted."""
+
+    a, b = pair
+    clean_error(run("diff", a, b, "--workers", "-1"), "--workers")
+    clean_error(run("mask", a, b, "-o", a.parent / "m.safetensors", "--workers", "0"), "--workers")
+    with open_checkpoint(a) as ck:
+        jobs = [Job(n, [(ck, n)], ck.tensors[n].numel) for n in ck.tensors]
+        pids = {res[0] for _, res in map_chunks(jobs, lambda job, s, raws: os.getpid(), workers=1000, progress=False)}
+    assert 1 <= len(pids) <= 3
+
+
+WORKER_SCRIPT = r"""
+import os, sys, time
+from rlsubnet.io import open_checkpoint
+from rlsubnet.analysis.engine import Job, map_chunks
+ck = open_checkpoint(sys.argv[1])
+jobs = [Job(n, [(ck, n)], ck.tensors[n].numel) for n in ck.tensors]
+def slow(job, start, raws):
+    if job.name.endswith("1.self_attn.v_proj.weight"):
+        raise RuntimeError("boom")
+    time.sleep(600)
+print("started", flush=True)
+for _ in map_chunks(jobs, slow, workers=2, progress=False):
+    pass
+"""
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_gone(pids, timeout=30.0) -> bool:
+    import psutil
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_workers_die_with_their_parent(pair, tmp_path):
+    """Defect: when only the parent was killed (SIGKILL, e.g. by the OOM killer), forked workers lived on."""
+    a, _ = pair
+    script = WORKER_SCRIPT.replace('raise RuntimeError("boom")', "time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", script, str(a)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "started"
+    t0 = time.time()
+    while len(_children(p.pid)) < 2 and time.time() - t0 < 30:
+        time.sleep(0.2)
+    kids = _children(p.pid)
+    assert len(kids) >= 2
+    p.kill()
+    p.wait()
+    assert _wait_gone(kids), "workers outlived their parent"
+
+
+def test_first_error_cancels_pending_work(pair):
+    """Defect: pending work was not cancelled on the first error (the pool waited for every sleeping job)."""
+    a, _ = pair
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(a)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "boom" in r.stderr
+    assert time.time() - t0 < 60
+
+
+def test_rank_with_nonfinite_update(tmp_path):
+    """Defect: `rank` on an update with NaN/Inf gave a traceback."""
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(6, 6, generator=g),
+            "model.layers.0.mlp.down_proj.weight": torch.randn(6, 6, generator=g)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.layers.0.mlp.up_proj.weight"][0, 0] = float("inf")
+    tuned["model.layers.0.mlp.down_proj.weight"][0, 0] += 1
+    save_folder(tmp_path / "a", base)
+    save_folder(tmp_path / "b", tuned)
+    r = run("rank", tmp_path / "a", tmp_path / "b", "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    d = strict_json(r.stdout)
+    assert [m["name"] for m in d["matrices"]] == ["model.layers.0.mlp.down_proj.weight"]
+    assert any("non-finite" in e for e in d["excluded"])

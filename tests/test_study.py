@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
+import torch
 
+from rlsubnet.io import InputError
 from rlsubnet.masks import Subnetwork
 from rlsubnet.report.study_report import write_report
 from rlsubnet.study.pipeline import Study
@@ -205,8 +208,6 @@ def test_answer_format_is_told_apart_from_correctness():
 def test_matched_random_mask_keeps_every_stratum_count(tmp_path):
     """The magnitude-matched control has, in every tensor × exponent bin, exactly the run mask's count (brute force
     over exponents computed with torch), and differs from it."""
-    import numpy as np
-    import torch
 
     from rlsubnet.masks.overlap import matched_random_mask
 
@@ -314,3 +315,18 @@ def test_gemma3_270m_from_its_packages(tmp_path, monkeypatch):
     assert acc["n"] == 4 and all(s["completion"].strip() for s in acc["samples"])
     with pytest.raises(InputError, match="--model"):
         packaged_model("llama-9000")
+
+
+@pytest.mark.slow
+def test_truncated_cached_train_log_in_study(tmp_path, tiny_model):
+    """Defect: a truncated cached `train_log.json` in a study gave a traceback."""
+    from rlsubnet.study.pipeline import Study
+    from rlsubnet.training.recipes import TrainConfig
+
+    st = Study(str(tmp_path / "study"), model=str(tiny_model), budget="tiny")
+    cfg = TrainConfig(algo="sft", model=str(tiny_model))
+    d = tmp_path / "study" / "runs" / f"x-{cfg.key()}"
+    d.mkdir(parents=True)
+    (d / "train_log.json").write_text('{"elapsed_s": 1.0, "ste')
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        st.train("x", cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from rlsubnet.io import InputError
 from rlsubnet.masks import Subnetwork
 from rlsubnet.training.masked import MaskedOptimizer
 from rlsubnet.training.recipes import ALGOS, TrainConfig, run_training
 
+from conftest import TRAIN, clean_error, run
 from tiny import write_tiny_checkpoint
 
 
@@ -124,7 +127,6 @@ def test_train_cli_and_verify_frozen(tiny, tmp_path):
     m = torch.from_numpy(mask.array(name))
     idx = torch.nonzero(~m.reshape(-1))[:7, 0]
     sd[name].view(-1)[idx] += 1.0
-    from safetensors.torch import save_file
 
     save_file(sd, str(broken / "model.safetensors"))
     v = subprocess.run([*cli, "verify-frozen", path, broken, mask_path, "--json", tmp_path / "v.json"], capture_output=True, text=True)
@@ -268,3 +270,113 @@ def test_train_cli_master_in_mask(tiny, tmp_path):
         assert torch.equal(out[name][~m], t0.bfloat16().float()[~m])
     with pytest.raises(Exception, match="master_in_mask"):
         run_training(TrainConfig(algo="sft", model=path, out=str(tmp_path / "p"), master_in_mask=True), progress=False)
+
+
+@pytest.mark.parametrize("opts,needle", [
+    (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--weight-decay", "nan"], "--weight-decay"), (["--beta", "nan"], "--beta"),
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-2"], "--batch-size"),
+    (["--level", "0"], "--level"), (["--level", "-1"], "--level"), (["--level", "1000"], "--level"),
+    (["--algo", "grpo", "--num-generations", "0"], "--num-generations"),
+    (["--algo", "grpo", "--num-generations", "1"], "--num-generations"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--algo", "grpo", "--batch-size", "6", "--num-generations", "4"], "not a multiple"),
+])
+def test_train_options_validated(tiny_model, tmp_path, opts, needle):
+    """Defect: unvalidated train options gave tracebacks, or an all-NaN checkpoint with exit 0."""
+    from rlsubnet.training.recipes import TrainConfig, run_training
+
+    kw = {"algo": "sft", "model": str(tiny_model), "out": str(tmp_path / "o")}
+    names = {"--lr": "lr", "--weight-decay": "weight_decay", "--beta": "beta", "--batch-size": "batch_size",
+             "--level": "level", "--num-generations": "num_generations", "--max-new-tokens": "max_new_tokens", "--algo": "algo"}
+    for k, v in zip(opts[::2], opts[1::2]):
+        kw[names[k]] = v if k == "--algo" else (float(v) if k in ("--lr", "--weight-decay", "--beta") else int(v))
+    with pytest.raises(InputError, match=names.get(needle, needle)):  # the Python API names the argument
+        run_training(TrainConfig(**kw), progress=False)
+    assert not (tmp_path / "o").exists()
+    r = run(*TRAIN, *opts, "--model", tiny_model, "--out", tmp_path / "o")  # a repeated option: the last one counts
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr  # the command line names its flag
+
+
+def test_train_cli_bad_models_one_sentence(tmp_path, tiny_model):
+    """Defects: a config.json that is not JSON or lacks model_type, and a malicious .bin given to
+    `train --model` (safely refused, but with a traceback)."""
+    import shutil
+
+    bad = tmp_path / "notjson"
+    shutil.copytree(tiny_model, bad)
+    (bad / "config.json").write_text("{nope")
+    clean_error(run(*TRAIN, "--model", bad, "--out", tmp_path / "o"), "not valid JSON")
+    nomt = tmp_path / "nomt"
+    shutil.copytree(tiny_model, nomt)
+    cfg = json.loads((nomt / "config.json").read_text())
+    cfg.pop("model_type")
+    (nomt / "config.json").write_text(json.dumps(cfg))
+    clean_error(run(*TRAIN, "--model", nomt, "--out", tmp_path / "o"), "model_type")
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_model, evil)
+    (evil / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"w": Evil()}, evil / "pytorch_model.bin")
+    clean_error(run(*TRAIN, "--model", evil, "--out", tmp_path / "o"), "refused to unpickle")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_divergence_is_not_saved():
+    """Defect: a run whose weights became NaN was written with exit 0; the guard finds the parameter."""
+    from rlsubnet.training.recipes import _nonfinite_params
+
+    m = torch.nn.Linear(3, 3)
+    assert _nonfinite_params(m) is None
+    with torch.no_grad():
+        m.bias[1] = float("nan")
+    assert _nonfinite_params(m) == "bias"
+
+
+@pytest.mark.slow
+def test_epoch_based_schedule_is_sized_by_the_trainer(tmp_path, tiny_model):
+    """Defect: `build_masked_optimizer(..., num_training_steps=args.max_steps)` with an epoch-based config
+    (max_steps = -1) built a schedule whose learning rate was 0 at every step: nothing changed."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from rlsubnet.training.masked import build_masked_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    names = [n for n, _ in model.named_parameters()]
+    mask = Subnetwork.from_bool({n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()})
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), num_train_epochs=1, per_device_train_batch_size=2,
+                             learning_rate=1e-2, lr_scheduler_type="linear", report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    assert args.max_steps == -1
+    with pytest.raises(ValueError, match="positive number of steps"):
+        build_masked_optimizer(model, args, mask, num_training_steps=args.max_steps)
+    opt, sched = build_masked_optimizer(model, args, mask)
+    assert sched is None
+    ids = torch.randint(3, 100, (8, 12))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched)).train()
+    moved = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
+    assert moved > 0.5 * sum(p.numel() for p in before.values()), names[:2]
+
+
+def test_masked_optimizer_hooks_work():
+    """Defect: MaskedOptimizer did not initialise its base class, so register_step_pre_hook failed."""
+    from rlsubnet.training.masked import MaskedOptimizer
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = MaskedOptimizer(torch.optim.AdamW([p], lr=0.1, weight_decay=0.0), {p: torch.tensor([True, False, True, False])})
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    (p * torch.arange(4.0)).sum().backward()
+    opt.step()
+    assert seen == ["pre", "post"]
+    assert p[1] == 1 and p[3] == 1 and p[2] != 1
+    assert opt.param_groups is opt.optimizer.param_groups and opt.state is opt.optimizer.state

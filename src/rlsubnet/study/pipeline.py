@@ -114,22 +114,30 @@ class Study:
         self.n_runs = 0
 
     # -- building blocks --------------------------------------------------------------------------------
-    def _cached(self, key: str, fn, fields: tuple[str, ...] = ()):
-        """``fn()``'s JSON value, kept under ``OUT/cache/KEY.json``; a cached entry that does not parse or lacks
-        one of ``fields`` (written by another version, edited, truncated) is recomputed, and says so."""
+    def _read_cache(self, key: str, fields: tuple[str, ...] = ()):
+        """The JSON value kept under ``OUT/cache/KEY.json``, or None; an entry that does not parse or lacks one of
+        ``fields`` (written by another version, edited, truncated) is None, and says so."""
         p = self.out / "cache" / f"{key}.json"
-        if p.exists():
-            try:
-                val = json.loads(p.read_text(encoding="utf-8"))
-                if fields and not (isinstance(val, dict) and all(f in val for f in fields)):
-                    raise ValueError("wrong shape")
-                return val
-            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-                what = "is not what this version writes" if str(e) == "wrong shape" else "is unreadable"
-                self.con.print(f"[yellow]cache entry {safe(p)} {what}; recomputing it[/yellow]")
-        val = fn()
-        write_text(p, dumps(val, indent=None))
+        if not p.exists():
+            return None
+        try:
+            val = json.loads(p.read_text(encoding="utf-8"))
+            if fields and not (isinstance(val, dict) and all(f in val for f in fields)):
+                raise ValueError("wrong shape")
+            return val
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            what = "is not what this version writes" if str(e) == "wrong shape" else "is unreadable"
+            self.con.print(f"[yellow]cache entry {safe(p)} {what}; recomputing it[/yellow]")
+            return None
+
+    def _write_cache(self, key: str, val):
+        write_text(self.out / "cache" / f"{key}.json", dumps(val, indent=None))
         return val
+
+    def _cached(self, key: str, fn, fields: tuple[str, ...] = ()):
+        """``fn()``'s JSON value, kept under ``OUT/cache/KEY.json`` (recomputed when the entry is unusable)."""
+        val = self._read_cache(key, fields)
+        return self._write_cache(key, fn()) if val is None else val
 
     def key_of(self, path: str | Path) -> str:
         """Content digest of a checkpoint (each file hashed once while it stays unchanged)."""
@@ -201,43 +209,22 @@ class Study:
         return str(d)
 
     def analyze(self, name: str, tuned: str, rank: bool = False, base: str | None = None) -> DiffSummary:
+        """The diff of ``tuned`` against ``base`` (the model by default), summarised and cached by content; the
+        bitwise mask is saved beside it, from the same diff when one runs, else checked and rebuilt if lost."""
         base = base or self.model
         import hashlib
 
         lr_sum = run_lr_sum(tuned) if base == self.model else None
         key = f"diff-{name}-" + hashlib.sha256(f"{self.key_of(tuned)}|{self.key_of(base)}|{int(rank)}|{lr_sum}".encode()).hexdigest()[:12]
-
-        def go():
+        cached = self._read_cache(key, DIFF_FIELDS)
+        if cached is None:
             r = run_diff(base, tuned, rank=rank, mask_criterion="bitwise", lr_sum=lr_sum)
-            self._save_mask(name, Subnetwork.from_diff(r), base, tuned)
-            grid = {}
-            for t in r.tensors:
-                if t.layer is not None:
-                    g = grid.setdefault(str(t.layer), {}).setdefault(t.kind, [0, 0])
-                    g[0] += t.changed
-                    g[1] += t.numel
-            out = {"numel": r.numel, "changed": r.changed, "sparsity": r.sparsity, "atol": r.atol,
-                   "bf16_rel_sparsity": r.bf16_rel_sparsity, "ulp_hist": r.ulp_hist,
-                   "by_module": {g.key: g.sparsity for g in r.by_module},
-                   "by_layer": {g.key: g.sparsity for g in r.by_layer},
-                   "grid": {L: {k: 1 - c / n for k, (c, n) in kinds.items()} for L, kinds in grid.items()},
-                   "paper_layerwise_density": r.paper_layerwise_density, "skipped": len(r.skipped), "notes": r.notes}
-            if r.floor is not None:
-                out["lr_sum"] = lr_sum
-                out["floor"] = r.floor.to_dict()
-                out["sparsity_above_floor"] = r.floor.sparsity_above_floor
-                out["by_exponent"] = r.by_exponent
-            if r.rank is not None:
-                out["rank_mean"] = r.rank.mean_rank_ratio
-                out["rank_by_kind"] = r.rank.by_kind
-                ms = [m for m in r.rank.matrices if m.max_rank]
-                # stable rank ‖ΔW‖_F²/‖ΔW‖_2² and effective rank exp(entropy of σ), each as a share of the maximum rank
-                out["stable_rank_mean"] = sum(m.stable_rank / m.max_rank for m in ms) / len(ms) if ms else None
-                out["effective_rank_mean"] = sum(m.effective_rank / m.max_rank for m in ms) / len(ms) if ms else None
-            return out
-
-        d = DiffSummary.from_dict(self._cached(key, go, fields=DIFF_FIELDS), f"cache entry {key}")
-        self.ensure_mask(name, base, tuned)
+            d = summarize_diff(r, lr_sum)
+            self._write_cache(key, asdict(d))
+            self._save_mask(name, Subnetwork.from_diff(r), base, tuned)  # its own step, from the diff just run
+        else:
+            d = DiffSummary.from_dict(cached, f"cache entry {key}")
+            self.ensure_mask(name, base, tuned)
         self.results["diffs"][name] = d
         return d
 
@@ -390,6 +377,31 @@ class Study:
         self.con.print(f"wrote {safe(self.out / 'results.json')}")
         return result  # rendering is the report layer's job (the CLI hands result.to_dict() to write_report)
 
+
+
+def summarize_diff(r, lr_sum: float | None) -> DiffSummary:
+    """What the study keeps of a diff: totals, the tolerance sweep, sparsity per module, layer and layer × module,
+    the floor (with ``lr_sum``) and the update rank (when it was computed)."""
+    grid: dict = {}
+    for t in r.tensors:
+        if t.layer is not None:
+            g = grid.setdefault(str(t.layer), {}).setdefault(t.kind, [0, 0])
+            g[0] += t.changed
+            g[1] += t.numel
+    d = DiffSummary(numel=r.numel, changed=r.changed, sparsity=r.sparsity, atol=r.atol, bf16_rel_sparsity=r.bf16_rel_sparsity,
+                    ulp_hist=r.ulp_hist, by_module={g.key: g.sparsity for g in r.by_module},
+                    by_layer={g.key: g.sparsity for g in r.by_layer},
+                    grid={L: {k: 1 - c / n for k, (c, n) in kinds.items()} for L, kinds in grid.items()},
+                    paper_layerwise_density=r.paper_layerwise_density, skipped=len(r.skipped), notes=r.notes)
+    if r.floor is not None:
+        d.lr_sum, d.floor, d.sparsity_above_floor, d.by_exponent = lr_sum, r.floor.to_dict(), r.floor.sparsity_above_floor, r.by_exponent
+    if r.rank is not None:
+        ms = [m for m in r.rank.matrices if m.max_rank]
+        d.rank_mean, d.rank_by_kind = r.rank.mean_rank_ratio, r.rank.by_kind
+        # stable rank ‖ΔW‖_F²/‖ΔW‖_2² and effective rank exp(entropy of σ), each as a share of the maximum rank
+        d.stable_rank_mean = sum(m.stable_rank / m.max_rank for m in ms) / len(ms) if ms else None
+        d.effective_rank_mean = sum(m.effective_rank / m.max_rank for m in ms) / len(ms) if ms else None
+    return d
 
 
 def _quant_source(model: str) -> dict | None:

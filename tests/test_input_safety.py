@@ -1,4 +1,4 @@
-"""Hostile input (issue 15): nothing read is trusted until checked, and a few kilobytes never cost gigabytes.
+"""Input safety (issues 8 and 15): nothing read is trusted until checked, and a few kilobytes never cost gigabytes.
 
 Every test here failed on the tree before the fix it guards (its ``Defect:`` line says what it did).
 Memory is asserted with tracemalloc (python-zstandard and json allocate through Python's allocator), as the
@@ -18,17 +18,23 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import zstandard
+from safetensors.torch import save_file
 
+import rlsubnet
 from rlsubnet.deltas import DeltaError, DeltaPublisher, apply_delta
 from rlsubnet.deltas.format import END, PatchReader, checkpoint_hash
 from rlsubnet.deltas.live import DirectorySink, ReceiveError, receive_directory
 from rlsubnet.deltas.patch import apply, create, info, verify
-from rlsubnet.io import InputError
+from rlsubnet.io import InputError, open_checkpoint
+from rlsubnet.io.guard import MARKER
+from rlsubnet.masks import Subnetwork, overlap
+from rlsubnet.masks.verify import verify_frozen
 
-from conftest import bump_ulps, run, save_folder
+from conftest import bump_ulps, clean_error, run, save_folder, small_lm
 
 MB = 1 << 20
 
@@ -418,7 +424,6 @@ def test_patch_apply_never_deletes_a_folder_that_appears_at_o(tmp_path):
 def test_guarded_swap_swaps_back_what_is_not_ours(tmp_path):
     """The check at the swap itself: what comes out of the destination is checked after the exchange."""
     from rlsubnet.io import atomic
-    from rlsubnet.io.guard import MARKER
 
     dest = tmp_path / "out"
     dest.mkdir()
@@ -524,16 +529,16 @@ def test_study_cache_entries_of_the_wrong_shape_and_lost_masks_are_rebuilt(tmp_p
     s = Study(str(tmp_path / "out"), console=con)
     s.model = str(a)
     d = s.analyze("x", str(b))
-    assert d["changed"] == 7 and Subnetwork.load(s.mask("x")).count() == 7
+    assert d.changed == 7 and Subnetwork.load(s.mask("x")).count() == 7
     Path(s.mask("x")).unlink()
     for entry in (tmp_path / "out" / "cache").glob("diff-*.json"):
         entry.write_text('{"numel": 1}')
     d = s.analyze("x", str(b))
     text = con.export_text()
     assert "is not what this version writes" in text and "rebuilding" not in text  # the recomputed diff rewrote the mask
-    assert d["changed"] == 7 and Subnetwork.load(s.mask("x")).count() == 7
+    assert d.changed == 7 and Subnetwork.load(s.mask("x")).count() == 7
     Path(s.mask("x")).write_bytes(Path(s.mask("x")).read_bytes()[:40])  # truncated
-    assert s.analyze("x", str(b))["changed"] == 7  # cached diff ...
+    assert s.analyze("x", str(b)).changed == 7  # cached diff ...
     assert "rebuilding" in con.export_text() and Subnetwork.load(s.mask("x")).count() == 7  # ... and the mask rebuilt
 
 
@@ -587,3 +592,159 @@ def test_a_header_of_many_identical_tensors_is_accepted():
     sd["layers.7.bias"][1] = 1.0
     payload = pub.delta()
     assert len(payload) < 60_000 and len(PatchReader(payload).header["tensors"]) == 20000
+
+
+def _hostile_mask(path: Path, bits: dict, shapes: dict, counts=None, extra_meta=None):
+    meta = {"format": "rlsubnet-mask/1", "shapes": json.dumps(shapes), "criterion": "bitwise"}
+    if counts is not None:
+        meta["counts"] = json.dumps(counts)
+    meta.update(extra_meta or {})
+    save_file({k: torch.from_numpy(np.asarray(v, np.uint8)) for k, v in bits.items()}, str(path), metadata=meta)
+    return path
+
+
+def test_mask_counts_are_recomputed_from_bits(tmp_path):
+    """Defect: `counts` metadata trusted: negative or huge counts gave negative or absurd densities."""
+    a = _hostile_mask(tmp_path / "a.safetensors", {"w": [0b1111, 0]}, {"w": [16]}, counts={"w": -5})
+    b = _hostile_mask(tmp_path / "b.safetensors", {"w": [0b0011, 0]}, {"w": [16]}, counts={"w": 10**15})
+    r = overlap([a, b])
+    assert r.masks[0]["density"] == 4 / 16 and r.masks[1]["density"] == 2 / 16
+    assert r.pairs[0].intersection == 2 and r.pairs[0].o1 == 0.5
+
+
+def test_mask_padding_bits_refused(tmp_path):
+    """Defect: set padding bits were counted as parameters."""
+    m = _hostile_mask(tmp_path / "p.safetensors", {"w": [0xFF, 0xFF]}, {"w": [10]})  # 10 entries, 6 padding bits set
+    with pytest.raises(InputError, match="padding bits"):
+        Subnetwork.load(m).count()
+    clean_error(run("overlap", m, m), "padding bits")
+
+
+def test_mask_shapes_cannot_claim_more_than_the_file(tmp_path):
+    """Defect: a 4 KB mask whose shapes claim 2^36 parameters made `overlap` allocate 8 GB."""
+    m = _hostile_mask(tmp_path / "h.safetensors", {"w": np.zeros(4000, np.uint8)}, {"w": [2**18, 2**18]})
+    with pytest.raises(InputError, match="packed uint8 bytes"):
+        Subnetwork.load(m)
+    m = _hostile_mask(tmp_path / "n.safetensors", {"w": [0]}, {"w": [-8, -1]})
+    with pytest.raises(InputError, match="non-negative integers"):
+        Subnetwork.load(m)
+
+
+def test_verify_frozen_fails_on_what_it_could_not_check(tmp_path):
+    """Defect: verify-frozen silently skipped tensors whose shapes differ and said OK."""
+    base = small_lm()
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.layers.0.mlp.up_proj.weight"] = torch.zeros(4, 8).bfloat16()  # reshaped
+    save_folder(tmp_path / "a", base)
+    save_folder(tmp_path / "b", tuned)
+    Subnetwork.full({k: tuple(v.shape) for k, v in base.items()}).save(tmp_path / "m.safetensors")
+    v = verify_frozen(tmp_path / "a", tmp_path / "b", tmp_path / "m.safetensors")
+    assert not v.ok and v.frozen_moved == 0
+    assert v.unchecked[0]["name"] == "model.layers.0.mlp.up_proj.weight"
+    r = run("verify-frozen", tmp_path / "a", tmp_path / "b", tmp_path / "m.safetensors", "-q")
+    assert r.returncode == 1 and "not checked" in r.stdout and "NOT VERIFIED" in r.stdout
+
+
+def test_symlinked_index_entries_cannot_escape(tmp_path):
+    """Defect: an index entry that is a symlink (or goes through a symlinked subfolder) was followed outside."""
+    outside = tmp_path / "outside"
+    save_folder(outside, {"w": torch.zeros(4)})
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    os.symlink(outside / "model.safetensors", ck / "shard.safetensors")
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "shard.safetensors"}}))
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        open_checkpoint(ck)
+    ck2 = tmp_path / "ck2"
+    ck2.mkdir()
+    os.symlink(outside, ck2 / "sub")
+    (ck2 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "sub/model.safetensors"}}))
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        open_checkpoint(ck2)
+    ck3 = tmp_path / "ck3"
+    ck3.mkdir()
+    os.symlink(outside / "model.safetensors", ck3 / "model.safetensors")
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        open_checkpoint(ck3)
+    # a name that merely starts with two dots is inside the folder
+    ck4 = tmp_path / "ck4"
+    save_file({"w": torch.zeros(4)}, str((ck4.mkdir() or ck4) / "..a.safetensors"))
+    (ck4 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "..a.safetensors"}}))
+    assert list(open_checkpoint(ck4).tensors) == ["w"]
+
+
+def _hf_repo(cache: Path, name: str, sd: dict, commit: str = "a" * 40) -> Path:
+    """A Hugging Face cache repository laid out as huggingface_hub writes it (snapshot files link to blobs)."""
+    repo = cache / f"models--org--{name}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(sd, str(repo / "blobs" / "deadbeef"))
+    os.symlink("../../blobs/deadbeef", repo / "snapshots" / commit / "model.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo
+
+
+def test_hf_cache_blobs_allowed_escapes_refused(tmp_path):
+    """Defect: `org/name@../../x` or a refs file holding `../../x` escaped the cache; a non-UTF-8 refs file
+    gave a traceback. Snapshots that link to ../../blobs are how the cache works and stay allowed."""
+    cache = tmp_path / "hub"
+    base = {"w": torch.arange(8.0)}
+    tuned = {"w": torch.arange(8.0) + torch.tensor([0, 0, 1.0, 0, 0, 0, 0, 0])}
+    _hf_repo(cache, "base", base)
+    repo = _hf_repo(cache, "tuned", tuned)
+    assert rlsubnet.diff("org/base", "org/tuned", cache_dir=str(cache)).changed == 1
+    victim = tmp_path / "victim"
+    save_folder(victim, base)
+    with pytest.raises(InputError, match="not a branch, tag or commit"):
+        open_checkpoint("org/base@../../../victim", cache_dir=str(cache))
+    (repo / "refs" / "evil").write_text("../../../victim")
+    with pytest.raises(InputError, match="does not hold a commit hash"):
+        open_checkpoint("org/tuned@evil", cache_dir=str(cache))
+    (repo / "refs" / "bad").write_bytes(b"\xff\xfe\x00")
+    r = run("diff", "org/tuned@bad", "org/base", "--cache-dir", cache)
+    clean_error(r, "not a readable reference")
+    # closeness and verify-frozen take --cache-dir too
+    r = run("closeness", "org/base", "org/base", "org/tuned", "--cache-dir", cache, "-q")
+    assert r.returncode == 0, r.stderr
+    Subnetwork.full({"w": (8,)}).save(tmp_path / "m.safetensors")
+    r = run("verify-frozen", "org/base", "org/tuned", tmp_path / "m.safetensors", "--cache-dir", cache, "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    """Defect: a FIFO passed as a checkpoint hung forever."""
+    f = tmp_path / "model.safetensors"
+    os.mkfifo(f)
+    r = run("diff", f, f, timeout=60)
+    clean_error(r, "not a regular file")
+    d = tmp_path / "d"
+    d.mkdir()
+    os.mkfifo(d / "model.safetensors")
+    clean_error(run("diff", d, d, timeout=60), "not a regular file")
+    os.mkfifo(tmp_path / "m.safetensors")
+    clean_error(run("overlap", tmp_path / "m.safetensors", tmp_path / "m.safetensors", timeout=60), "not a regular file")
+
+
+def _raw_file(path: Path, header: dict | bytes, data: bytes = b"", n: int | None = None) -> Path:
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h) if n is None else n) + h + data)
+    return path
+
+
+def test_header_checks_match_the_library(tmp_path):
+    """Defects: duplicate keys accepted (last wins); a header over the size limit reported as "exceeds the
+    file"; non-contiguous offsets accepted."""
+    from rlsubnet.io.checkpoint import read_safetensors_header
+
+    dup = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    with pytest.raises(InputError, match="appears twice"):
+        read_safetensors_header(str(_raw_file(tmp_path / "dup.safetensors", dup, b"\0" * 4)))
+    with pytest.raises(InputError, match="exceeds the limit"):
+        read_safetensors_header(str(_raw_file(tmp_path / "big.safetensors", b"{}", n=200 * 1024 * 1024)))
+    gap = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    with pytest.raises(InputError, match="gap"):
+        read_safetensors_header(str(_raw_file(tmp_path / "gap.safetensors", gap, b"\0" * 8)))
+    tail = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    with pytest.raises(InputError, match="after the last tensor"):
+        read_safetensors_header(str(_raw_file(tmp_path / "tail.safetensors", tail, b"\0" * 12)))
