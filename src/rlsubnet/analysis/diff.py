@@ -75,51 +75,18 @@ def diff(
     changed fraction per exponent of |w0| (``result.floor``, ``result.by_exponent``).
     """
     t0 = time.perf_counter()
-    tols_user = check_tolerances(atol)
-    if not (math.isfinite(eta) and eta >= 0):
-        raise InputError(f"--eta: {eta!r} is not a non-negative number.")
-    if lr_sum is not None and not (isinstance(lr_sum, (int, float)) and math.isfinite(lr_sum) and lr_sum >= 0):
-        raise InputError(f"--lr-sum: {lr_sum!r} is not a non-negative number.")
-    crit = None
-    if mask_criterion is not None:
-        try:
-            crit = parse_criterion(mask_criterion)
-        except ValueError:
-            raise InputError(f"--criterion: {mask_criterion!r} is not one of bitwise, atol:TOL, bf16rel:ETA.") from None
-    tols = np.unique(np.array(tols_user, dtype=np.float64))
+    tols_user, tols, crit = _options(atol, eta, lr_sum, mask_criterion)
     cb, ct = _as_checkpoint(base, cache_dir), _as_checkpoint(tuned, cache_dir)
     try:
         pairs, skipped = align(cb, ct, common_slice=common_slice)
         both = {p.name for p in pairs if same_format(cb, ct, p.src_a, p.src_b) and not p.sliced}  # read by their codes
         jobs = [Job(p.name, [(cb, p.src_a), (ct, p.src_b)], p.numel, payload=p, read=p.name not in both) for p in pairs]
         stats: dict[str, ChunkStats] = {p.name: ChunkStats(atol_changed=np.zeros(tols.size, np.int64)) for p in pairs}
-        masks: dict[str, np.ndarray] | None = None
-        if crit is not None:
-            masks = {p.name: np.zeros((p.numel + 7) // 8, np.uint8) for p in pairs}
-
-        quantized = {p.name for p in pairs if quant_spec(cb, p.src_a) or quant_spec(ct, p.src_b)}
+        masks = {p.name: np.zeros((p.numel + 7) // 8, np.uint8) for p in pairs} if crit is not None else None
         fused = {p.name: p.shape[0] for p in pairs if len(p.shape) >= 2 and (r := expert_role(p.name)) is not None and r.role == "fused"}
-
-        def fn(job: Job, start: int, raws: list[np.ndarray] | int):
-            p: Pair = job.payload
-            if p.name in both:  # raws is the chunk's length: codes and scales are read by the probe
-                st, m = quant_chunk(cb, ct, p.src_a, p.src_b, start, raws, tols, eta, crit, lr_sum)
-                if p.name in fused:
-                    st.per_expert = _per_expert(cb, ct, p, start, raws, fused[p.name])
-                return st, (np.packbits(m, bitorder="little") if m is not None else None)
-            kept = {} if p.name in quantized and quant_spec(cb, p.src_a) else None
-            st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit, keep=kept)
-            if p.name in quantized:  # codes, scales, ULPs in the stored grid, the floor with the scale held fixed
-                quant_probe(st, raws[0], raws[1], p.a.dtype, p.b.dtype, cb, ct, p.src_a, p.src_b, start, lr_sum, kept)
-            elif lr_sum is not None:
-                floor_probe(raws[0], raws[1], p.a.dtype, p.b.dtype, lr_sum, st)
-            if p.name in fused:  # changed entries per expert: expert e holds flat range [e·per, (e+1)·per)
-                idx = differing(raws[0], raws[1], p.a.dtype, p.b.dtype)[0]
-                st.per_expert = np.bincount((start + idx) // (p.numel // fused[p.name]), minlength=fused[p.name])
-            return st, (np.packbits(m, bitorder="little") if m is not None else None)
-
+        fn = _chunk_probe(cb, ct, pairs, both, fused, tols, eta, crit, lr_sum)
         for job, results in map_chunks(jobs, fn, workers=workers, chunk=chunk, desc="diff", progress=progress,
-                                           engine=engine, ray_address=ray_address):
+                                       engine=engine, ray_address=ray_address):
             pos8 = 0
             for st, packed in results:
                 stats[job.name].add(st)
@@ -132,9 +99,7 @@ def diff(
         if lr_sum is not None:
             attach_floor(result, pairs, stats, float(lr_sum))
         if masks is not None:
-            masks = {p.name: masks[p.name] for p in pairs if not p.buffer}  # buffers are not parameters
-        result.mask_bits = masks
-        if masks is not None:
+            result.mask_bits = {p.name: masks[p.name] for p in pairs if not p.buffer}  # buffers are not parameters
             result.fingerprints = {"base": cb.fingerprint(), "tuned": ct.fingerprint()}
         if rank:
             from .rank import rank_pairs
@@ -147,6 +112,47 @@ def diff(
             ct.close()
     result.elapsed_s = time.perf_counter() - t0
     return result
+
+
+def _options(atol, eta, lr_sum, mask_criterion):
+    """The options checked before anything is read: (the tolerances as given, sorted and unique, the criterion)."""
+    tols_user = check_tolerances(atol)
+    if not (math.isfinite(eta) and eta >= 0):
+        raise InputError(f"--eta: {eta!r} is not a non-negative number.")
+    if lr_sum is not None and not (isinstance(lr_sum, (int, float)) and math.isfinite(lr_sum) and lr_sum >= 0):
+        raise InputError(f"--lr-sum: {lr_sum!r} is not a non-negative number.")
+    crit = None
+    if mask_criterion is not None:
+        try:
+            crit = parse_criterion(mask_criterion)
+        except ValueError:
+            raise InputError(f"--criterion: {mask_criterion!r} is not one of bitwise, atol:TOL, bf16rel:ETA.") from None
+    return tols_user, np.unique(np.array(tols_user, dtype=np.float64)), crit
+
+
+def _chunk_probe(cb, ct, pairs, both: set, fused: dict, tols, eta, crit, lr_sum):
+    """The work of one chunk of one pair, as the engine calls it: (stats, packed mask bits or None)."""
+    quantized = {p.name for p in pairs if quant_spec(cb, p.src_a) or quant_spec(ct, p.src_b)}
+
+    def fn(job: Job, start: int, raws: list[np.ndarray] | int):
+        p: Pair = job.payload
+        if p.name in both:  # raws is the chunk's length: codes and scales are read by the probe
+            st, m = quant_chunk(cb, ct, p.src_a, p.src_b, start, raws, tols, eta, crit, lr_sum)
+            if p.name in fused:
+                st.per_expert = _per_expert(cb, ct, p, start, raws, fused[p.name])
+            return st, (np.packbits(m, bitorder="little") if m is not None else None)
+        kept = {} if p.name in quantized and quant_spec(cb, p.src_a) else None
+        st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit, keep=kept)
+        if p.name in quantized:  # codes, scales, ULPs in the stored grid, the floor with the scale held fixed
+            quant_probe(st, raws[0], raws[1], p.a.dtype, p.b.dtype, cb, ct, p.src_a, p.src_b, start, lr_sum, kept)
+        elif lr_sum is not None:
+            floor_probe(raws[0], raws[1], p.a.dtype, p.b.dtype, lr_sum, st)
+        if p.name in fused:  # changed entries per expert: expert e holds flat range [e·per, (e+1)·per)
+            idx = differing(raws[0], raws[1], p.a.dtype, p.b.dtype)[0]
+            st.per_expert = np.bincount((start + idx) // (p.numel // fused[p.name]), minlength=fused[p.name])
+        return st, (np.packbits(m, bitorder="little") if m is not None else None)
+
+    return fn
 
 
 def _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta) -> DiffResult:

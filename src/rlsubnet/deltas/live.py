@@ -282,29 +282,43 @@ def apply_delta(target: torch.nn.Module | dict, payload: bytes, recheck: bool = 
     # contiguous targets that share no storage take the changed entries in place, on their device (cost grows
     # with the change); the rest receive whole new tensors, built and hashed before anything is written
     inplace = [n for n in updates if n not in check and named[n].is_contiguous()]
+    whole = _whole_results({n: u for n, u in updates.items() if n not in inplace}, named, results)
+    _write_in_place(inplace, updates, named, results)
+    _write_whole(whole, check, named, results)
+    for name in updates:  # the digest of what each written tensor now holds, for the next payload's base check
+        _remember(named[name], results[name])
+    return changed
+
+
+def _whole_results(updates: dict, named: dict, results: dict) -> dict[str, np.ndarray]:
+    """The new bits of whole tensors, each checked against its recorded result before anything is written."""
     whole = {}
-    for name in updates:
-        if name not in inplace:
-            idx, vals = updates[name]
-            new = torch_raw(named[name].detach().cpu()).copy()
-            new[idx] = vals
-            whole[name] = new
+    for name, (idx, vals) in updates.items():
+        new = torch_raw(named[name].detach().cpu()).copy()
+        new[idx] = vals
+        whole[name] = new
     names = list(whole)
     for name, digest in zip(names, sha256_many([whole[n] for n in names])):
         if digest != results[name]:
             raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
-    saved = []  # (flat target, positions, old values) of every in-place write, to undo them if a result fails
+    return whole
+
+
+def _write_in_place(names: list[str], updates: dict, named: dict, results: dict) -> None:
+    """Write the changed entries of ``names`` by index on their device, then hash each tensor against its recorded
+    result; if any fails (or anything is raised), every entry written is restored before the error propagates."""
+    saved = []  # (flat target, positions, old values) of every write, to undo them
     try:
         with torch.no_grad():
-            for name in inplace:
+            for name in names:
                 dst = named[name]
                 idx, vals = updates[name]
                 flat = dst.view(-1)
                 at = torch.from_numpy(idx).to(dst.device)
                 saved.append((flat, at, flat[at].clone()))
                 flat[at] = torch.from_numpy(vals.view(_signed(vals.dtype.itemsize))).view(dst.dtype).to(dst.device)
-        got = sha256_many([torch_raw(named[n].detach().cpu()) for n in inplace])  # the results, hashed in threads
-        for name, digest in zip(inplace, got):
+        got = sha256_many([torch_raw(named[n].detach().cpu()) for n in names])  # the results, hashed in threads
+        for name, digest in zip(names, got):
             if digest != results[name]:
                 raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
     except BaseException:
@@ -312,6 +326,10 @@ def apply_delta(target: torch.nn.Module | dict, payload: bytes, recheck: bool = 
             for flat, at, old in reversed(saved):
                 flat[at] = old
         raise
+
+
+def _write_whole(whole: dict, check: list[str], named: dict, results: dict) -> None:
+    """Copy whole verified tensors into the target, then read back the names that share storage."""
     written = {}
     with torch.no_grad():
         for name, new in whole.items():
@@ -327,9 +345,6 @@ def apply_delta(target: torch.nn.Module | dict, payload: bytes, recheck: bool = 
         if not ok:
             raise DeltaError(f"delta payload: tensor '{name}' does not hold the recorded result after writing "
                              "(another tensor of the target shares its storage).")
-    for name in updates:  # the digest of what each written tensor now holds, for the next payload's base check
-        _remember(named[name], results[name])
-    return changed
 
 
 # id(tensor) -> (weak reference, _version, data_ptr, sha256 of its bits); tensors compare elementwise, so they
