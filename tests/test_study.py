@@ -330,3 +330,40 @@ def test_truncated_cached_train_log_in_study(tmp_path, tiny_model):
     (d / "train_log.json").write_text('{"elapsed_s": 1.0, "ste')
     with pytest.raises(InputError, match="corrupt or truncated"):
         st.train("x", cfg)
+
+
+def _md_tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every Markdown table of a report: (header cells, rows of cells), escapes removed."""
+    out, lines = [], md.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s|:-]+\|$", lines[i + 1]):
+            cells = lambda ln: [c.strip().replace("\\", "") for c in re.split(r"(?<!\\)\|", ln.strip())[1:-1]]
+            head, rows, i = cells(lines[i]), [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(cells(lines[i]))
+                i += 1
+            out.append((head, rows))
+        else:
+            i += 1
+    return out
+
+
+def test_report_tables_carry_the_results_numbers(tiny_study):
+    """The report's tables are the results, not only strings: every RQ1 row's bf16-relative sparsity, mean rank and
+    tolerance sweep, and every delta-sync row's counts, read back from report.md, equal what results.json holds."""
+    d, _, res = tiny_study
+    tables = _md_tables((d / "out" / "report.md").read_text())
+    t1 = next(rows for head, rows in tables if head[:2] == ["algorithm", "bits identical"])
+    t6 = next(rows for head, rows in tables if head == ["run", "1e-08", "1e-07", "1e-06", "1e-05"])
+    by1, by6 = {r[0].rstrip(" *"): r for r in t1}, {r[0]: r for r in t6}
+    assert set(by1) == {r["algo"].upper() for r in res["rq1"]["rows"]}
+    for r in res["rq1"]["rows"]:
+        row = by1[r["algo"].upper()]
+        assert row[5] == f"{100 * r['bf16_rel_sparsity']:.2f}%" and row[6] == f"{100 * r['rank_mean']:.1f}%"
+        sweep = {x["atol"]: x["sparsity"] for x in r["atol"]}
+        assert by6[r["algo"].upper()][1:] == [f"{100 * sweep[t]:.2f}%" for t in (1e-8, 1e-7, 1e-6, 1e-5)]
+    sync = next(rows for head, rows in tables if head[:4] == ["run", "step", "entries changed", "patch bytes"])
+    want = [["grpo", str(x["step"]), f"{x['changed_vs_prev']:,}", f"{x['delta_bytes']:,}", f"{x['delta_plain_bytes']:,}"]
+            for x in res["runs"]["grpo"]["delta_sync"]]
+    assert [r[:5] for r in sync if r[0] == "grpo"] == want
