@@ -342,17 +342,19 @@ def test_fp8_probes_equal_the_float64_truth(tmp_path, zero_scale):
     from rlsubnet.analysis.probes import ULP_EDGES, ULP_LABELS
 
     rng = np.random.default_rng(7)
-    cols = 260
     base, tuned, fbase, ftuned, planted = {}, {}, {}, {}, {}
     to_t = lambda c: torch.from_numpy(c).view(torch.float8_e4m3fn)
-    for proj, nan, rows in (("q_proj", True, 300), ("k_proj", False, 300), ("v_proj", False, 1100)):
+    # 260 columns: blocks cut at the edge (chunks of any size); 256: whole blocks (diff reads them in chunks of
+    # whole block rows, each rescaled block a slice), with a partial last block row
+    for proj, nan, rows, cols in (("q_proj", True, 300, 260), ("k_proj", False, 300, 260), ("v_proj", False, 1100, 260),
+                                  ("o_proj", True, 700, 256), ("up_proj", False, 700, 256)):
         q = f"model.layers.0.self_attn.{proj}.weight"
         ca, cb, n_moved = _random_fp8(rng, rows, cols, nan)
-        sa = ((rng.random((-(-rows // 128), 3)) + 0.5) * 1e-3).astype(np.float32)
+        sa = ((rng.random((-(-rows // 128), -(-cols // 128))) + 0.5) * 1e-3).astype(np.float32)
         sb = sa.copy()
-        sb[1, 2] *= np.float32(1.5)
+        sb[1, -1] *= np.float32(1.5)
         sb[0, 0] *= np.float32(0.75)
-        if proj == "v_proj":  # most blocks rescaled (as requantizing after training does)
+        if proj in ("v_proj", "up_proj"):  # most blocks rescaled (as requantizing after training does)
             sb.reshape(-1)[rng.random(sb.size) < 0.8] *= np.float32(1.25)
         if zero_scale:  # a scale that is not positive: the whole parameter goes by value
             sa[2, 1] = sb[2, 1] = 0.0
@@ -361,7 +363,7 @@ def test_fp8_probes_equal_the_float64_truth(tmp_path, zero_scale):
         va, vb = _values64(base[q], base[q + "_scale_inv"]), _values64(tuned[q], tuned[q + "_scale_inv"])
         fbase[q] = torch.from_numpy(va)
         ftuned[q] = torch.from_numpy(np.where(np.isnan(va) & np.isnan(vb), va, vb))  # diff calls two NaNs equal; float64 ones by bits
-        planted[q] = (ca, sa, va, vb, rows)
+        planted[q] = (ca, sa, va, vb, (rows, cols))
     a, b = save_folder(tmp_path / "a", base, config=FP8_CFG), save_folder(tmp_path / "b", tuned, config=FP8_CFG)
     fa, fb = save_folder(tmp_path / "fa", fbase), save_folder(tmp_path / "fb", ftuned)
     _, _, va, vb, _ = planted["model.layers.0.self_attn.k_proj.weight"]
@@ -380,8 +382,8 @@ def test_fp8_probes_equal_the_float64_truth(tmp_path, zero_scale):
                 assert x.max_abs_delta == y.max_abs_delta and x.l2_delta == pytest.approx(y.l2_delta, rel=1e-12)
                 assert x.l2_base == pytest.approx(y.l2_base, rel=1e-5)  # float32 products and sums
     for x in got.tensors:
-        ca, sa, va, vb, rows = planted[x.name]
-        assert (x.nonfinite > 0) == ("q_proj" in x.name) and x.quantized["scales_changed"] >= 2  # the planted NaNs and rescales
+        ca, sa, va, vb, (rows, cols) = planted[x.name]
+        assert (x.nonfinite > 0) == (x.name.split(".")[-2] in ("q_proj", "o_proj")) and x.quantized["scales_changed"] >= 2  # planted
         # the ULP histogram in the base's grid, computed here from the grid's own gaps
         ulp = _e4m3_ulp_by_gap()[ca.reshape(-1)] * np.repeat(np.repeat(sa.astype(np.float64), 128, 0), 128, 1)[:rows, :cols].reshape(-1)
         d = np.abs(vb - va).reshape(-1)
@@ -426,3 +428,30 @@ def test_mxfp4_probes_equal_the_float64_truth(tmp_path):
         assert x.l2_delta == pytest.approx(y.l2_delta, rel=1e-12) and x.l2_base == pytest.approx(y.l2_base, rel=1e-5)  # float32 products and sums
         assert np.array_equal(got.mask_bits[p], ref.mask_bits[p]), (crit, chunk)
     assert 0 < x.changed < x.numel and x.quantized["scales_changed"] > 8
+
+
+def test_whole_block_rows_give_the_counts_of_any_chunks(tmp_path, monkeypatch):
+    """diff reads fp8-block parameters whose rows hold whole blocks in chunks of whole block rows (each rescaled block a
+    slice): the floor, the masks and every count equal those of the generic path (chunks cut anywhere, every rescaled
+    entry indexed), on a pair with most blocks rescaled and a partial last block row."""
+    import importlib
+
+    D = importlib.import_module("rlsubnet.analysis.diff")  # the module (the package exports the function as diff)
+    rng = np.random.default_rng(5)
+    ca, cb, _ = _random_fp8(rng, 700, 384, nan=True)
+    sa = ((rng.random((6, 3)) + 0.5) * 1e-3).astype(np.float32)
+    sb = sa.copy()
+    sb[rng.random(sb.shape) < 0.7] *= np.float32(1.25)
+    q = "model.layers.0.mlp.down_proj.weight"
+    to_t = lambda c: torch.from_numpy(c).view(torch.float8_e4m3fn)
+    a = save_folder(tmp_path / "a", {q: to_t(ca), q + "_scale_inv": torch.from_numpy(sa)}, config=FP8_CFG)
+    b = save_folder(tmp_path / "b", {q: to_t(cb), q + "_scale_inv": torch.from_numpy(sb)}, config=FP8_CFG)
+    for crit in ("bitwise", "bf16rel:1e-3"):
+        fast = diff(a, b, lr_sum=1e-4, mask_criterion=crit, chunk=40000)
+        monkeypatch.setattr(D, "block_row_chunk", lambda spec, chunk: None)
+        slow = diff(a, b, lr_sum=1e-4, mask_criterion=crit, chunk=40000)
+        monkeypatch.undo()
+        x, y = fast.tensors[0], slow.tensors[0]
+        assert (x.changed, x.atol, x.bf16_rel_changed, x.ulp_hist, x.floor, x.nonfinite, x.quantized) == \
+            (y.changed, y.atol, y.bf16_rel_changed, y.ulp_hist, y.floor, y.nonfinite, y.quantized)
+        assert np.array_equal(fast.mask_bits[q], slow.mask_bits[q]) and x.changed > 0 and x.floor is not None

@@ -18,7 +18,7 @@ from .experts import expert_role, moe_section
 from .floor import attach_floor, floor_probe
 from .naming import layer_index, module_kind, paper_layer_index
 from .probes import ULP_LABELS, ChunkStats, differing, parse_criterion, probe_chunk
-from .quantized import quant_chunk, quant_probe, quant_spec, same_format
+from .quantized import block_row_chunk, quant_chunk, quant_probe, quant_spec, same_format
 from .results import DiffResult, Group, TensorDiff
 
 DEFAULT_ATOL = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
@@ -80,7 +80,8 @@ def diff(
     try:
         pairs, skipped = align(cb, ct, common_slice=common_slice)
         both = {p.name for p in pairs if same_format(cb, ct, p.src_a, p.src_b) and not p.sliced}  # read by their codes
-        jobs = [Job(p.name, [(cb, p.src_a), (ct, p.src_b)], p.numel, payload=p, read=p.name not in both) for p in pairs]
+        jobs = [Job(p.name, [(cb, p.src_a), (ct, p.src_b)], p.numel, payload=p, read=p.name not in both,
+                    chunk=block_row_chunk(cb.quant[p.src_a], chunk) if p.name in both else None) for p in pairs]
         stats: dict[str, ChunkStats] = {p.name: ChunkStats(atol_changed=np.zeros(tols.size, np.int64)) for p in pairs}
         masks = {p.name: np.zeros((p.numel + 7) // 8, np.uint8) for p in pairs} if crit is not None else None
         fused = {p.name: p.shape[0] for p in pairs if len(p.shape) >= 2 and (r := expert_role(p.name)) is not None and r.role == "fused"}

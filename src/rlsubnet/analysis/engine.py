@@ -31,6 +31,7 @@ class Job:
     payload: Any = None  # anything the caller wants back with the results
     read: bool = True  # False: the function reads its chunks itself (it gets None for the raws)
     whole: bool = False  # True: every chunk of the job in one work unit, in order (state carried across chunks)
+    chunk: int | None = None  # elements per chunk for this job (a multiple of 8; default: the map's)
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +76,7 @@ def _run(task: tuple, i: int):
     jobs, fn, chunk = task
     job = jobs[i]
     return i, [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count)
-               for start, count in iter_chunks(job.numel, chunk)]
+               for start, count in iter_chunks(job.numel, job.chunk or chunk)]
 
 
 def _run_in_worker(i: int):
@@ -170,8 +171,9 @@ def _units(jobs: Sequence[Job], chunk: int) -> list[tuple[int, list[tuple[int, i
     out = []
     for i, job in enumerate(jobs):
         itemsize = job.nbytes // job.numel if job.numel else 1  # bytes read per element, over all sources
-        per = max(1, UNIT_BYTES // (chunk * max(1, itemsize)))  # chunks per unit
-        ranges = list(iter_chunks(job.numel, chunk))
+        size = job.chunk or chunk
+        per = max(1, UNIT_BYTES // (size * max(1, itemsize)))  # chunks per unit
+        ranges = list(iter_chunks(job.numel, size))
         if job.whole:
             per = max(len(ranges), 1)
         for k in range(0, max(len(ranges), 1), per):

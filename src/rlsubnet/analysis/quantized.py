@@ -89,12 +89,21 @@ class _PairTables:
         bucket[~self.neq] = 0
         self.bucket = bucket
         self._rel: dict[float, np.ndarray] = {}
+        self._info: dict[float, np.ndarray] = {}
 
     def rel(self, eta: float) -> np.ndarray:
         """Per pair: |Δ| > η·max(|w0|,|w1|) exactly (the scale cancels), for changed pairs only."""
         hit = self._rel.get(eta)
         if hit is None:
             hit = self._rel[eta] = rel_changed_mask(self.d, self.a, self.b, eta) & self.neq
+        return hit
+
+    def info(self, eta: float) -> np.ndarray:
+        """Per pair, one byte: the ULP bucket (bits 0-3), relative criterion (bit 4), non-finite (bit 5), value
+        changed (bit 6), so one lookup and one 128-bin histogram count every scale-free probe of a chunk."""
+        hit = self._info.get(eta)
+        if hit is None:
+            hit = self._info[eta] = (self.bucket | (self.rel(eta) << 4) | (self.nonfinite << 5) | (self.neq << 6)).astype(np.uint8)
         return hit
 
 
@@ -113,27 +122,21 @@ def _by_pairs(st: ChunkStats, tab: _PairTables, cand: np.ndarray, codes_a, codes
               eta: float, crit, mask) -> np.ndarray:
     """The probes of entries ``cand`` whose codes moved under one unchanged, positive, finite scale (``scale_c``:
     theirs). Returns the indices whose value changed."""
-    p = codes_a[cand].astype(np.intp) * tab.n + codes_b[cand]
-    if 4 * p.size < tab.neq.size:  # few pairs: look each one up
-        keep = tab.neq[p]
-        if not keep.all():  # rare: +0 against -0, or NaN against NaN
-            cand, p, scale_c = cand[keep], p[keep], scale_c[keep]
-        nonfinite = int(np.count_nonzero(tab.nonfinite[p]))
-        st.rel_changed += int(np.count_nonzero(tab.rel(eta)[p]))
-        st.ulp_hist += np.bincount(tab.bucket[p], minlength=len(ULP_LABELS))
-    else:  # many: one histogram of the pairs, every count read from it
-        hist = np.bincount(p, minlength=tab.n * tab.n)
-        if np.dot(hist, ~tab.neq):
-            keep = tab.neq[p]
-            cand, p, scale_c = cand[keep], p[keep], scale_c[keep]
-            hist = np.bincount(p, minlength=tab.n * tab.n)
-        nonfinite = int(np.dot(hist, tab.nonfinite))
-        st.rel_changed += int(np.dot(hist, tab.rel(eta)))
-        st.ulp_hist += np.bincount(tab.bucket, weights=hist, minlength=len(ULP_LABELS)).astype(np.int64)
+    p = np.take(codes_a, cand).astype(np.intp) * tab.n + np.take(codes_b, cand)
+    info = np.take(tab.info(eta), p, mode="wrap")
+    h = np.bincount(info, minlength=128)
+    if h[:64].any():  # rare: +0 against -0, or NaN against NaN (value unchanged)
+        keep = info >= 64
+        cand, p, scale_c, info = cand[keep], p[keep], scale_c[keep], info[keep]
+        h[:64] = 0
+    bits = np.arange(128)
+    nonfinite = int(h[(bits & 32) > 0].sum())
     st.changed += int(cand.size)
     st.nonfinite += nonfinite
+    st.rel_changed += int(h[(bits & 16) > 0].sum())
+    st.ulp_hist += np.bincount(bits & 15, weights=h)[: len(ULP_LABELS)].astype(np.int64)  # buckets 0-12
     with np.errstate(invalid="ignore"):
-        absd = tab.d[p] * scale_c  # exact
+        absd = np.take(tab.d, p, mode="wrap") * scale_c  # exact
         for j, t in enumerate(tols):
             st.atol_changed[j] += int(np.count_nonzero(absd > t)) + nonfinite  # NaN exceeds every tolerance
     af = absd[np.isfinite(absd)] if nonfinite else absd
@@ -157,10 +160,21 @@ def _sumsq_base(ca: ValueCheckpoint, name: str, spec: QuantSpec, codes: np.ndarr
     """Σ code² · scale² over the chunk, in float32 products (a norm, not a count). fp8 codes are read two at a
     time where neighbours share their scale: one table lookup and one scale per pair."""
     s2 = np.square(grid, dtype=np.float32)
+    blocks = _block_rows(spec, start, count)
     with np.errstate(invalid="ignore", over="ignore"):
+        if blocks is not None and spec.block[1] % 2 == 0:  # whole block rows: sum per row and block, then per block
+            rows, br0 = blocks
+            bm, bn = spec.block
+            nb = spec.shape[-1] // bn
+            sq = np.take(_PAIR_SQUARES32, codes.view(np.uint16), mode="wrap")  # take: indices in range, no checks
+            per_row = np.einsum("ijk->ij", sq.reshape(rows, nb, bn // 2))
+            per_block = np.add.reduceat(per_row, np.arange(0, rows, bm), axis=0)
+            return float(np.sum(per_block * s2.reshape(-1, nb)[br0 : br0 + per_block.shape[0]], dtype=np.float64))
         if spec.format != "mxfp4" and ca.pairs_share_scales(name, start, count):
-            return float(np.dot(_PAIR_SQUARES32[codes.view(np.uint16)], ca.expand(name, s2, start, count, pairs=True)))
-        return float(np.dot(_SQUARES32[spec.format == "mxfp4"][codes], ca.expand(name, s2, start, count)))
+            sq = np.take(_PAIR_SQUARES32, codes.view(np.uint16), mode="wrap")
+            return float(np.dot(sq, ca.expand(name, s2, start, count, pairs=True)))
+        sq = np.take(_SQUARES32[spec.format == "mxfp4"], codes, mode="wrap")
+        return float(np.dot(sq, ca.expand(name, s2, start, count)))
 
 
 def _scales_at(ck: ValueCheckpoint, name: str, start: int, count: int, idx: np.ndarray) -> np.ndarray:
@@ -185,20 +199,14 @@ def _by_value(st: ChunkStats, spec: QuantSpec, cand, codes_a, codes_b, sa_c, sb_
     return idx
 
 
-def _rescaled_by_code(st: ChunkStats, spec: QuantSpec, idx: np.ndarray, pos: np.ndarray, sa_w: np.ndarray,
-                      sb_w: np.ndarray, codes_a, codes_b, ca: ValueCheckpoint, cb: ValueCheckpoint, name_a: str,
-                      name_b: str, start: int, tols, eta, crit, mask) -> np.ndarray:
-    """The probes of the entries ``idx`` of rescaled blocks (``pos``: each one's block, whose positive, finite
-    scales went from ``sa_w`` to ``sb_w``). An entry whose code stayed moves from E[c]·sa to E[c]·sb: every probe
-    is a function of (block, code), so those entries are counted from one histogram of (block, code) and probed
-    once per pair present; entries whose code moved as well go by value. Returns the indices whose value changed."""
+def _code_hist_probe(st: ChunkStats, spec: QuantSpec, hist: np.ndarray, sa_w: np.ndarray, sb_w: np.ndarray, tols,
+                     eta: float, crit) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probe entries whose code stayed in rescaled blocks from ``hist``, their count per (block, code) (flat,
+    block-major; the block's positive, finite scales went from ``sa_w`` to ``sb_w``): each (block, code) present
+    is probed once and counted with its weight. Returns per (block, code): changed, and (with ``crit``) selected
+    by the mask criterion."""
     table = E2M1 if spec.format == "mxfp4" else _E4M3
     n = table.size
-    xa, xb = codes_a[idx], codes_b[idx]
-    stay = xa == xb
-    moved = idx[~stay]
-    idx, key = idx[stay], pos[stay] * n + xa[stay]
-    hist = np.bincount(key, minlength=sa_w.size * n)
     u = np.flatnonzero(hist)
     w, c = u // n, u % n
     with np.errstate(invalid="ignore", over="ignore"):
@@ -225,21 +233,109 @@ def _rescaled_by_code(st: ChunkStats, spec: QuantSpec, idx: np.ndarray, pos: np.
     if finite.any():
         st.max_abs = max(st.max_abs, float(absd[finite].max()))
         st.sumsq_delta += float(np.dot(wts[finite], np.square(absd[finite])))
-    flags = np.zeros(hist.size, bool)  # per (block, code): changed
+    flags = np.zeros(hist.size, bool)
     flags[u] = True
-    changed = idx[flags[key]]
-    if mask is not None:
+    picked = None
+    if crit is not None:
         kind, val = crit
+        picked = flags
         if kind != "bitwise":
-            flags[:] = False
-            flags[u] = (atol_exceed(absd, fa, fb, np.array([val])) > 0) if kind == "atol" else (
+            picked = np.zeros(hist.size, bool)
+            picked[u] = (atol_exceed(absd, fa, fb, np.array([val])) > 0) if kind == "atol" else (
                 relm if val == eta else rel_changed_mask(absd, fa, fb, val))
-        mask[idx[flags[key]]] = True
+    return flags, picked
+
+
+def _rescaled_by_code(st: ChunkStats, spec: QuantSpec, idx: np.ndarray, pos: np.ndarray, sa_w: np.ndarray,
+                      sb_w: np.ndarray, codes_a, codes_b, ca: ValueCheckpoint, cb: ValueCheckpoint, name_a: str,
+                      name_b: str, start: int, tols, eta, crit, mask, want_idx: bool) -> np.ndarray:
+    """The probes of the entries ``idx`` of rescaled blocks (``pos``: each one's block, whose positive, finite
+    scales went from ``sa_w`` to ``sb_w``). An entry whose code stayed moves from E[c]·sa to E[c]·sb: every probe
+    is a function of (block, code), so those entries are counted from one histogram of (block, code)
+    (:func:`_code_hist_probe`); entries whose code moved as well go by value. Returns the indices whose value
+    changed (with ``want_idx``; else those of the moved codes only)."""
+    n = 16 if spec.format == "mxfp4" else 256
+    xa, xb = codes_a[idx], codes_b[idx]
+    stay = xa == xb
+    moved = idx[~stay]
+    idx, key = idx[stay], pos[stay] * n + xa[stay]
+    flags, picked = _code_hist_probe(st, spec, np.bincount(key, minlength=sa_w.size * n), sa_w, sb_w, tols, eta, crit)
+    changed = idx[flags[key]] if want_idx else np.zeros(0, np.int64)
+    if mask is not None:
+        mask[idx[picked[key]]] = True
     if moved.size:
         byv = _by_value(st, spec, moved, codes_a, codes_b, ca.scale_at(name_a, start + moved),
                         cb.scale_at(name_b, start + moved), tols, eta, crit, mask)
         changed = np.concatenate([changed, byv])
     return changed
+
+
+def block_row_chunk(spec: QuantSpec, chunk: int) -> int | None:
+    """Chunks of whole block rows for an fp8-block parameter (about ``chunk`` entries, at least one block row), so
+    each rescaled block is a slice of one chunk; None (the default chunks) for other layouts."""
+    if spec.format != "fp8-block" or spec.shape[-1] % spec.block[1] or (len(spec.shape) > 2 and spec.shape[-2] % spec.block[0]):
+        return None
+    per = spec.shape[-1] * spec.block[0]  # a multiple of 8 whenever the block height is
+    return max(1, chunk // per) * per if per % 8 == 0 else None
+
+
+def _block_rows(spec: QuantSpec, start: int, count: int) -> tuple[int, int] | None:
+    """(rows in the chunk, its first block row) when the chunk holds whole block rows of an fp8-block parameter whose
+    rows split into whole blocks (the chunks ``diff`` gives such parameters), else None."""
+    if spec.format != "fp8-block":
+        return None
+    C = spec.shape[-1]
+    bm, bn = spec.block
+    if C % bn or start % (C * bm) or count % C or (len(spec.shape) > 2 and spec.shape[-2] % bm):
+        return None
+    return count // C, start // (C * bm)
+
+
+def _rescaled_blocks(st: ChunkStats, spec: QuantSpec, which: np.ndarray, grid_a: np.ndarray, grid_b: np.ndarray,
+                     codes_a, codes_b, moved, rows: int, br0: int, ca: ValueCheckpoint, cb: ValueCheckpoint, name_a: str,
+                     name_b: str, start: int, tols, eta, crit, mask, want_idx: bool) -> np.ndarray:
+    """:func:`_rescaled_by_code` for a chunk of whole block rows: each rescaled block is a slice of the chunk (no
+    index per entry); its entries leave ``moved`` (the code-pair candidates). Same counts, same return."""
+    C = spec.shape[-1]
+    bm, bn = spec.block
+    nb = C // bn
+    br, bcol = np.divmod(which, nb)
+    sel = (br >= br0) & (br < br0 + -(-rows // bm))
+    which, br, bcol = which[sel], br[sel], bcol[sel]
+    if which.size == 0:
+        return np.zeros(0, np.int64)
+    A2, B2, M2 = codes_a.reshape(rows, C), codes_b.reshape(rows, C), moved.reshape(rows, C)
+    slices = [(slice((r - br0) * bm, min((r - br0 + 1) * bm, rows)), slice(c * bn, (c + 1) * bn)) for r, c in zip(br.tolist(), bcol.tolist())]
+    hist = np.zeros((which.size, 256), np.int64)
+    movers = []
+    for j, (rs, cs) in enumerate(slices):
+        A, B = A2[rs, cs], B2[rs, cs]
+        stay = A == B
+        M2[rs, cs] = False
+        hist[j] = np.bincount(A[stay], minlength=256)
+        mv = np.flatnonzero(~stay)
+        if mv.size:
+            ri, ci = np.divmod(mv, bn)
+            movers.append((rs.start + ri) * C + cs.start + ci)
+    flags, picked = _code_hist_probe(st, spec, hist.reshape(-1), grid_a.reshape(-1)[which], grid_b.reshape(-1)[which],
+                                     tols, eta, crit)
+    parts = []
+    if want_idx or mask is not None:
+        flags, picked = flags.reshape(which.size, 256), None if picked is None else picked.reshape(which.size, 256)
+        for j, (rs, cs) in enumerate(slices):
+            A = A2[rs, cs]
+            stay = A == B2[rs, cs]
+            if want_idx:
+                ri, ci = np.nonzero(stay & flags[j][A])
+                parts.append((rs.start + ri) * C + cs.start + ci)
+            if mask is not None:
+                ri, ci = np.nonzero(stay & picked[j][A])
+                mask[(rs.start + ri) * C + cs.start + ci] = True
+    if movers:
+        mv = np.concatenate(movers)
+        parts.append(_by_value(st, spec, mv, codes_a, codes_b, ca.scale_at(name_a, start + mv), cb.scale_at(name_b, start + mv),
+                               tols, eta, crit, mask))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def quant_chunk(ca: ValueCheckpoint, cb: ValueCheckpoint, name_a: str, name_b: str, start: int, count: int,
@@ -261,23 +357,28 @@ def quant_chunk(ca: ValueCheckpoint, cb: ValueCheckpoint, name_a: str, name_b: s
     st.sumsq_base = _sumsq_base(ca, name_a, spec, codes_a, grid_a, start, count)
     mask = np.zeros(count, dtype=bool) if crit is not None else None
     same = ca.same_scales(cb, name_a, name_b)
-    rescaled = np.zeros(0, np.int64)
+    positive = ca.scales_positive(name_a) and (same or cb.scales_positive(name_b))
+    want_idx = lr_sum is not None  # the floor needs the changed entries themselves; the counts do not
+    blocks = _block_rows(spec, start, count) if positive else None
+    rescaled, parts = np.zeros(0, np.int64), []
     if not same:  # the entries of rescaled blocks (rows, groups), whatever their codes
         grid_b = cb.scales(name_b)
         which = np.flatnonzero((grid_a != grid_b).reshape(-1))
-        if which.size:
+        if which.size and blocks is not None:
+            parts.append(_rescaled_blocks(st, spec, which, grid_a, grid_b, codes_a, codes_b, moved, *blocks, ca, cb, name_a, name_b,
+                                          start, tols, eta, crit, mask, want_idx))
+        elif which.size:
             rescaled, pos = ca.entries_of_scales(name_a, which, start, count, ids=True)
             moved[rescaled] = False
     cand = np.flatnonzero(moved)
+    scale_c = _scales_at(ca, name_a, start, count, cand)
     if ca.scales_positive(name_a):
-        scale_c = _scales_at(ca, name_a, start, count, cand)
-        parts = [_by_pairs(st, _pair_tables(spec.format), cand, codes_a, codes_b, scale_c, tols, eta, crit, mask)]
+        parts.append(_by_pairs(st, _pair_tables(spec.format), cand, codes_a, codes_b, scale_c, tols, eta, crit, mask))
     else:
-        scale_c = _scales_at(ca, name_a, start, count, cand)
-        parts = [_by_value(st, spec, cand, codes_a, codes_b, scale_c, scale_c, tols, eta, crit, mask)]
-    if rescaled.size and ca.scales_positive(name_a) and cb.scales_positive(name_b):
+        parts.append(_by_value(st, spec, cand, codes_a, codes_b, scale_c, scale_c, tols, eta, crit, mask))
+    if rescaled.size and positive:
         parts.append(_rescaled_by_code(st, spec, rescaled, pos, grid_a.reshape(-1)[which], grid_b.reshape(-1)[which],
-                                       codes_a, codes_b, ca, cb, name_a, name_b, start, tols, eta, crit, mask))
+                                       codes_a, codes_b, ca, cb, name_a, name_b, start, tols, eta, crit, mask, want_idx))
     elif rescaled.size:
         parts.append(_by_value(st, spec, rescaled, codes_a, codes_b, _scales_at(ca, name_a, start, count, rescaled),
                                _scales_at(cb, name_b, start, count, rescaled), tols, eta, crit, mask))
