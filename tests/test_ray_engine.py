@@ -78,6 +78,15 @@ def test_ray_engine_equals_local(cluster, pair, tmp_path):
     lp = run("patch", "create", a, b, "-o", tmp_path / "l.rlpatch", "-q")
     assert rp.returncode == 0 and lp.returncode == 0, rp.stderr[-2000:]
     assert (tmp_path / "r.rlpatch").read_bytes() == (tmp_path / "l.rlpatch").read_bytes()
+    # rank: one Ray task per matrix, read and decomposed where it runs; every matrix's figures equal the local ones
+    rr = run("rank", a, b, "--engine", "ray", "--ray-address", cluster, "--json", "-", "-q", timeout=600)
+    lr = run("rank", a, b, "--json", "-", "-q")
+    assert rr.returncode == 0, rr.stderr[-2000:]
+    got, want = json.loads(rr.stdout), json.loads(lr.stdout)
+    assert got["matrices"] == want["matrices"] and len(got["matrices"]) == 4 and got["excluded"] == want["excluded"]
+    assert (got["mean_rank_ratio"], got["by_kind"]) == (want["mean_rank_ratio"], want["by_kind"])
+    rd = run("diff", a, b, "--rank", "--engine", "ray", "--ray-address", cluster, "--json", "-", "-q", timeout=600)
+    assert rd.returncode == 0 and json.loads(rd.stdout)["rank"]["matrices"] == want["matrices"], rd.stderr[-2000:]
 
 
 def test_ray_failures_are_one_sentence(cluster, pair, tmp_path):

@@ -286,6 +286,8 @@ def rank(
     plot: Optional[str] = typer.Option(None, "--plot", help="write the per-layer plot into DIR"),
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Rank, stable rank and effective rank of every 2-D update matrix (the paper's Table 2)."""
     from .analysis import rank as run
@@ -293,7 +295,7 @@ def rank(
     from .report.rank_report import print_rank, rank_plot
 
     check_outputs({"--json": json_out, "--plot": plot}, _inputs(base, tuned))
-    r = run(base, tuned, rtol=rtol, precision=precision, cache_dir=cache_dir, progress=not quiet)
+    r = run(base, tuned, rtol=rtol, precision=precision, cache_dir=cache_dir, progress=not quiet, engine=engine, ray_address=ray_address)
     print_rank(r, _out_console(json_out == "-"))
     if json_out:
         write_json_to(r.to_json(), json_out)

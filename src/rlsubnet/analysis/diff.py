@@ -105,7 +105,8 @@ def diff(
         if rank:
             from .rank import rank_pairs
 
-            result.rank = rank_pairs(cb, ct, [p for p in pairs if not p.buffer], rtol=rank_rtol, progress=progress)
+            result.rank = rank_pairs(cb, ct, [p for p in pairs if not p.buffer], rtol=rank_rtol, progress=progress, engine=engine,
+                                     ray_address=ray_address)
     finally:
         if not isinstance(base, Checkpoint):
             cb.close()

@@ -202,12 +202,9 @@ def _reachable(address: str | None, timeout: float = 5.0) -> None:
                          "`ray start --head` or give its address.") from None
 
 
-def _map_ray(jobs, fn, chunk, desc, progress, address):
-    """Units of chunks as Ray tasks that read their own byte ranges where they run (checkpoints travel as their
-    index, never as data; local paths must be visible to every node, object storage always is). Results come back
-    small (counts, histograms, packed mask bits) and are merged in chunk order, so the answer is the local
-    engine's to the last count. A task that fails is retried by Ray (3 times); a failure that persists ends the
-    run with one sentence naming the tensor."""
+def ray_connect(address: str | None):
+    """The ``ray`` module, connected to the cluster at ``address`` (default: RAY_ADDRESS, else a local one), or one
+    sentence saying why not."""
     from ..io.optional import need
 
     need("ray", what="--engine ray")
@@ -220,6 +217,16 @@ def _map_ray(jobs, fn, chunk, desc, progress, address):
                      logging_level="ERROR", configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise InputError(f"--ray-address: cannot connect to a Ray cluster at {address or 'the local default'} ({str(e).splitlines()[0][:160]}).") from None
+    return ray
+
+
+def _map_ray(jobs, fn, chunk, desc, progress, address):
+    """Units of chunks as Ray tasks that read their own byte ranges where they run (checkpoints travel as their
+    index, never as data; local paths must be visible to every node, object storage always is). Results come back
+    small (counts, histograms, packed mask bits) and are merged in chunk order, so the answer is the local
+    engine's to the last count. A task that fails is retried by Ray (3 times); a failure that persists ends the
+    run with one sentence naming the tensor."""
+    ray = ray_connect(address)
     remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(_run_unit)
     fn_ref, jobs_ref = ray.put(fn), ray.put(list(jobs))
     units = _units(jobs, chunk)

@@ -73,6 +73,57 @@ def spectrum_stats(sv, rtol: float | None, shape: tuple[int, int], eps: float) -
     return rank, stable, eff
 
 
+def matrix_rank(cb: Checkpoint, ct: Checkpoint, p: Pair, rtol: float | None, precision: str, device: str | None):
+    """The rank of one update matrix, read where this runs: ``(MatrixRank | None, why excluded | None, device)``."""
+    import torch
+
+    tdt = torch.float32 if precision == "float32" else torch.float64
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    n = p.numel
+    a = widen(cb.read(p.src_a, 0, n), p.a.dtype)
+    b = widen(ct.read(p.src_b, 0, n), p.b.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.subtract(b, a, out=b)
+    del a
+    if not np.isfinite(b).all():
+        return None, f"{p.name} (its update has non-finite entries, so it has no rank)", dev
+    delta = torch.from_numpy(b.reshape(p.shape)).to(device=dev, dtype=tdt)
+    del b
+    sv = torch.linalg.svdvals(delta)
+    del delta
+    r, stable, eff = spectrum_stats(sv, rtol, p.shape, float(torch.finfo(tdt).eps))
+    mr = min(p.shape)
+    return MatrixRank(p.name, list(p.shape), r, mr, r / mr if mr else 0.0, stable, eff, module_kind(p.name), layer_index(p.name)), None, dev
+
+
+def _ranks_on_ray(cb, ct, todo: list[Pair], rtol, precision, device, address, bar, task):
+    """:func:`matrix_rank` of every matrix as a Ray task (each reads its own two matrices where it runs; the
+    checkpoints travel as their index), in the order of ``todo`` whatever order they finish in."""
+    from .engine import ray_connect
+
+    ray = ray_connect(address)
+    remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(matrix_rank)
+    cb_ref, ct_ref = ray.put(cb), ray.put(ct)
+    refs = {remote.remote(cb_ref, ct_ref, p, rtol, precision, device): k for k, p in enumerate(todo)}
+    out: list = [None] * len(todo)
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            k = refs[done[0]]
+            try:
+                out[k] = ray.get(done[0])
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None)
+                raise InputError(f"{todo[k].name}: the Ray task computing its rank failed after its retries "
+                                 f"({type(cause or e).__name__}: {str(cause or e).splitlines()[0][:160]}).") from None
+            bar.advance(task)
+    finally:
+        for r in pending:
+            ray.cancel(r, force=True)
+    return out
+
+
 def rank_pairs(
     cb: Checkpoint,
     ct: Checkpoint,
@@ -81,43 +132,33 @@ def rank_pairs(
     precision: str = "float32",
     device: str | None = None,
     progress: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> RankResult:
-    """Rank of every 2-D update matrix (norms and 1-D tensors excluded; embeddings and head included)."""
+    """Rank of every 2-D update matrix (norms and 1-D tensors excluded; embeddings and head included), one matrix
+    at a time here, or each as a task on a Ray cluster (``engine="ray"``: the same answer, matrix for matrix)."""
     from ..io.optional import need
 
     need("torch", what="rank (singular values)")
-    import torch
-
     t0 = time.perf_counter()
     if precision not in ("float32", "float64"):
         raise InputError(f"--precision: {precision!r} is not float32 or float64.")
-    tdt = torch.float32 if precision == "float32" else torch.float64
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    eps = float(torch.finfo(tdt).eps)
-    rows: list[MatrixRank] = []
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine: {engine!r} is not local or ray.")
     todo = [p for p in pairs if _included(p) and not p.buffer]
     excluded: list[str] = [p.name for p in pairs if not _included(p) or p.buffer]
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("rank", total=len(todo))
-        for p in todo:
-            n = p.numel
-            a = widen(cb.read(p.src_a, 0, n), p.a.dtype)
-            b = widen(ct.read(p.src_b, 0, n), p.b.dtype)
-            with np.errstate(invalid="ignore", over="ignore"):
-                np.subtract(b, a, out=b)
-            del a
-            if not np.isfinite(b).all():
-                excluded.append(f"{p.name} (its update has non-finite entries, so it has no rank)")
+        task = bar.add_task("rank" + (" (ray)" if engine == "ray" else ""), total=len(todo))
+        if engine == "ray":
+            got = _ranks_on_ray(cb, ct, todo, rtol, precision, device, ray_address, bar, task)
+        else:
+            got = []
+            for p in todo:
+                got.append(matrix_rank(cb, ct, p, rtol, precision, device))
                 bar.advance(task)
-                continue
-            delta = torch.from_numpy(b.reshape(p.shape)).to(device=dev, dtype=tdt)
-            del b
-            sv = torch.linalg.svdvals(delta)
-            del delta
-            r, stable, eff = spectrum_stats(sv, rtol, p.shape, eps)
-            mr = min(p.shape)
-            rows.append(MatrixRank(p.name, list(p.shape), r, mr, r / mr if mr else 0.0, stable, eff, module_kind(p.name), layer_index(p.name)))
-            bar.advance(task)
+    rows = [m for m, _, _ in got if m is not None]
+    excluded += [why for _, why, _ in got if why is not None]
+    devices = sorted({d for _, _, d in got})
     kinds = defaultdict(list)
     for m in rows:
         kinds[m.kind].append(m.rank_ratio)
@@ -130,7 +171,7 @@ def rank_pairs(
         mean_rank_ratio=float(np.mean([m.rank_ratio for m in rows])) if rows else 0.0,
         by_kind={k: float(np.mean(v)) for k, v in sorted(kinds.items())},
         excluded=excluded,
-        device=dev,
+        device=",".join(devices) if devices else (device or "cpu"),
         elapsed_s=time.perf_counter() - t0,
     )
 
@@ -143,10 +184,12 @@ def rank(
     cache_dir: str | None = None,
     progress: bool = False,
     common_slice: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> RankResult:
-    """Open two checkpoints and compute the rank of every update matrix."""
+    """Open two checkpoints and compute the rank of every update matrix (``engine="ray"``: each on a Ray cluster)."""
     if rtol is not None and not (math.isfinite(rtol) and rtol >= 0):
         raise InputError(f"--rtol: {rtol!r} is not a non-negative number.")
     with open_checkpoint(base, cache_dir) as cb, open_checkpoint(tuned, cache_dir) as ct:
         pairs, _ = align(cb, ct, common_slice=common_slice)
-        return rank_pairs(cb, ct, pairs, rtol=rtol, precision=precision, progress=progress)
+        return rank_pairs(cb, ct, pairs, rtol=rtol, precision=precision, progress=progress, engine=engine, ray_address=ray_address)
