@@ -31,7 +31,8 @@ def _pair(tmp_path):
         d = tmp_path / side
         d.mkdir()
         w = rng.standard_normal((1024, 1024)).astype(np.float32)  # 4 MiB
-        save_file({"w": w, "v": w[:8].copy()}, str(d / "model.safetensors"))
+        more = {f"m{i}": rng.standard_normal((512, 1024)).astype(np.float32) for i in range(6)}  # 6 × 2 MiB, read in any order
+        save_file({"w": w, "v": w[:8].copy(), **more}, str(d / "model.safetensors"))
         with open(d / "model.safetensors", "rb+") as fh:
             os.fsync(fh.fileno())  # clean pages: the kernel drops those when asked
             for _ in range(50):  # out of the cache, so what is cached later is only what the test reads
@@ -43,12 +44,15 @@ def _pair(tmp_path):
     return paths
 
 
-@pytest.mark.parametrize("mode,kept", [("drop", False), ("keep", True)])
-def test_what_is_read_leaves_the_page_cache(tmp_path, mode, kept):
+@pytest.mark.parametrize("mode,kept,cached", [("drop", False, True), ("drop", False, False), ("keep", True, True)])
+def test_what_is_read_leaves_the_page_cache(tmp_path, mode, kept, cached):
+    """Defect (from disk): dropping each range right after reading it left most of a file cached (pages read moments
+    ago sit in the kernel's per-CPU LRU batches, which DONTNEED skips): 80% of a 673 MB pair stayed."""
     a, b = _pair(tmp_path)
     for d in (a, b):
-        subprocess.run(["cat", str(d / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)  # cached now
-        assert resident(d / "model.safetensors") > 3 << 20
+        if cached:
+            subprocess.run(["cat", str(d / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)  # cached now
+            assert resident(d / "model.safetensors") > 3 << 20
     env = dict(os.environ, RLSUBNET_PAGE_CACHE=mode)
     r = subprocess.run([sys.executable, "-m", "rlsubnet.cli", "diff", str(a), str(b), "--json", "-", "-q", "--workers", "2"],
                        capture_output=True, text=True, env=env)

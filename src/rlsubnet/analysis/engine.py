@@ -86,16 +86,20 @@ def _run_in_worker(i: int):
 ENGINES = ("local", "ray")
 
 
-def _set_page_cache_policy(jobs: list[Job]) -> None:
-    """Pairs larger than memory are read without keeping them in the page cache (see ``page_cache_policy``)."""
+def _set_page_cache_policy(jobs: list[Job]) -> list:
+    """Pairs larger than memory are read without keeping them in the page cache (see ``page_cache_policy``).
+    Returns the checkpoints to drop from the cache once the map is done (none when the pair is kept)."""
     from ..io.checkpoint import page_cache_policy
 
     cks = list({id(ck): ck for j in jobs for ck, _ in j.sources}.values())
     drop = page_cache_policy(cks)
+    readers = []
     for ck in cks:
         for c in (ck, getattr(ck, "storage", None)):  # a quantized checkpoint reads through its storage
             if c is not None and hasattr(c, "drop_cache"):
                 c.drop_cache = drop
+                readers.append(c)
+    return readers if drop else []
 
 
 def map_chunks(
@@ -115,8 +119,6 @@ def map_chunks(
     process. ``engine="ray"``: the same work as Ray tasks on a cluster (:func:`_map_ray`). On the first error (or
     an interruption) the pending jobs are cancelled and the workers stopped.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if chunk <= 0 or chunk % 8:
         raise ValueError("chunk must be a positive multiple of 8")
@@ -128,7 +130,18 @@ def map_chunks(
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise InputError(f"--workers: {workers!r} must be a positive integer.")
     workers = min(workers or default_workers(), max(1, len(jobs)))
-    _set_page_cache_policy(jobs)
+    dropped = _set_page_cache_policy(jobs)
+    try:
+        yield from _map_local(jobs, fn, workers, chunk, desc, progress)
+    finally:
+        for ck in dropped:
+            ck.drop_from_cache()
+
+
+def _map_local(jobs, fn, workers: int, chunk: int, desc: str, progress: bool):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].nbytes)
     total = sum(j.nbytes for j in jobs)
     task = (jobs, fn, chunk)

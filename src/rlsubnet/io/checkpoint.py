@@ -110,7 +110,10 @@ class Checkpoint:
         if got != nbytes:
             raise InputError(f"{info.file}: file is truncated while reading tensor '{name}'.")
         if self.drop_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
+            # the range just read and DROP_LAG bytes before it: pages read moments ago may still sit in the kernel's
+            # per-CPU LRU batches, which DONTNEED skips (measured: the range alone left 90% of a file cached)
+            lo = max(0, off - DROP_LAG)
+            os.posix_fadvise(fd, lo, off + nbytes - lo, os.POSIX_FADV_DONTNEED)
         return out
 
     def size_of(self, file: str) -> int:
@@ -132,6 +135,21 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def drop_from_cache(self) -> None:
+        """Drop every file of the checkpoint from the page cache (after a pass that read it with ``drop_cache``: the
+        last pages each reader read can escape the per-read drops)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for f in set(self.files):
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -363,6 +381,9 @@ def iter_chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
     """(start, count) pairs covering ``range(numel)`` in pieces of at most ``chunk``."""
     for s in range(0, numel, chunk):
         yield s, min(chunk, numel - s)
+
+
+DROP_LAG = 4 << 20  # bytes behind each read that are dropped again (see Checkpoint.read)
 
 
 def page_cache_policy(checkpoints, env: str | None = None) -> bool:
