@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -748,3 +749,46 @@ def test_header_checks_match_the_library(tmp_path):
     tail = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
     with pytest.raises(InputError, match="after the last tensor"):
         read_safetensors_header(str(_raw_file(tmp_path / "tail.safetensors", tail, b"\0" * 12)))
+
+
+def test_sharded_mask_index_is_checked_before_use(tmp_path):
+    """A sharded mask's index names its parts: a name outside the folder, parts that leave a gap or overlap, a
+    symbolic link and a part smaller than the index says are each refused in one sentence, never read or trusted."""
+    from rlsubnet.analysis import diff
+    from rlsubnet.masks import Subnetwork
+
+    a = save_folder(tmp_path / "a", _model(), config={"model_type": "llama"})
+    b = save_folder(tmp_path / "b", _tuned(_model()), config={"model_type": "llama"})
+    good = tmp_path / "mask"
+    diff(str(a), str(b), mask_criterion="bitwise", mask_dir=good, chunk=64)
+    assert Subnetwork.load(good).count() == 7
+    index = json.loads((good / "index.json").read_text())
+    name = next(n for n, ps in index["parts"].items() if ps)
+    first = index["parts"][name][0]
+
+    def broken(tag, edit, files=None):
+        d = tmp_path / tag
+        shutil.copytree(good, d)
+        idx = json.loads(json.dumps(index))
+        edit(idx)
+        (d / "index.json").write_text(json.dumps(idx))
+        if files:
+            files(d)
+        return d
+
+    cases = {
+        "escape": (lambda i: i["parts"][name][0].update(file="../a/model.safetensors"), None, "plain file name"),
+        "gap": (lambda i: i["parts"][name][0].update(start=1), None, "do not cover its bytes"),
+        "short": (lambda i: i["parts"][name][0].update(nbytes=first["nbytes"] + 1), None, "its shape needs"),
+        "link": (lambda i: None, lambda d: (d / first["file"]).unlink() or (d / first["file"]).symlink_to(good / first["file"]),
+                 "missing or not a regular file"),
+    }
+    for tag, (edit, files, needle) in cases.items():
+        with pytest.raises(InputError, match=needle):
+            Subnetwork.load(broken(tag, edit, files))
+    # a part whose file holds other bytes than the index says: refused when the parameter is read
+    d = broken("swapped", lambda i: None)
+    other = next(p for n, ps in index["parts"].items() for p in ps if p["nbytes"] != first["nbytes"])
+    shutil.copy(good / other["file"], d / first["file"])
+    with pytest.raises(InputError, match="not the .* bytes"):
+        Subnetwork.load(d).packed(name)

@@ -78,6 +78,15 @@ def test_ray_engine_equals_local(cluster, pair, tmp_path):
     lp = run("patch", "create", a, b, "-o", tmp_path / "l.rlpatch", "-q")
     assert rp.returncode == 0 and lp.returncode == 0, rp.stderr[-2000:]
     assert (tmp_path / "r.rlpatch").read_bytes() == (tmp_path / "l.rlpatch").read_bytes()
+    # a sharded mask: each Ray task writes its part where it runs; the folder holds the file mask's bits
+    rs = run("mask", a, b, "-o", tmp_path / "rs", "--sharded", "-q", "--engine", "ray", "--ray-address", cluster, timeout=600)
+    assert rs.returncode == 0, rs.stderr[-2000:]
+    sharded = Subnetwork.load(tmp_path / "rs")
+    assert sharded.digest() == ml.digest() and sharded.count() == ml.count() and (tmp_path / "rs" / "index.json").is_file()
+    assert {k: sharded.meta[k] for k in ("criterion", "base_fingerprint", "tuned_fingerprint")} == \
+        {k: ml.meta[k] for k in ("criterion", "base_fingerprint", "tuned_fingerprint")}
+    ov = run("overlap", tmp_path / "rs", tmp_path / "l.safetensors", "--json", "-")
+    assert ov.returncode == 0 and json.loads(ov.stdout)["pairs"][0]["jaccard"] == 1.0, ov.stderr[-2000:]
     # rank: one Ray task per matrix, read and decomposed where it runs; every matrix's figures equal the local ones
     rr = run("rank", a, b, "--engine", "ray", "--ray-address", cluster, "--json", "-", "-q", timeout=600)
     lr = run("rank", a, b, "--json", "-", "-q")

@@ -183,22 +183,30 @@ def diff(
 def mask(
     base: str = typer.Argument(..., help="base checkpoint (θ_init)"),
     tuned: str = typer.Argument(..., help="finetuned checkpoint"),
-    out: str = typer.Option(..., "-o", "--out", help="mask file to write (rlsubnet-mask/1)"),
+    out: str = typer.Option(..., "-o", "--out", help="mask file to write (rlsubnet-mask/1), or folder with --sharded"),
     criterion: Criterion = "bitwise",
     workers: Workers = None,
     engine: Engine = "local",
     ray_address: RayAddress = None,
     cache_dir: CacheDir = None,
     quiet: Quiet = False,
+    sharded: bool = typer.Option(False, "--sharded", help="write a folder of parts, each by the worker or Ray task that made it "
+                                 "(the bits never pass through this process)"),
 ) -> None:
     """Write the set of updated parameters (the subnetwork of Conjecture 1) as a mask file."""
+    from .analysis import diff as run_diff
     from .masks import Subnetwork
 
     _check_workers(workers)
     check_outputs({"-o": out}, _inputs(base, tuned))
-    sub = Subnetwork.from_checkpoints(base, tuned, criterion=criterion, workers=workers, cache_dir=cache_dir, progress=not quiet,
-                                      engine=engine, ray_address=ray_address)
-    sub.save(out)
+    if sharded:
+        run_diff(base, tuned, atol=[0.0], mask_criterion=criterion, workers=workers, cache_dir=cache_dir, progress=not quiet,
+                 engine=engine, ray_address=ray_address, mask_dir=out)
+        sub = Subnetwork.load(out)
+    else:
+        sub = Subnetwork.from_checkpoints(base, tuned, criterion=criterion, workers=workers, cache_dir=cache_dir, progress=not quiet,
+                                          engine=engine, ray_address=ray_address)
+        sub.save(out)
     Console().print(f"wrote {safe(out)}: {sub.count():,} of {sub.numel():,} parameters ({sub.density():.4%}) by criterion {criterion}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -11,8 +12,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..io.align import Pair, align, tie_notes
+from ..io.atomic import atomic_dir
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.errors import InputError
+from ..io.mask_shards import PartSink, write_index
 from .engine import DEFAULT_CHUNK, Job, map_chunks
 from .experts import expert_role, moe_section
 from .floor import attach_floor, floor_probe
@@ -61,13 +64,16 @@ def diff(
     lr_sum: float | None = None,
     engine: str = "local",
     ray_address: str | None = None,
+    mask_dir: str | os.PathLike | None = None,
 ) -> DiffResult:
     """Compare ``tuned`` against ``base`` and return every probe's counts.
 
     ``changed`` counts elements whose stored bits differ (+0/-0 equal); each tolerance in ``atol`` counts
     elements with exact |Δ| > tol; the bf16-relative test counts |Δ| > η·max(|w0|,|w1|). With
     ``mask_criterion`` (``bitwise``, ``atol:X`` or ``bf16rel:η``) the result also carries the packed
-    changed-mask of every tensor (``result.mask_bits``), for ``rlsubnet.masks``.
+    changed-mask of every tensor (``result.mask_bits``), for ``rlsubnet.masks``; with ``mask_dir`` as well, the
+    mask is written instead as a sharded mask folder, each part by the worker that computed it (the bits never
+    reach this process; ``result.mask_bits`` stays None).
 
     With ``lr_sum`` (Σ of the learning rates of the run, the largest distance an Adam-like update can move an
     entry), the result carries the precision floor: base entries that no update of that size could move
@@ -76,35 +82,18 @@ def diff(
     """
     t0 = time.perf_counter()
     tols_user, tols, crit = _options(atol, eta, lr_sum, mask_criterion)
+    if mask_dir is not None and crit is None:
+        raise InputError("a sharded mask needs a criterion (mask_criterion).")
     cb, ct = _as_checkpoint(base, cache_dir), _as_checkpoint(tuned, cache_dir)
+    shards = atomic_dir(mask_dir) if mask_dir is not None else contextlib.nullcontext()
     try:
-        pairs, skipped = align(cb, ct, common_slice=common_slice)
-        both = {p.name for p in pairs if same_format(cb, ct, p.src_a, p.src_b) and not p.sliced}  # read by their codes
-        jobs = [Job(p.name, [(cb, p.src_a), (ct, p.src_b)], p.numel, payload=p, read=p.name not in both,
-                    chunk=block_row_chunk(cb.quant[p.src_a], chunk) if p.name in both else None) for p in pairs]
-        stats: dict[str, ChunkStats] = {p.name: ChunkStats(atol_changed=np.zeros(tols.size, np.int64)) for p in pairs}
-        masks = {p.name: np.zeros((p.numel + 7) // 8, np.uint8) for p in pairs} if crit is not None else None
-        fused = {p.name: p.shape[0] for p in pairs if len(p.shape) >= 2 and (r := expert_role(p.name)) is not None and r.role == "fused"}
-        fn = _chunk_probe(cb, ct, pairs, both, fused, tols, eta, crit, lr_sum)
-        for job, results in map_chunks(jobs, fn, workers=workers, chunk=chunk, desc="diff", progress=progress,
-                                       engine=engine, ray_address=ray_address):
-            pos8 = 0
-            for st, packed in results:
-                stats[job.name].add(st)
-                if packed is not None:
-                    masks[job.name][pos8 : pos8 + packed.size] = packed
-                    pos8 += packed.size
-        result = _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta)
-        _quantized(result, cb, ct, pairs, stats)
-        result.moe = moe_section(result.tensors, {n: stats[n].per_expert.tolist() for n in fused if stats[n].per_expert is not None})
-        if lr_sum is not None:
-            attach_floor(result, pairs, stats, float(lr_sum))
-        if masks is not None:
-            result.mask_bits = {p.name: masks[p.name] for p in pairs if not p.buffer}  # buffers are not parameters
-            result.fingerprints = {"base": cb.fingerprint(), "tuned": ct.fingerprint()}
+        with shards as folder:
+            result = _run(cb, ct, common_slice, tols_user, tols, eta, crit, lr_sum, workers, chunk, progress, engine,
+                          ray_address, folder, mask_criterion)
         if rank:
             from .rank import rank_pairs
 
+            pairs = align(cb, ct, common_slice=common_slice)[0]
             result.rank = rank_pairs(cb, ct, [p for p in pairs if not p.buffer], rtol=rank_rtol, progress=progress, engine=engine,
                                      ray_address=ray_address)
     finally:
@@ -113,6 +102,46 @@ def diff(
         if not isinstance(tuned, Checkpoint):
             ct.close()
     result.elapsed_s = time.perf_counter() - t0
+    return result
+
+
+def _run(cb, ct, common_slice, tols_user, tols, eta, crit, lr_sum, workers, chunk, progress, engine, ray_address, folder,
+         mask_criterion) -> DiffResult:
+    """The pass over the pair: every chunk probed (in workers), merged, assembled; the sharded mask's index written
+    into ``folder`` when there is one."""
+    pairs, skipped = align(cb, ct, common_slice=common_slice)
+    both = {p.name for p in pairs if same_format(cb, ct, p.src_a, p.src_b) and not p.sliced}  # read by their codes
+    jobs = [Job(p.name, [(cb, p.src_a), (ct, p.src_b)], p.numel, payload=p, read=p.name not in both,
+                chunk=block_row_chunk(cb.quant[p.src_a], chunk) if p.name in both else None) for p in pairs]
+    stats: dict[str, ChunkStats] = {p.name: ChunkStats(atol_changed=np.zeros(tols.size, np.int64)) for p in pairs}
+    masks = {p.name: np.zeros((p.numel + 7) // 8, np.uint8) for p in pairs} if crit is not None and folder is None else None
+    parts: dict[str, list] = {p.name: [] for p in pairs if not p.buffer}
+    fused = {p.name: p.shape[0] for p in pairs if len(p.shape) >= 2 and (r := expert_role(p.name)) is not None and r.role == "fused"}
+    fn = _chunk_probe(cb, ct, pairs, both, fused, tols, eta, crit, lr_sum)
+    sink = PartSink(folder) if folder is not None else None
+    for job, results in map_chunks(jobs, fn, workers=workers, chunk=chunk, desc="diff", progress=progress,
+                                   engine=engine, ray_address=ray_address, sink=sink):
+        pos8 = 0
+        for st, packed in results:
+            stats[job.name].add(st)
+            if isinstance(packed, dict):  # a part of the sharded mask, written where it was made
+                parts[job.name].append(packed)
+            elif packed is not None:
+                masks[job.name][pos8 : pos8 + packed.size] = packed
+                pos8 += packed.size
+    result = _assemble(cb, ct, pairs, skipped, stats, tols_user, tols, eta)
+    _quantized(result, cb, ct, pairs, stats)
+    result.moe = moe_section(result.tensors, {n: stats[n].per_expert.tolist() for n in fused if stats[n].per_expert is not None})
+    if lr_sum is not None:
+        attach_floor(result, pairs, stats, float(lr_sum))
+    if crit is not None:
+        result.fingerprints = {"base": cb.fingerprint(), "tuned": ct.fingerprint()}
+    if masks is not None:
+        result.mask_bits = {p.name: masks[p.name] for p in pairs if not p.buffer}  # buffers are not parameters
+    if folder is not None:
+        meta = {"criterion": mask_criterion, "base": result.base, "tuned": result.tuned,
+                **{f"{k}_fingerprint": v for k, v in result.fingerprints.items()}}
+        write_index(folder, {p.name: tuple(p.shape) for p in pairs if not p.buffer}, parts, meta)
     return result
 
 

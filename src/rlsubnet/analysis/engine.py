@@ -73,10 +73,11 @@ def _worker_init(task: tuple, parent: int) -> None:
 
 
 def _run(task: tuple, i: int):
-    jobs, fn, chunk = task
+    jobs, fn, chunk, sink = task
     job = jobs[i]
-    return i, [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count)
-               for start, count in iter_chunks(job.numel, job.chunk or chunk)]
+    res = [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count)
+           for start, count in iter_chunks(job.numel, job.chunk or chunk)]
+    return i, (sink(job, 0, res) if sink is not None else res)
 
 
 def _run_in_worker(i: int):
@@ -111,13 +112,16 @@ def map_chunks(
     progress: bool = True,
     engine: str = "local",
     ray_address: str | None = None,
+    sink: Callable | None = None,
 ) -> Iterator[tuple[Job, list]]:
     """Yield ``(job, [fn(job, start, raws) for each chunk])`` per job, jobs spread over processes.
 
     ``engine="local"``: ``workers`` processes (default: CPU count, never more than there are jobs) each take
     whole tensors, largest first. With one worker, or where ``fork`` is unavailable, everything runs in this
     process. ``engine="ray"``: the same work as Ray tasks on a cluster (:func:`_map_ray`). On the first error (or
-    an interruption) the pending jobs are cancelled and the workers stopped.
+    an interruption) the pending jobs are cancelled and the workers stopped. ``sink(job, start, results)``, where
+    given, is called where each work unit ran (a job, or a Ray task's run of its chunks from ``start``) and its
+    return value travels back instead of the results (e.g. mask bits written to a part file where they were made).
     """
 
     if chunk <= 0 or chunk % 8:
@@ -125,26 +129,26 @@ def map_chunks(
     if engine not in ENGINES:
         raise InputError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}.")
     if engine == "ray":
-        yield from _map_ray(jobs, fn, chunk, desc, progress, ray_address)
+        yield from _map_ray(jobs, fn, chunk, desc, progress, ray_address, sink)
         return
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise InputError(f"--workers: {workers!r} must be a positive integer.")
     workers = min(workers or default_workers(), max(1, len(jobs)))
     dropped = _set_page_cache_policy(jobs)
     try:
-        yield from _map_local(jobs, fn, workers, chunk, desc, progress)
+        yield from _map_local(jobs, fn, workers, chunk, desc, progress, sink)
     finally:
         for ck in dropped:
             ck.drop_from_cache()
 
 
-def _map_local(jobs, fn, workers: int, chunk: int, desc: str, progress: bool):
+def _map_local(jobs, fn, workers: int, chunk: int, desc: str, progress: bool, sink=None):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].nbytes)
     total = sum(j.nbytes for j in jobs)
-    task = (jobs, fn, chunk)
+    task = (jobs, fn, chunk, sink)
     with make_progress(progress) as bar:
         bar_task = bar.add_task(desc, total=total)
         if workers <= 1 or "fork" not in mp.get_all_start_methods():
@@ -194,9 +198,10 @@ def _units(jobs: Sequence[Job], chunk: int) -> list[tuple[int, list[tuple[int, i
     return out
 
 
-def _run_unit(fn, jobs, i: int, ranges):
+def _run_unit(fn, jobs, i: int, ranges, sink=None):
     job = jobs[i]
-    return [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count) for start, count in ranges]
+    res = [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count) for start, count in ranges]
+    return sink(job, ranges[0][0] if ranges else 0, res) if sink is not None else res
 
 
 def _reachable(address: str | None, timeout: float = 5.0) -> None:
@@ -233,7 +238,7 @@ def ray_connect(address: str | None):
     return ray
 
 
-def _map_ray(jobs, fn, chunk, desc, progress, address):
+def _map_ray(jobs, fn, chunk, desc, progress, address, sink=None):
     """Units of chunks as Ray tasks that read their own byte ranges where they run (checkpoints travel as their
     index, never as data; local paths must be visible to every node, object storage always is). Results come back
     small (counts, histograms, packed mask bits) and are merged in chunk order, so the answer is the local
@@ -247,7 +252,7 @@ def _map_ray(jobs, fn, chunk, desc, progress, address):
     for i, _ in units:
         left[i] = left.get(i, 0) + 1
     parts: dict[int, dict[int, list]] = {}
-    refs = {remote.remote(fn_ref, jobs_ref, i, ranges): (i, k) for k, (i, ranges) in enumerate(units)}
+    refs = {remote.remote(fn_ref, jobs_ref, i, ranges, sink): (i, k) for k, (i, ranges) in enumerate(units)}
     total = sum(j.nbytes for j in jobs)
     ok = False
     try:

@@ -11,7 +11,9 @@ File format ``rlsubnet-mask/1`` (a safetensors file):
   (content fingerprints, see :meth:`rlsubnet.io.Checkpoint.fingerprint`); ``counts`` = JSON
   ``{name: ones}`` (informational: readers recompute counts from the bits).
 
-One bit per parameter on disk; :meth:`Subnetwork.bool_tensor` hands one byte per parameter to training.
+One bit per parameter on disk; :meth:`Subnetwork.bool_tensor` hands one byte per parameter to training. A mask
+too large for one process is a folder of parts written by the workers (:mod:`rlsubnet.io.mask_shards`);
+:meth:`Subnetwork.load` opens both.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ import numpy as np
 from ..io.atomic import write_with
 from ..io.checkpoint import require_regular
 from ..io.errors import InputError
-
-FORMAT = "rlsubnet-mask/1"
+from ..io.mask_shards import FORMAT, read_index, read_parts
 
 
 def popcount(packed: np.ndarray) -> int:
@@ -50,9 +51,11 @@ class Subnetwork:
     """
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], bits: dict[str, np.ndarray] | None = None,
-                 meta: dict[str, str] | None = None, path: str | None = None, source: str | None = None):
+                 meta: dict[str, str] | None = None, path: str | None = None, source: str | None = None,
+                 parts: dict[str, list[dict]] | None = None):
         self.shapes = {k: tuple(int(x) for x in v) for k, v in shapes.items()}
         self._bits: dict[str, np.ndarray] = dict(bits or {})
+        self._parts = parts  # a sharded mask: each parameter's parts, read on use and not kept (bounded memory)
         self.meta = dict(meta or {})
         self.path = path
         self._source = source
@@ -72,6 +75,9 @@ class Subnetwork:
         p = os.fspath(path)
         if not os.path.exists(p):
             raise InputError(f"{p}: no such mask file.")
+        if os.path.isdir(p) and not os.path.islink(p):
+            shapes, parts, meta = read_index(p)
+            return cls(shapes, meta=meta, path=p, parts=parts)
         require_regular(p)
         try:
             with safe_open(p, framework="numpy") as f:
@@ -150,6 +156,12 @@ class Subnetwork:
     def packed(self, name: str) -> np.ndarray:
         """Packed bits of one parameter (little bit order)."""
         b = self._bits.get(name)
+        if b is None and self._parts is not None and name in self._parts:
+            n = self.numel(name)
+            b = read_parts(self.path, name, self._parts[name], n)
+            if n % 8 and b.size and b[-1] >> (n % 8):
+                raise InputError(f"{self.path}: corrupt mask (padding bits after the last entry of '{name}' are set).")
+            return b
         if b is None:
             if self._source is None or name not in self.shapes:
                 raise KeyError(name)
