@@ -786,6 +786,15 @@ def test_sharded_mask_index_is_checked_before_use(tmp_path):
     for tag, (edit, files, needle) in cases.items():
         with pytest.raises(InputError, match=needle):
             Subnetwork.load(broken(tag, edit, files))
+    # the output folder: never over a folder rlsubnet did not write; its own sharded mask is replaced whole
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="not written by rlsubnet"):
+        diff(str(a), str(b), mask_criterion="bitwise", mask_dir=mine)
+    assert (mine / "notes.txt").read_text() == "keep"
+    diff(str(a), str(b), mask_criterion="bitwise", mask_dir=good)
+    assert Subnetwork.load(good).count() == 7
     # a part whose file holds other bytes than the index says: refused when the parameter is read
     d = broken("swapped", lambda i: None)
     other = next(p for n, ps in index["parts"].items() for p in ps if p["nbytes"] != first["nbytes"])

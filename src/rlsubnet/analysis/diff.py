@@ -15,6 +15,7 @@ from ..io.align import Pair, align, tie_notes
 from ..io.atomic import atomic_dir
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.errors import InputError
+from ..io.guard import write_marker
 from ..io.mask_shards import PartSink, write_index
 from .engine import DEFAULT_CHUNK, Job, map_chunks
 from .experts import expert_role, moe_section
@@ -85,7 +86,7 @@ def diff(
     if mask_dir is not None and crit is None:
         raise InputError("a sharded mask needs a criterion (mask_criterion).")
     cb, ct = _as_checkpoint(base, cache_dir), _as_checkpoint(tuned, cache_dir)
-    shards = atomic_dir(mask_dir) if mask_dir is not None else contextlib.nullcontext()
+    shards = atomic_dir(mask_dir, guard="-o") if mask_dir is not None else contextlib.nullcontext()  # never over a folder not ours
     try:
         with shards as folder:
             result = _run(cb, ct, common_slice, tols_user, tols, eta, crit, lr_sum, workers, chunk, progress, engine,
@@ -142,6 +143,7 @@ def _run(cb, ct, common_slice, tols_user, tols, eta, crit, lr_sum, workers, chun
         meta = {"criterion": mask_criterion, "base": result.base, "tuned": result.tuned,
                 **{f"{k}_fingerprint": v for k, v in result.fingerprints.items()}}
         write_index(folder, {p.name: tuple(p.shape) for p in pairs if not p.buffer}, parts, meta)
+        write_marker(folder, "sharded mask")
     return result
 
 

@@ -123,7 +123,6 @@ def map_chunks(
     given, is called where each work unit ran (a job, or a Ray task's run of its chunks from ``start``) and its
     return value travels back instead of the results (e.g. mask bits written to a part file where they were made).
     """
-
     if chunk <= 0 or chunk % 8:
         raise ValueError("chunk must be a positive multiple of 8")
     if engine not in ENGINES:
