@@ -182,25 +182,44 @@ def _map_local(jobs, fn, workers: int, chunk: int, desc: str, progress: bool, si
 UNIT_BYTES = 64 << 20  # a Ray task reads about this many bytes (whole chunks of one tensor)
 
 
-def _units(jobs: Sequence[Job], chunk: int) -> list[tuple[int, list[tuple[int, int]]]]:
-    """Work units: (job index, consecutive chunk ranges of that tensor), each about UNIT_BYTES of reads."""
+def _pieces(jobs: Sequence[Job], chunk: int) -> list[tuple[int, list[tuple[int, int]], int]]:
+    """(job index, consecutive chunk ranges of that tensor, bytes read): each at most about UNIT_BYTES."""
     out = []
     for i, job in enumerate(jobs):
         itemsize = job.nbytes // job.numel if job.numel else 1  # bytes read per element, over all sources
         size = job.chunk or chunk
-        per = max(1, UNIT_BYTES // (size * max(1, itemsize)))  # chunks per unit
+        per = max(1, UNIT_BYTES // (size * max(1, itemsize)))  # chunks per piece
         ranges = list(iter_chunks(job.numel, size))
         if job.whole:
             per = max(len(ranges), 1)
         for k in range(0, max(len(ranges), 1), per):
-            out.append((i, ranges[k : k + per]))
+            rs = ranges[k : k + per]
+            out.append((i, rs, sum(c for _, c in rs) * itemsize))
     return out
 
 
-def _run_unit(fn, jobs, i: int, ranges, sink=None):
-    job = jobs[i]
-    res = [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count) for start, count in ranges]
-    return sink(job, ranges[0][0] if ranges else 0, res) if sink is not None else res
+def _units(jobs: Sequence[Job], chunk: int) -> list[list[tuple[int, list[tuple[int, int]]]]]:
+    """Work units, each a Ray task: pieces of tensors (consecutive chunks of one tensor) packed in order until a unit
+    reads about UNIT_BYTES, so a model of many small tensors (experts) is not one task per tensor."""
+    units: list[list] = []
+    size = UNIT_BYTES
+    for i, ranges, nbytes in _pieces(jobs, chunk):
+        if not units or size + nbytes > UNIT_BYTES:
+            units.append([])
+            size = 0
+        units[-1].append((i, ranges))
+        size += nbytes
+    return units
+
+
+def _run_unit(fn, jobs, pieces, sink=None):
+    """One Ray task: every piece of the unit, each piece's results (through ``sink`` where given)."""
+    out = []
+    for i, ranges in pieces:
+        job = jobs[i]
+        res = [fn(job, start, [ck.read(name, start, count) for ck, name in job.sources] if job.read else count) for start, count in ranges]
+        out.append(sink(job, ranges[0][0] if ranges else 0, res) if sink is not None else res)
+    return out
 
 
 def _reachable(address: str | None, timeout: float = 5.0) -> None:
@@ -247,11 +266,12 @@ def _map_ray(jobs, fn, chunk, desc, progress, address, sink=None):
     remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(_run_unit)
     fn_ref, jobs_ref = ray.put(fn), ray.put(list(jobs))
     units = _units(jobs, chunk)
-    left = {}
-    for i, _ in units:
-        left[i] = left.get(i, 0) + 1
+    left: dict[int, int] = {}  # pieces per job
+    for unit in units:
+        for i, _ in unit:
+            left[i] = left.get(i, 0) + 1
     parts: dict[int, dict[int, list]] = {}
-    refs = {remote.remote(fn_ref, jobs_ref, i, ranges, sink): (i, k) for k, (i, ranges) in enumerate(units)}
+    refs = {remote.remote(fn_ref, jobs_ref, unit, sink): u for u, unit in enumerate(units)}
     total = sum(j.nbytes for j in jobs)
     ok = False
     try:
@@ -261,20 +281,22 @@ def _map_ray(jobs, fn, chunk, desc, progress, address, sink=None):
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 ref = done[0]
-                i, k = refs[ref]
+                u = refs[ref]
                 try:
-                    res = ray.get(ref)
+                    got = ray.get(ref)
                 except ray.exceptions.RayError as e:
                     cause = getattr(e, "cause", None)
                     if isinstance(cause, InputError):
                         raise InputError(cause.message) from None
-                    raise InputError(f"{jobs[i].name}: the Ray task reading this tensor failed after its retries "
-                                     f"({type(cause or e).__name__}: {str(cause or e).splitlines()[0][:160]}).") from None
-                parts.setdefault(i, {})[k] = res
-                bar.advance(task, jobs[i].nbytes / left[i] if left[i] else 0)
-                if len(parts[i]) == left[i]:
-                    yield jobs[i], [r for kk in sorted(parts[i]) for r in parts[i][kk]]
-                    del parts[i]
+                    names = ", ".join(dict.fromkeys(jobs[i].name for i, _ in units[u]))
+                    raise InputError(f"{names}: the Ray task reading {'this tensor' if len(units[u]) == 1 else 'these tensors'} "
+                                     f"failed after its retries ({type(cause or e).__name__}: {str(cause or e).splitlines()[0][:160]}).") from None
+                for (i, ranges), res in zip(units[u], got):
+                    parts.setdefault(i, {})[ranges[0][0] if ranges else 0] = res
+                    bar.advance(task, jobs[i].nbytes / left[i] if left[i] else 0)
+                    if len(parts[i]) == left[i]:
+                        yield jobs[i], [r for kk in sorted(parts[i]) for r in parts[i][kk]]
+                        del parts[i]
         ok = True
     finally:
         if not ok:
