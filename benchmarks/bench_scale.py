@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=512, help="stored MiB of each checkpoint (about)")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--no-s3", action="store_true", help="skip the legs from the S3-protocol server (moto: minutes)")
     args = ap.parse_args()
     out = Path(args.out) / "scale"
     if not (out / "tuned" / "model.safetensors.index.json").exists():
@@ -141,6 +142,8 @@ def main() -> None:
         import boto3
         from moto.server import ThreadedMotoServer
     except ImportError:
+        ThreadedMotoServer = None
+    if args.no_s3:
         ThreadedMotoServer = None
     if ThreadedMotoServer is not None:
         port = _port()
