@@ -272,6 +272,13 @@ def probe_changed(st: ChunkStats, idx, fa, fb, sa, da, tols, eta, mask_criterion
             mask[idx[relm if val == eta else rel_changed_mask(absd, fa, fb, val)]] = True
 
 
+def ulp_bucket_index(r: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """The ULP_LABELS bucket of each changed entry moved by ``r`` ULPs (non-finite ones in the last bucket)."""
+    b = np.searchsorted(ULP_EDGES, np.where(finite, r, 0.0), side="right") + 1
+    b[~finite] = len(ULP_LABELS) - 1
+    return b
+
+
 def ulp_buckets(r: np.ndarray, finite: np.ndarray) -> np.ndarray:
     """Counts per ULP_LABELS bucket of changed entries moved by ``r`` ULPs (non-finite ones in the last bucket):
     one comparison pass per edge."""

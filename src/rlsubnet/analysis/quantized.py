@@ -22,7 +22,7 @@ import numpy as np
 
 from ..io.dtypes import DTYPES, dot
 from ..io.quant import _E4M3, E2M1, ULP_E2M1, ULP_E4M3, QuantSpec, ValueCheckpoint, grid_half_gap, grid_ulp, requantize
-from .probes import ULP_EDGES, ULP_LABELS, ChunkStats, atol_exceed, differing, probe_changed, rel_changed_mask, ulp_buckets
+from .probes import ULP_LABELS, ChunkStats, atol_exceed, differing, probe_changed, rel_changed_mask, ulp_bucket_index, ulp_buckets
 
 _F64 = DTYPES["F64"]
 _SQUARES32 = {False: np.square(_E4M3).astype(np.float32), True: np.square(E2M1).astype(np.float32)}  # code values², exact in float32
@@ -83,9 +83,7 @@ class _PairTables:
         self.d = np.where(self.neq, d, 0.0)  # NaN where exactly one side is NaN
         self.nonfinite = self.neq & ~np.isfinite(d)
         finite = np.isfinite(self.d)
-        r = np.where(finite, self.d, 0.0) / np.repeat(ulp, n)
-        bucket = np.searchsorted(ULP_EDGES, r, side="right") + 1
-        bucket[~finite] = len(ULP_LABELS) - 1
+        bucket = ulp_bucket_index(np.where(finite, self.d, 0.0) / np.repeat(ulp, n), finite)
         bucket[~self.neq] = 0
         self.bucket = bucket
         self._rel: dict[float, np.ndarray] = {}
@@ -226,9 +224,7 @@ def _code_hist_probe(st: ChunkStats, spec: QuantSpec, hist: np.ndarray, sa_w: np
     st.rel_changed += int(wts[relm].sum())
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         r = absd / grid_ulp(spec, c, sa_w[w])
-    rf = np.isfinite(r)
-    bucket = np.searchsorted(ULP_EDGES, np.where(rf, r, 0.0), side="right") + 1
-    bucket[~rf] = len(ULP_LABELS) - 1
+    bucket = ulp_bucket_index(r, np.isfinite(r))
     st.ulp_hist += np.bincount(bucket, weights=wts, minlength=len(ULP_LABELS)).astype(np.int64)
     if finite.any():
         st.max_abs = max(st.max_abs, float(absd[finite].max()))
