@@ -256,6 +256,16 @@ def ray_connect(address: str | None):
     return ray
 
 
+def ray_failure(e: Exception, names: str, doing: str) -> InputError:
+    """One sentence for a Ray task that failed after its retries: the task's own InputError as it was, else what
+    failed, naming the tensors."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, InputError):
+        return InputError(cause.message)
+    return InputError(f"{names}: the Ray task {doing} failed after its retries "
+                      f"({type(cause or e).__name__}: {str(cause or e).splitlines()[0][:160]}).")
+
+
 def _map_ray(jobs, fn, chunk, desc, progress, address, sink=None):
     """Units of chunks as Ray tasks that read their own byte ranges where they run (checkpoints travel as their
     index, never as data; local paths must be visible to every node, object storage always is). Results come back
@@ -285,12 +295,8 @@ def _map_ray(jobs, fn, chunk, desc, progress, address, sink=None):
                 try:
                     got = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    cause = getattr(e, "cause", None)
-                    if isinstance(cause, InputError):
-                        raise InputError(cause.message) from None
                     names = ", ".join(dict.fromkeys(jobs[i].name for i, _ in units[u]))
-                    raise InputError(f"{names}: the Ray task reading {'this tensor' if len(units[u]) == 1 else 'these tensors'} "
-                                     f"failed after its retries ({type(cause or e).__name__}: {str(cause or e).splitlines()[0][:160]}).") from None
+                    raise ray_failure(e, names, "reading " + ("this tensor" if len(units[u]) == 1 else "these tensors")) from None
                 for (i, ranges), res in zip(units[u], got):
                     parts.setdefault(i, {})[ranges[0][0] if ranges else 0] = res
                     bar.advance(task, jobs[i].nbytes / left[i] if left[i] else 0)

@@ -99,7 +99,7 @@ def matrix_rank(cb: Checkpoint, ct: Checkpoint, p: Pair, rtol: float | None, pre
 def _ranks_on_ray(cb, ct, todo: list[Pair], rtol, precision, device, address, bar, task):
     """:func:`matrix_rank` of every matrix as a Ray task (each reads its own two matrices where it runs; the
     checkpoints travel as their index), in the order of ``todo`` whatever order they finish in."""
-    from .engine import ray_connect
+    from .engine import ray_connect, ray_failure
 
     ray = ray_connect(address)
     remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(matrix_rank)
@@ -114,9 +114,7 @@ def _ranks_on_ray(cb, ct, todo: list[Pair], rtol, precision, device, address, ba
             try:
                 out[k] = ray.get(done[0])
             except ray.exceptions.RayError as e:
-                cause = getattr(e, "cause", None)
-                raise InputError(f"{todo[k].name}: the Ray task computing its rank failed after its retries "
-                                 f"({type(cause or e).__name__}: {str(cause or e).splitlines()[0][:160]}).") from None
+                raise ray_failure(e, todo[k].name, "computing its rank") from None
             bar.advance(task)
     finally:
         for r in pending:
