@@ -154,3 +154,23 @@ def strict_json(text: str):
         raise ValueError(f"non-JSON constant {c}")
 
     return json.loads(text, parse_constant=bad)
+
+
+def split_payload(data: bytes) -> tuple[bytes, dict]:
+    """A patch's bytes before its header, and its header (no check: tests build hostile variants from it)."""
+    import struct
+
+    import zstandard
+
+    (n,) = struct.unpack("<Q", data[-16:-8])
+    return data[: len(data) - 16 - n], json.loads(zstandard.ZstdDecompressor().decompress(data[len(data) - 16 - n : -16]))
+
+
+def join_payload(blobs: bytes, header: dict) -> bytes:
+    """The inverse of :func:`split_payload`, with ``header`` as given."""
+    import struct
+
+    import zstandard
+
+    comp = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    return blobs + comp + struct.pack("<Q", len(comp)) + b"RLSPEND1"

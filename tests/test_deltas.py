@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from rlsubnet.deltas import DeltaError, DeltaPublisher, apply_delta
-from rlsubnet.deltas.format import CHUNK, PatchReader, decode_positions
+from rlsubnet.deltas.format import CHUNK, PatchReader, checkpoint_hash, decode_positions
 from rlsubnet.deltas.patch import apply, create, info, verify
 from rlsubnet.io import InputError
 
-from conftest import bits_view, bump_ulps, run, save_folder
+from conftest import bits_view, bump_ulps, join_payload, run, save_folder, split_payload
 
 
 def _model(seed=0, dtype=torch.bfloat16):
@@ -149,17 +149,20 @@ def test_positions_roundtrip_property():
     check()
 
 
-def test_live_publisher_and_apply(tmp_path):
+@pytest.mark.parametrize("digest", ["mix64", "sha256"])
+def test_live_publisher_and_apply(tmp_path, digest):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 5))
     receiver = {n: p.detach().to(torch.bfloat16).clone() for n, p in model.named_parameters()}
-    pub = DeltaPublisher(model)
+    pub = DeltaPublisher(model, digest=digest)
+    assert pub.hash.startswith(digest + ":")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(3):
         model(torch.randn(8, 40)).sum().backward()
         opt.step()
         opt.zero_grad()
         payload = pub.delta()
+        assert PatchReader(payload).header["format"] == {"mix64": "rlsubnet-patch/2", "sha256": "rlsubnet-patch/1"}[digest]
         apply_delta(receiver, payload)
         for n, p in model.named_parameters():
             assert torch.equal(bits_view(receiver[n]), bits_view(p.detach().to(torch.bfloat16)))
@@ -339,13 +342,13 @@ def test_parallel_patch_create_writes_the_same_bytes(tmp_path, workers):
     assert got.keys() == want.keys() and all(got[k].tobytes() == want[k].tobytes() and got[k].shape == want[k].shape for k in want)
 
 
-def test_in_place_writes_are_undone_when_a_result_fails(monkeypatch):
-    """A contiguous target takes its changed entries in place before its result hash is checked. A payload whose
-    recorded result for its last tensor is wrong (a sender that hashed the wrong bytes; every blob intact, so
-    nothing fails before the writes) must leave the whole target as it was, bit for bit, the tensors written
-    before it included; the same payload with the right hash applies exactly."""
-    import rlsubnet.deltas.live as live
-
+@pytest.mark.parametrize("digest", ["sha256", "mix64"])
+def test_in_place_writes_are_undone_when_a_result_fails(digest):
+    """A contiguous target takes its changed entries in place. A payload whose recorded result for its last tensor
+    is wrong (a sender that hashed the wrong bytes; every blob intact, so nothing fails on reading) must leave the
+    whole target as it was, bit for bit, the tensors written before it included: with sha256 the writes come
+    first and are undone, with mix64 the result is checked before any write. The same payload with the right
+    digest applies exactly."""
     g = torch.Generator().manual_seed(0)
     start = {"a": torch.randn(500, generator=g).bfloat16(), "b": torch.randn(40, 30, generator=g).bfloat16(),
              "c": torch.randn(64, generator=g)}
@@ -353,18 +356,124 @@ def test_in_place_writes_are_undone_when_a_result_fails(monkeypatch):
     bump_ulps(moved["a"], torch.arange(0, 500, 7), 1)
     bump_ulps(moved["b"], torch.arange(0, 1200, 3), 2)
     moved["c"][::5] += 1.0
-    good = DeltaPublisher(dict(start), dtype=None)
+    good = DeltaPublisher(dict(start), dtype=None, digest=digest)
     good.model = moved
     payload = good.delta()
-    honest = live.sha256_many
-    monkeypatch.setattr(live, "sha256_many", lambda arrays: honest(arrays)[:-1] + ["0" * 64])
-    bad = DeltaPublisher(dict(start), dtype=None)
-    bad.model = moved
-    wrong = bad.delta()
-    monkeypatch.setattr(live, "sha256_many", honest)
+    blobs, h = split_payload(payload)  # a sender that hashed the wrong bytes for the last tensor: header consistent
+    keys = ("base_sha256", "result_sha256") if digest == "sha256" else ("base_digest", "result_digest")
+    h["tensors"][-1][keys[1]] = "0" * len(h["tensors"][-1][keys[1]])
+    h["result"]["hash"] = checkpoint_hash([(t["name"], t["dtype"], tuple(t["shape"]), t[keys[1]]) for t in h["tensors"]], digest)
+    wrong = join_payload(blobs, h)
+    assert PatchReader(wrong).header["format"] == ("rlsubnet-patch/1" if digest == "sha256" else "rlsubnet-patch/2")
     target = {k: v.clone() for k, v in start.items()}
     with pytest.raises(DeltaError, match="does not reproduce the recorded result"):
         apply_delta(target, wrong)
     assert all(torch.equal(bits_view(target[k]), bits_view(start[k])) for k in start)
     assert apply_delta(target, payload) == sum(int((bits_view(moved[k]) != bits_view(start[k])).sum()) for k in start)
     assert all(torch.equal(bits_view(target[k]), bits_view(moved[k])) for k in start)
+
+
+M64 = (1 << 64) - 1
+
+
+def mix64_by_hand(bits, start=0) -> int:
+    """FORMAT.md §6's mix64 in Python integers, entry by entry."""
+    total = 0
+    for i, b in enumerate(int(x) for x in bits):
+        x = b ^ (((start + i) * 0x9E3779B97F4A7C15) & M64)
+        x ^= x >> 33
+        x = (x * 0xFF51AFD7ED558CCD) & M64
+        x ^= x >> 33
+        x = (x * 0xC4CEB9FE1A85EC53) & M64
+        total += x ^ (x >> 33)
+    return total & M64
+
+
+def test_mix64_is_the_sum_the_format_defines_and_follows_a_change():
+    """The vectorised digest equals the per-entry definition for every width (blocks of 2^14 entries crossed); the
+    update from the changed entries alone equals the digest recomputed whole; fed in pieces it is the same."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from rlsubnet.deltas.format import TensorHasher, mix64, mix64_update
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.sampled_from([np.uint8, np.uint16, np.uint32, np.uint64]), st.integers(0, 40_000), st.integers(0, 2**40),
+           st.data())
+    def check(dt, n, start, data):
+        rng = np.random.default_rng(n)
+        a = rng.integers(0, np.iinfo(dt).max, n, dtype=dt, endpoint=True)
+        assert mix64(a) == mix64_by_hand(a) and mix64(a[:7], start) == mix64_by_hand(a[:7], start)
+        if n == 0:
+            return
+        idx = np.unique(rng.integers(0, n, data.draw(st.integers(1, 50))))
+        b = a.copy()
+        b[idx] = rng.integers(0, np.iinfo(dt).max, idx.size, dtype=dt, endpoint=True)
+        assert int(mix64_update(f"{mix64(a):016x}", idx, a[idx], b[idx]), 16) == mix64(b)
+        h = TensorHasher("mix64", a.itemsize)
+        cut = data.draw(st.integers(0, n))
+        h.update(b[:cut].data)
+        h.update(b[cut:].data)
+        assert int(h.hexdigest(), 16) == mix64(b)
+
+    check()
+
+
+def test_live_sync_steady_state_hashes_nothing_whole(monkeypatch):
+    """Cost grows with the change: after the first step, neither the publisher nor the receiver digests a whole
+    tensor (mix64 follows each change); the receiver still catches a base that differs where a payload writes,
+    even through ``.data`` (which the version counter misses), and leaves the target unchanged."""
+    import rlsubnet.deltas.live as live
+
+    g = torch.Generator().manual_seed(0)
+    model = {f"w{i}": torch.randn(3000, generator=g) for i in range(4)}
+    pub = DeltaPublisher(model)
+    target = {k: v.to(torch.bfloat16) for k, v in model.items()}
+    model["w0"][::50] *= 1.5
+    apply_delta(target, pub.delta())  # first step: the receiver hashes what it has never seen
+    whole = []
+    real = live.tensor_digest
+    monkeypatch.setattr(live, "tensor_digest", lambda *a: (whole.append(1), real(*a))[1])
+    for k in range(3):
+        for t in model.values():
+            t[k::30] *= 1.01 + k / 100
+        apply_delta(target, pub.delta())
+        assert all(torch.equal(bits_view(target[n]), bits_view(model[n].bfloat16())) for n in model)
+    assert whole == []
+    model["w1"][7] += 1.0  # the next payload writes entry 7 of w1 ...
+    p = pub.delta()
+    target["w1"].data[7] = 5.0  # ... whose base the receiver no longer holds, written behind the version counter
+    before = {n: v.clone() for n, v in target.items()}
+    with pytest.raises(DeltaError, match="does not reproduce the recorded result"):
+        apply_delta(target, p)
+    assert all(torch.equal(bits_view(before[n]), bits_view(target[n])) for n in target) and whole == []
+
+
+def test_a_chain_of_live_payloads_applies_to_files_like_patches(tmp_path):
+    """A live chain (rlsubnet-patch/2, mix64) saved to disk is a patch chain: ``patch apply`` turns the base files
+    into the last step's files bit for bit, the result hash it reports is the publisher's, and ``patch verify``
+    fails where a step's tensor is not what it records."""
+    s0 = _model()
+    live = {k: v.clone() for k, v in s0.items()}
+    pub = DeltaPublisher(live, dtype=None)
+    paths = []
+    for k in range(2):
+        for n, v in _step(live, 0.01, k + 1).items():
+            live[n].copy_(v)
+        paths.append(tmp_path / f"step{k}.rlspatch")
+        paths[-1].write_bytes(pub.delta())
+    save_folder(tmp_path / "s0", s0, shards=2)
+    save_folder(tmp_path / "s2", live, shards=2)
+    assert info(paths[0])["format"] == "rlsubnet-patch/2" and info(paths[0])["digest"] == "mix64"
+    res = apply(tmp_path / "s0", paths, tmp_path / "out")
+    assert res["result"] == pub.hash and res["result"].startswith("mix64:")
+    for f in sorted((tmp_path / "s2").glob("*.safetensors")):
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert verify(tmp_path / "s0", paths)["ok"]
+    blobs, h = split_payload(paths[1].read_bytes())
+    t = next(t for t in h["tensors"] if t["chunks"])
+    t["result_digest"] = f"{(int(t['result_digest'], 16) + 1) % 2**64:016x}"
+    h["result"]["hash"] = checkpoint_hash([(x["name"], x["dtype"], tuple(x["shape"]), x["result_digest"]) for x in h["tensors"]], "mix64")
+    (tmp_path / "lie.rlspatch").write_bytes(join_payload(blobs, h))
+    v = verify(tmp_path / "s0", [paths[0], tmp_path / "lie.rlspatch"])
+    assert not v["ok"] and v["mismatched"] == [f"{tmp_path / 'lie.rlspatch'}: {t['name']}"]

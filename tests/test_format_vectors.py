@@ -26,6 +26,30 @@ def load(name):
             for n, t in json.loads((V / f"{name}.json").read_text()).items()}
 
 
+M64 = (1 << 64) - 1
+
+
+def spec_mix64(bits) -> str:
+    """FORMAT.md §6's mix64, entry by entry in Python integers."""
+    total = 0
+    for i, b in enumerate(int(x) for x in np.asarray(bits).reshape(-1)):
+        x = b ^ ((i * 0x9E3779B97F4A7C15) & M64)
+        x ^= x >> 33
+        x = (x * 0xFF51AFD7ED558CCD) & M64
+        x ^= x >> 33
+        x = (x * 0xC4CEB9FE1A85EC53) & M64
+        x ^= x >> 33
+        total = (total + x) & M64
+    return f"{total:016x}"
+
+
+def spec_digest(header: dict, bits) -> str:
+    if header["format"] == "rlsubnet-patch/1" or header["digest"] == "sha256":
+        return hashlib.sha256(np.ascontiguousarray(bits).tobytes()).hexdigest()
+    assert header["digest"] == "mix64"
+    return spec_mix64(bits)
+
+
 def spec_apply(path: Path, tensors: dict) -> dict:
     """Apply a patch as FORMAT.md describes it."""
     data = path.read_bytes()
@@ -34,10 +58,14 @@ def spec_apply(path: Path, tensors: dict) -> dict:
     header = json.loads(zstandard.ZstdDecompressor().decompress(data[len(data) - 16 - n : -16]))
     blob = lambda b: zstandard.ZstdDecompressor().decompress(data[b["off"] : b["off"] + b["len"]]) if b["raw"] else b""
     out = {}
+    v1 = header["format"] == "rlsubnet-patch/1"
+    assert v1 or header["format"] == "rlsubnet-patch/2"
+    base_key, result_key = ("base_sha256", "result_sha256") if v1 else ("base_digest", "result_digest")
     for t in header["tensors"]:
         dt, arr = tensors[t["name"]]
         w = WIDTH[t["dtype"]]
         flat = arr.reshape(-1).copy()
+        assert spec_digest(header, flat) == t[base_key], t["name"]
         for c in t["chunks"]:
             old = flat[c["start"] : c["start"] + c["count"]]
             p = c["positions"]
@@ -62,7 +90,7 @@ def spec_apply(path: Path, tensors: dict) -> dict:
             o = old[idx]
             new = {"raw": vals, "xor": vals ^ o, "sub": (o + vals).astype(o.dtype)}[v["enc"]]
             old[idx] = new
-        assert hashlib.sha256(flat.tobytes()).hexdigest() == t["result_sha256"], t["name"]
+        assert spec_digest(header, flat) == t[result_key], t["name"]
         out[t["name"]] = (dt, flat.reshape(arr.shape))
     return out
 
@@ -75,16 +103,21 @@ def test_a_reader_written_from_the_spec_reproduces_the_vectors():
     base, s1, s2 = load("base"), load("step1"), load("step2")
     assert same(spec_apply(V / "p1.rlspatch", base), s1)
     assert same(spec_apply(V / "p2.rlspatch", s1), s2)
+    assert same(spec_apply(V / "p2-mix64.rlspatch", s1), s2)  # rlsubnet-patch/2, mix64 digests
 
 
 def test_rlsubnet_reader_and_expected_results():
     exp = json.loads((V / "expected.json").read_text())
-    states = {"p1": (load("base"), load("step1")), "p2": (load("step1"), load("step2"))}
+    states = {"p1": (load("base"), load("step1")), "p2": (load("step1"), load("step2")), "p2-mix64": (load("step1"), load("step2"))}
     for p, (a, b) in states.items():
         with PatchReader(V / f"{p}.rlspatch") as r:
             h = r.header
-            assert h["parent"] == exp[p]["parent"] == checkpoint_hash([(n, dt, tuple(v.shape), hashlib.sha256(v.tobytes()).hexdigest()) for n, (dt, v) in a.items()])
+            assert (h["format"], r.digest) == (exp[p]["format"], exp[p]["digest"])
+            assert h["parent"] == exp[p]["parent"] == checkpoint_hash(
+                [(n, dt, tuple(v.shape), spec_digest(h, v)) for n, (dt, v) in a.items()], r.digest)
             assert h["result"]["hash"] == exp[p]["result"]
+            assert {t["name"]: list(r.digests(t)) for t in h["tensors"]} == exp[p]["digests"]
+            assert all(exp[p]["digests"][n] == [spec_digest(h, a[n][1]), spec_digest(h, b[n][1])] for n in a)
             for t in h["tensors"]:
                 flat = a[t["name"]][1].reshape(-1).copy()
                 for c in t["chunks"]:

@@ -24,6 +24,8 @@ from rlsubnet.io import InputError, open_checkpoint
 from rlsubnet.io.checkpoint import read_safetensors_header
 from rlsubnet.masks import Subnetwork
 
+from conftest import join_payload, split_payload
+
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
 VALID = ["F32", "F16", "BF16", "F64", "I8", "U8", "I32", "I64", "BOOL", "F8_E4M3"]
@@ -224,21 +226,11 @@ _VALUES = st.one_of(st.integers(-3, 3), st.sampled_from([2**31, 2**63, -(2**40),
                     st.lists(st.integers(0, 3), max_size=2), st.booleans(), st.floats(allow_nan=True))
 
 
-def _split(data: bytes):
-    (n,) = struct.unpack("<Q", data[-16:-8])
-    return data[: len(data) - 16 - n], json.loads(zstandard.ZstdDecompressor().decompress(data[len(data) - 16 - n : -16]))
-
-
-def _join(blobs: bytes, header: dict) -> bytes:
-    comp = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
-    return blobs + comp + struct.pack("<Q", len(comp)) + b"RLSPEND1"
-
-
 @st.composite
 def payloads(draw):
     """A valid payload with random corruptions: header fields set to hostile values, bytes flipped, frames swapped
     for others that decompress to other sizes (bombs in miniature), or truncation."""
-    blobs, h = _split(_PAYLOAD)
+    blobs, h = split_payload(_PAYLOAD)
     kind = draw(st.sampled_from(["field", "field", "flip", "frame", "truncate", "none"]))
     if kind == "field":
         t = draw(st.sampled_from(h["tensors"]))
@@ -250,14 +242,14 @@ def payloads(draw):
                 where = c["values"] if c["positions"] is None or draw(st.booleans()) else c["positions"]
         key = draw(st.sampled_from(sorted(where)))
         where[key] = draw(_VALUES)
-        return _join(blobs, h)
+        return join_payload(blobs, h)
     if kind == "frame":
         t = draw(st.sampled_from([t for t in h["tensors"] if t["chunks"]]))
         v = draw(st.sampled_from(t["chunks"]))["values"]
         size = draw(st.sampled_from([0, 1, v["raw"] - 1, v["raw"] + 1, 10**6]))
         frame = zstandard.ZstdCompressor(write_content_size=draw(st.booleans())).compress(b"\1" * size)
         v["off"], v["len"] = len(blobs), len(frame)
-        return _join(blobs + frame, h)
+        return join_payload(blobs + frame, h)
     data = bytearray(_PAYLOAD)
     if kind == "flip":
         for _ in range(draw(st.integers(1, 4))):

@@ -1,9 +1,10 @@
-"""Writes the rlsubnet-patch/1 test vectors of FORMAT.md (run from the repository root; the output is checked in).
+"""Writes the test vectors of FORMAT.md (run from the repository root; the output is checked in).
 
     python tests/vectors/make_vectors.py
 
 ``base.json``, ``step1.json``, ``step2.json``: tensors as ``{"dtype", "shape", "hex"}`` (the raw little-endian
-bytes); ``p1.rlspatch`` turns base into step1 and ``p2.rlspatch`` step1 into step2 (a chain);
+bytes); ``p1.rlspatch`` turns base into step1 and ``p2.rlspatch`` step1 into step2 (a chain, ``rlsubnet-patch/1``);
+``p2-mix64.rlspatch`` is p2's change as ``rlsubnet-patch/2`` with mix64 tensor digests;
 ``expected.json``: for each patch its hashes, and per tensor its changed count, the chunk encodings used and
 the updates ``iter_updates`` yields (flat indices, new bits as hex). Every dtype of the format, 0-d and empty
 tensors, -0 / NaN / ±inf, every written position encoding (all, bitmap, delta-u8, delta-esc) and every value
@@ -12,7 +13,6 @@ encoding (raw, xor, sub, each with and without byte planes) occur.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import sys
@@ -23,7 +23,16 @@ import numpy as np
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent.parent / "src"))
 
-from rlsubnet.deltas.format import CHUNK, Encoder, PatchWriter, _planes, checkpoint_hash, iter_updates  # noqa: E402
+from rlsubnet.deltas.format import (  # noqa: E402
+    CHUNK,
+    Encoder,
+    PatchWriter,
+    _planes,
+    checkpoint_hash,
+    digest_keys,
+    iter_updates,
+    tensor_digest,
+)
 from rlsubnet.io.dtypes import DTYPES  # noqa: E402
 
 WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -102,15 +111,15 @@ def to_json(ts):
     return {n: {"dtype": dt, "shape": list(v.shape), "hex": v.tobytes().hex()} for n, (dt, v) in ts.items()}
 
 
-def entries(ts):
-    return [(n, dt, tuple(v.shape), hashlib.sha256(v.tobytes()).hexdigest()) for n, (dt, v) in ts.items()]
+def entries(ts, kind="sha256"):
+    return [(n, dt, tuple(v.shape), tensor_digest(v.reshape(-1), kind)) for n, (dt, v) in ts.items()]
 
 
-def write_patch(path, a, b, chunk):
+def write_patch(path, a, b, chunk, digest="sha256"):
     import io
 
     buf = io.BytesIO()
-    w = PatchWriter(buf, level=3, chunk=chunk)
+    w = PatchWriter(buf, level=3, chunk=chunk, digest=digest)
     w.enc = Forced(3)
     for name in sorted(a):
         dt, old = a[name]
@@ -119,10 +128,11 @@ def write_patch(path, a, b, chunk):
         o, nw = old.reshape(-1), new.reshape(-1)
         for s in range(0, o.size, chunk):
             w.chunk_update(t, s, o[s : s + chunk], nw[s : s + chunk])
-        t["base_sha256"] = hashlib.sha256(old.tobytes()).hexdigest()
-        t["result_sha256"] = hashlib.sha256(new.tobytes()).hexdigest()
+        t[w.keys[0]] = tensor_digest(old.reshape(-1), digest)
+        t[w.keys[1]] = tensor_digest(new.reshape(-1), digest)
     w.add_file("config.json", b'{"model_type": "vectors"}\n')
-    h = w.finish(checkpoint_hash(entries(a)), checkpoint_hash(entries(b)), source={"base": "base.json", "tuned": path.stem})
+    h = w.finish(checkpoint_hash(entries(a, digest), digest), checkpoint_hash(entries(b, digest), digest),
+                 source={"base": "base.json", "tuned": path.stem})
     path.write_bytes(buf.getvalue())
     return h
 
@@ -135,12 +145,13 @@ def main():
     expected = {"chunk": 512}
     for name, ts in (("base", base), ("step1", s1), ("step2", s2)):
         (HERE / f"{name}.json").write_text(json.dumps(to_json(ts), indent=1) + "\n")
-    for pname, a, b in (("p1", base, s1), ("p2", s1, s2)):
-        h = write_patch(HERE / f"{pname}.rlspatch", a, b, expected["chunk"])
+    for pname, a, b, digest in (("p1", base, s1, "sha256"), ("p2", s1, s2, "sha256"), ("p2-mix64", s1, s2, "mix64")):
+        h = write_patch(HERE / f"{pname}.rlspatch", a, b, expected["chunk"], digest)
         old = {n: v.reshape(-1) for n, (_, v) in a.items()}
         ups = {n: {"indices": idx.tolist(), "values_hex": vals.tobytes().hex()}
                for n, _, _, idx, vals in iter_updates(HERE / f"{pname}.rlspatch", old=lambda n, i, o=old: o[n][i])}
-        expected[pname] = {"parent": h["parent"], "result": h["result"]["hash"],
+        expected[pname] = {"format": h["format"], "digest": digest, "parent": h["parent"], "result": h["result"]["hash"],
+                           "digests": {t["name"]: [t[k] for k in digest_keys(h["format"])] for t in h["tensors"]},
                            "changed": {t["name"]: t["changed"] for t in h["tensors"]},
                            "positions": sorted({c["positions"]["enc"] if c["positions"] else "all" for t in h["tensors"] for c in t["chunks"]}),
                            "values": sorted({c["values"]["enc"] + ("+planes" if c["values"]["planes"] else "") for t in h["tensors"] for c in t["chunks"]}),

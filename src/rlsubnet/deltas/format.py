@@ -67,7 +67,10 @@ class DeltaError(InputError):
     """A payload that does not apply to the target (wrong base, corrupt, or not reproducing its result)."""
 
 
-FORMAT = "rlsubnet-patch/1"
+FORMAT = "rlsubnet-patch/1"  # tensor digests are sha256 (patch files, and live payloads with digest="sha256")
+FORMAT_2 = "rlsubnet-patch/2"  # the header names its tensor digest: "sha256" or "mix64" (live payloads by default)
+FORMATS = (FORMAT, FORMAT_2)
+DIGESTS = ("sha256", "mix64")
 MAGIC = b"RLSPATC1"
 END = b"RLSPEND1"
 CHUNK = 1 << 20
@@ -80,12 +83,106 @@ def tensor_line(name: str, dtype: str, shape, digest: str) -> str:
     return f"{name}|{dtype}|{list(shape)}|{digest}\n"
 
 
-def checkpoint_hash(entries: list[tuple[str, str, tuple, str]]) -> str:
-    """sha256 over ``name|dtype|shape|tensor_sha256`` lines sorted by name."""
+def checkpoint_hash(entries: list[tuple[str, str, tuple, str]], kind: str = "sha256") -> str:
+    """sha256 over ``name|dtype|shape|tensor_digest`` lines sorted by name, prefixed by the tensor digest's kind."""
     h = hashlib.sha256()
     for name, dt, shape, digest in sorted(entries):
         h.update(tensor_line(name, dt, shape, digest).encode())
-    return "sha256:" + h.hexdigest()
+    return f"{kind}:" + h.hexdigest()
+
+
+# -- mix64: a tensor digest that a sparse change updates in time proportional to the change ---------------------
+# mix64(T) = Σ_i fmix64(bits_i XOR (i · K)) mod 2^64 over the flat (row-major) entries of T, with bits_i the
+# entry's stored bits zero-extended to 64 and fmix64 MurmurHash3's 64-bit finaliser. A sum of per-entry terms:
+# changing entries S from old to new bits turns the digest d into d − Σ_S term(i, old_i) + Σ_S term(i, new_i),
+# so a live chain verifies each step in time proportional to what changed (as LtHash, Lewi et al. 2019, does for
+# replicated databases). It detects accidental divergence (a missed or repeated step, a corrupted value, a base
+# that differs where the payload writes); it is not a cryptographic hash and does not resist forgery.
+_MIX_K = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1 = np.uint64(0xFF51AFD7ED558CCD)
+_MIX_2 = np.uint64(0xC4CEB9FE1A85EC53)
+_MIX_S = np.uint64(33)
+_MASK64 = (1 << 64) - 1
+_MIX_BLOCK = 1 << 14  # entries per vector pass: 128 KiB of uint64 per buffer, cache-sized
+_MIX_STEPS = np.arange(_MIX_BLOCK, dtype=np.uint64) * _MIX_K  # j·K for the positions of one block
+
+
+def _mix_sum(x: np.ndarray, bits: np.ndarray, tmp: np.ndarray) -> int:
+    """Σ fmix64(x XOR bits) mod 2^64, with ``x`` (positions · K, overwritten) and ``tmp`` uint64 buffers."""
+    np.copyto(tmp, bits, casting="unsafe")
+    x ^= tmp
+    for m in (_MIX_1, _MIX_2, None):
+        np.right_shift(x, _MIX_S, out=tmp)
+        x ^= tmp
+        if m is not None:
+            x *= m
+    return int(x.sum(dtype=np.uint64))
+
+
+def mix64_terms(idx: np.ndarray, bits: np.ndarray) -> int:
+    """Σ fmix64(bits XOR idx·K) mod 2^64 over the given flat positions and their stored bits (any unsigned width)."""
+    n = min(idx.size, _MIX_BLOCK)
+    x, tmp = np.empty(n, np.uint64), np.empty(n, np.uint64)
+    total = 0
+    for s in range(0, idx.size, _MIX_BLOCK):
+        i = idx[s : s + _MIX_BLOCK]
+        xx = x[: i.size]
+        np.copyto(xx, i, casting="unsafe")
+        xx *= _MIX_K
+        total += _mix_sum(xx, bits[s : s + _MIX_BLOCK], tmp[: i.size])
+    return total & _MASK64
+
+
+def mix64(bits: np.ndarray, start: int = 0) -> int:
+    """The mix64 sum of a run of a tensor's flat entries (raw unsigned bits) beginning at flat position ``start``."""
+    flat = bits.reshape(-1)
+    n = min(flat.size, _MIX_BLOCK)
+    x, tmp = np.empty(n, np.uint64), np.empty(n, np.uint64)
+    total = 0
+    for s in range(0, flat.size, _MIX_BLOCK):
+        b = flat[s : s + _MIX_BLOCK]
+        xx = x[: b.size]
+        np.add(_MIX_STEPS[: b.size], np.uint64(((start + s) * 0x9E3779B97F4A7C15) & _MASK64), out=xx)  # (start+s+j)·K
+        total += _mix_sum(xx, b, tmp[: b.size])
+    return total & _MASK64
+
+
+def mix64_update(digest: str, idx: np.ndarray, old: np.ndarray, new: np.ndarray) -> str:
+    """The digest after the entries at flat positions ``idx`` change from bits ``old`` to ``new``."""
+    d = int(digest, 16) - mix64_terms(idx, old) + mix64_terms(idx, new)
+    return f"{d & _MASK64:016x}"
+
+
+class TensorHasher:
+    """A tensor digest fed with the tensor's raw bytes in order (``update(buffer)``), as hashlib's objects are."""
+
+    def __init__(self, kind: str, itemsize: int):
+        self.kind, self.itemsize = kind, itemsize
+        self._h = hashlib.sha256() if kind == "sha256" else None
+        self._sum, self._n = 0, 0
+
+    def update(self, buf) -> None:
+        if self._h is not None:
+            self._h.update(buf)
+            return
+        a = np.frombuffer(buf, _UINT[self.itemsize])
+        self._sum += mix64(a, self._n)
+        self._n += a.size
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest() if self._h is not None else f"{self._sum & _MASK64:016x}"
+
+
+def tensor_digest(bits: np.ndarray, kind: str = "sha256") -> str:
+    """The digest of a whole tensor from its raw unsigned bits (flattened, row-major)."""
+    if kind == "sha256":
+        return hashlib.sha256(np.ascontiguousarray(bits).data).hexdigest()
+    return f"{mix64(bits):016x}"
+
+
+def digest_keys(fmt: str) -> tuple[str, str]:
+    """The tensor entry's (base, result) digest keys in a header of format ``fmt``."""
+    return ("base_sha256", "result_sha256") if fmt == FORMAT else ("base_digest", "result_digest")
 
 
 # -- encoding one chunk --------------------------------------------------------------------------------------
@@ -135,16 +232,27 @@ class Encoder:
         best = min(((e, self.compress(r), len(r)) for e, r in cands), key=lambda x: len(x[1]))
         return best
 
+    SAMPLE = 4096  # values per candidate encoding when choosing among them for a larger set
+
     def values(self, new: np.ndarray, old: np.ndarray) -> tuple[str, bool, bytes, int]:
-        """(encoding, planes, compressed, raw length) of the new bits of the changed entries."""
+        """(encoding, planes, compressed, raw length) of the new bits of the changed entries: the candidate that
+        compresses smallest (chosen on the first ``SAMPLE`` values when there are more, then compressed whole)."""
         size = new.dtype.itemsize
-        cands = {"raw": new.tobytes(), "xor": (new ^ old).tobytes(), "sub": (new - old).tobytes()}
+
+        def raw_of(enc: str, n: np.ndarray, o: np.ndarray) -> bytes:
+            return {"raw": lambda: n.tobytes(), "xor": lambda: (n ^ o).tobytes(), "sub": lambda: (n - o).tobytes()}[enc]()
+
+        cands = [(e, p) for e in self.value_encodings for p in ((False, True) if size > 1 else (False,))]
+        if len(cands) > 1 and new.size > self.SAMPLE:
+            k = self.SAMPLE
+            cands = [min(cands, key=lambda ep: len(self.compress(_planes(raw_of(ep[0], new[:k], old[:k]), size) if ep[1]
+                                                                 else raw_of(ep[0], new[:k], old[:k]))))]
         best = None
-        for enc, raw in ((e, cands[e]) for e in self.value_encodings):
-            for planes in ((False, True) if size > 1 else (False,)):
-                c = self.compress(_planes(raw, size) if planes else raw)
-                if best is None or len(c) < len(best[2]):
-                    best = (enc, planes, c, len(raw))
+        for enc, planes in cands:
+            raw = raw_of(enc, new, old)
+            c = self.compress(_planes(raw, size) if planes else raw)
+            if best is None or len(c) < len(best[2]):
+                best = (enc, planes, c, len(raw))
         return best  # type: ignore[return-value]
 
 
@@ -201,10 +309,11 @@ class EncodedChunk:
     values: tuple  # (encoding, planes, compressed, raw length)
 
 
-def encode_chunk(enc: Encoder, start: int, old: np.ndarray, new: np.ndarray) -> EncodedChunk | None:
+def encode_chunk(enc: Encoder, start: int, old: np.ndarray, new: np.ndarray, idx: np.ndarray | None = None) -> EncodedChunk | None:
     """The change of one chunk (raw bits before and after) encoded by ``enc``; None when nothing changed. Pure:
-    the same inputs give the same bytes in any process."""
-    idx = np.flatnonzero(old != new)
+    the same inputs give the same bytes in any process. ``idx``: the changed positions, when already known."""
+    if idx is None:
+        idx = np.flatnonzero(old != new)
     if idx.size == 0:
         return None
     return EncodedChunk(start, int(old.size), int(idx.size), old.dtype.itemsize, enc.positions(idx, old.size),
@@ -214,8 +323,13 @@ def encode_chunk(enc: Encoder, start: int, old: np.ndarray, new: np.ndarray) -> 
 class PatchWriter:
     """Writes a patch to a binary stream in one pass: blobs as they come, the header at the end."""
 
-    def __init__(self, fh: BinaryIO, level: int = 3, chunk: int = CHUNK, raw_values: bool = False):
+    def __init__(self, fh: BinaryIO, level: int = 3, chunk: int = CHUNK, raw_values: bool = False, digest: str = "sha256"):
+        if digest not in DIGESTS:
+            raise ValueError(f"digest={digest!r}: expected one of {', '.join(DIGESTS)}")
         self.fh = fh
+        self.digest = digest
+        self.format = FORMAT if digest == "sha256" else FORMAT_2  # sha256 patches stay readable by every /1 reader
+        self.keys = digest_keys(self.format)  # the tensor entry's (base, result) digest keys
         self.enc = Encoder(level, ("raw",) if raw_values else ("raw", "xor", "sub"))
         self.chunk = chunk
         self.pos = 0
@@ -235,9 +349,10 @@ class PatchWriter:
         self.tensors.append(t)
         return t
 
-    def chunk_update(self, t: dict, start: int, old: np.ndarray, new: np.ndarray) -> int:
-        """Record one chunk of tensor ``t`` (raw bits before and after); returns how many entries changed."""
-        return self.add_encoded(t, encode_chunk(self.enc, start, old, new))
+    def chunk_update(self, t: dict, start: int, old: np.ndarray, new: np.ndarray, idx: np.ndarray | None = None) -> int:
+        """Record one chunk of tensor ``t`` (raw bits before and after; ``idx`` its changed positions when known);
+        returns how many entries changed."""
+        return self.add_encoded(t, encode_chunk(self.enc, start, old, new, idx))
 
     def add_encoded(self, t: dict, e: EncodedChunk | None) -> int:
         """Write a chunk encoded by :func:`encode_chunk` (possibly in another process) into tensor ``t``; chunks of a
@@ -263,8 +378,10 @@ class PatchWriter:
         self.sizes["files"] += len(comp)
 
     def finish(self, base_hash: str, result_hash: str, **extra) -> dict:
-        header = {"format": FORMAT, "chunk": self.chunk, "parent": base_hash, "base": {"hash": base_hash},
+        header = {"format": self.format, "chunk": self.chunk, "parent": base_hash, "base": {"hash": base_hash},
                   "result": {"hash": result_hash}, "tensors": self.tensors, "files": self.files, **extra}
+        if self.format == FORMAT_2:
+            header["digest"] = self.digest
         header["sizes"] = dict(self.sizes)
         header["sizes"]["header"] = 0
         for _ in range(4):  # the header records its own compressed size: iterate to a fixed point
@@ -360,8 +477,10 @@ class PatchReader:
 
     def __init__(self, src: str | os.PathLike | bytes, name: str | None = None):
         self.name = name or (str(src) if not isinstance(src, bytes) else "payload")
+        self._mem = None  # a payload in memory; a file is read with pread: blobs may be read from several threads
         if isinstance(src, bytes):
             self._fh: BinaryIO = io.BytesIO(src)
+            self._mem = memoryview(src)
             size = len(src)
         else:
             from ..io.checkpoint import require_regular
@@ -422,8 +541,12 @@ class PatchReader:
             h = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise self._bad("its header is not a JSON object") from None
-        if not isinstance(h, dict) or h.get("format") != FORMAT:
-            raise InputError(f"{self.name}: not an {FORMAT} patch.")
+        if not isinstance(h, dict) or h.get("format") not in FORMATS:
+            raise InputError(f"{self.name}: not an {FORMAT} or {FORMAT_2} patch.")
+        self.digest = "sha256" if h["format"] == FORMAT else h.get("digest")
+        if self.digest not in DIGESTS:
+            raise self._bad(f"its tensor digest {str(self.digest)[:40]!r} is not one of {', '.join(DIGESTS)}")
+        self.keys = digest_keys(h["format"])
         try:
             self._validate(h)
         except _Bad as e:
@@ -437,6 +560,7 @@ class PatchReader:
 
         chunk = h["chunk"]
         _need(_is_int(chunk) and 8 <= chunk <= 1 << 30, "chunk size")
+        hexlen = 64 if self.digest == "sha256" else 16
         for k in ("parent",):
             _need(isinstance(h[k], str), k)
         _need(isinstance(h["base"], dict) and isinstance(h["result"], dict), "base/result")
@@ -460,8 +584,8 @@ class PatchReader:
             for x in shape:
                 numel *= x
             _need(numel < 1 << 48, f"size of '{t['name']}'")
-            for k in ("base_sha256", "result_sha256"):
-                _need(isinstance(t[k], str) and len(t[k]) == 64 and all(c in "0123456789abcdef" for c in t[k]), f"{k} of '{t['name']}'")
+            for k in self.keys:
+                _need(isinstance(t[k], str) and len(t[k]) == hexlen and all(c in "0123456789abcdef" for c in t[k]), f"{k} of '{t['name']}'")
             _need(_is_int(t["changed"]) and 0 <= t["changed"] <= numel, f"changed count of '{t['name']}'")
             _need(isinstance(t["chunks"], list), f"chunks of '{t['name']}'")
             last, total = -1, 0
@@ -484,8 +608,8 @@ class PatchReader:
                 self._check_blob(v, ch * dt.itemsize)
                 _need(v["raw"] == ch * dt.itemsize, "values length")
             _need(total == t["changed"], f"changed count of '{t['name']}'")
-            base_e.append((t["name"], t["dtype"], tuple(shape), t["base_sha256"]))
-            res_e.append((t["name"], t["dtype"], tuple(shape), t["result_sha256"]))
+            base_e.append((t["name"], t["dtype"], tuple(shape), t[self.keys[0]]))
+            res_e.append((t["name"], t["dtype"], tuple(shape), t[self.keys[1]]))
         fnames = set()
         for f in h["files"]:
             _need(isinstance(f, dict), "file entry")
@@ -496,9 +620,13 @@ class PatchReader:
             _need(isinstance(f["sha256"], str) and len(f["sha256"]) == 64, "file hash")
             self._check_blob(f, MAX_SIDE_FILE)
         # the checkpoint hashes are what the listed tensors hash to, never taken on trust
-        _need(h["base"]["hash"] == checkpoint_hash(base_e), "its base hash is not the hash of the tensors it lists")
-        _need(h["result"]["hash"] == checkpoint_hash(res_e), "its result hash is not the hash of the tensors it lists")
+        _need(h["base"]["hash"] == checkpoint_hash(base_e, self.digest), "its base hash is not the hash of the tensors it lists")
+        _need(h["result"]["hash"] == checkpoint_hash(res_e, self.digest), "its result hash is not the hash of the tensors it lists")
         _need(h["parent"] == h["base"]["hash"], "its parent is not its base hash")
+
+    def digests(self, t: dict) -> tuple[str, str]:
+        """A tensor entry's (base, result) digests, of the kind ``self.digest``."""
+        return t[self.keys[0]], t[self.keys[1]]
 
     def _check_blob(self, b: dict, raw_max: int) -> None:
         off, ln, raw = b["off"], b["len"], b["raw"]
@@ -507,8 +635,8 @@ class PatchReader:
 
     def blob(self, b: dict) -> bytes:
         """Decompressed bytes of one blob: never more than the (checked) size the header gives it."""
-        self._fh.seek(b["off"])
-        comp = self._fh.read(b["len"])
+        off, ln = b["off"], b["len"]
+        comp = self._mem[off : off + ln] if self._mem is not None else os.pread(self._fh.fileno(), ln, off)
         if not b["raw"]:
             return b""
         try:

@@ -20,8 +20,11 @@ import io
 import json
 import os
 import stat
+import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +34,19 @@ from ..io.atomic import write_bytes, write_text
 from ..io.bits import torch_raw
 from ..io.dtypes import TORCH_TO_CODE
 from ..io.errors import InputError
-from .format import CHUNK, DeltaError, PatchReader, PatchWriter, checkpoint_hash
+from .format import (
+    CHUNK,
+    DIGESTS,
+    DeltaError,
+    Encoder,
+    PatchReader,
+    PatchWriter,
+    checkpoint_hash,
+    encode_chunk,
+    mix64_terms,
+    mix64_update,
+    tensor_digest,
+)
 
 _KEEP = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, n)}
 
@@ -108,7 +123,10 @@ class DeltaPublisher:
     """
 
     def __init__(self, model: torch.nn.Module | dict, dtype: torch.dtype | None = torch.bfloat16, level: int = 3,
-                 chunk: int = CHUNK, raw_values: bool = False, layout: str | None = None):
+                 chunk: int = CHUNK, raw_values: bool = False, layout: str | None = None, digest: str = "mix64"):
+        if digest not in DIGESTS:
+            raise ValueError(f"digest={digest!r}: expected one of {', '.join(DIGESTS)}")
+        self.digest = digest  # "mix64": rlsubnet-patch/2 payloads verified in time proportional to the change; "sha256": /1
         self.model = model
         self.layout = _choose_layout(model, layout)  # "file": the checkpoint's names (transformers' conversion, reverted)
         self.raw_values = raw_values  # new values as they are (no xor/sub against the base): readable by iter_updates alone
@@ -122,6 +140,7 @@ class DeltaPublisher:
             raise ValueError("layout='file' publishes in the checkpoint's names, which needs whole (unsharded) parameters; "
                              "under FSDP2 publish with layout='model'")
         self._local: dict[str, np.ndarray] = {}  # FSDP2: this process's shard of the stored view
+        self._spare: dict[str, np.ndarray] = {}  # per tensor, the buffer the next step's stored view is cast into
         self._offset: dict[str, int] = {}
         if self.sharded:
             for n, t in named:
@@ -137,8 +156,8 @@ class DeltaPublisher:
             return
         self._snap = {n: torch_raw(_stored(t, dtype)).copy() for n, t in full.items()}
         self._shapes = {n: (tuple(t.shape), _code(_stored(t.reshape(-1)[:0], dtype))) for n, t in full.items()}
-        self._digest = {n: hashlib.sha256(self._snap[n].data).hexdigest() for n in self._snap}
-        self.hash = checkpoint_hash([(n, c, s, self._digest[n]) for n, (s, c) in self._shapes.items()])
+        self._digest = {n: tensor_digest(self._snap[n], digest) for n in self._snap}
+        self.hash = checkpoint_hash([(n, c, s, self._digest[n]) for n, (s, c) in self._shapes.items()], digest)
 
     def _named(self):
         if isinstance(self.model, dict):
@@ -163,72 +182,119 @@ class DeltaPublisher:
                 old[idx] = cur[idx]
         return out
 
-    def _current(self) -> dict[str, np.ndarray | None]:
-        """The stored view now, per tensor, on rank 0 (None: bit-identical to the snapshot)."""
-        if self.sharded:
-            import torch.distributed as dist
+    def _gathered(self) -> dict[str, np.ndarray | None]:
+        """FSDP2: the stored view now, per tensor, on rank 0, assembled from every process's changed entries
+        (None: bit-identical to the snapshot); a collective."""
+        import torch.distributed as dist
 
-            mine = self._changes()
-            got = [None] * self.world if self.rank == 0 else None
-            dist.gather_object(mine, got, dst=0)
-            if self.rank != 0:
-                return {}
-            cur: dict[str, np.ndarray | None] = {}
-            for part in got:
-                for n, (idx, vals) in part.items():
-                    arr = cur.get(n)
-                    if arr is None:
-                        arr = cur[n] = self._snap[n].copy()
-                    arr[idx] = vals
-            for n, t in self._named():
-                if n not in self._local:  # replicated, not sharded: compared here
-                    c = torch_raw(_stored(t, self.dtype))
-                    cur[n] = c if not np.array_equal(c, self._snap[n]) else None
-            return cur
-        cur = {}
+        mine = self._changes()
+        got = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, got, dst=0)
+        if self.rank != 0:
+            return {}
+        cur: dict[str, np.ndarray | None] = {}
+        for part in got:
+            for n, (idx, vals) in part.items():
+                arr = cur.get(n)
+                if arr is None:
+                    arr = cur[n] = self._snap[n].copy()
+                arr[idx] = vals
         for n, t in self._named():
-            # every tensor is compared: torch's version counter misses writes through ``.data``, which trainers use
-            s = _stored(t, self.dtype)
-            c = torch_raw(s)
-            # compared chunk by chunk while encoding; a view of the live parameter is copied before it is kept
-            cur[n] = c.copy() if s.data_ptr() == t.data_ptr() else c
+            if n not in self._local:  # replicated, not sharded: compared here
+                c = torch_raw(_stored(t, self.dtype))
+                cur[n] = c if not np.array_equal(c, self._snap[n]) else None
         return cur
+
+    def _fetch(self, name: str, t: torch.Tensor):
+        """One tensor's stored view now (every tensor is compared: torch's version counter misses writes through
+        ``.data``, which trainers use): a buffer kept between steps (the previous snapshot of a tensor that
+        changed, or the last step's buffer of one that did not: no fresh pages to fault in every step) and
+        ``fill(start, stop)``, which casts that range into it (range by range, compared while in cache)."""
+        buf = self._spare.get(name)
+        if buf is None:
+            buf = self._spare[name] = np.empty_like(self._snap[name])
+        src = t.detach().reshape(-1)
+        dst = torch.from_numpy(buf.view(_signed(buf.dtype.itemsize))).view(_stored(src[:0], self.dtype).dtype)
+
+        def fill(start: int, stop: int) -> None:
+            with torch.no_grad():
+                dst[start:stop].copy_(src[start:stop])
+
+        return buf, fill
 
     def delta(self) -> bytes | None:
         """The payload that turns the previous snapshot into the current stored view, and snapshot it (rank 0);
         ``None`` on other ranks of a process group."""
         if self.rank != 0 and not self.sharded:
             return None  # DDP: the replicas are identical; rank 0 publishes
-        current = self._current()
-        if self.rank != 0:
-            return None
+        if self.sharded:
+            current = self._gathered()
+            if self.rank != 0:
+                return None
+            fetch = lambda n: (current.get(n), None)
+        else:
+            live = dict(self._named())
+            fetch = lambda n: self._fetch(n, live[n])
         buf = io.BytesIO()
-        w = PatchWriter(buf, level=self.level, chunk=self.chunk, raw_values=self.raw_values)
-        entries, changed = [], []
-        for name in self._snap:
-            shape, code = self._shapes[name]
-            t = w.begin_tensor(name, code, shape)
-            old, cur = self._snap[name], current.get(name)
-            t["base_sha256"] = self._digest[name]
-            if cur is not None:
-                for s in range(0, cur.size, self.chunk):
-                    w.chunk_update(t, s, old[s : s + self.chunk], cur[s : s + self.chunk])
-            if t["changed"]:
-                self._snap[name] = cur
-                changed.append(name)
-            entries.append((t, name, code, shape))
-        for name, digest in zip(changed, sha256_many([self._snap[n] for n in changed])):  # only what changed is hashed
-            self._digest[name] = digest
+        w = PatchWriter(buf, level=self.level, chunk=self.chunk, raw_values=self.raw_values, digest=self.digest)
+        base_key, result_key = w.keys
+        local = threading.local()
+        names = list(self._snap)
+        fetched = {n: fetch(n) for n in names}
+
+        def work(unit: tuple[str, int]):
+            enc = getattr(local, "enc", None)
+            if enc is None:  # a zstd compressor is not shared between threads
+                enc = local.enc = Encoder(self.level, w.enc.value_encodings)
+            return self._encode_chunk(unit[0], fetched[unit[0]], unit[1], enc)
+
+        # work units are chunks of tensors (a change packed into one tensor still spreads over the threads); results
+        # come back in order and are written in order
+        units = [(n, s) for n in names if fetched[n][0] is not None for s in range(0, fetched[n][0].size, self.chunk)]
         res_e = []
-        for t, name, code, shape in entries:
-            t["result_sha256"] = self._digest[name]
-            res_e.append((name, code, shape, t["result_sha256"]))
-        h = w.finish(self.hash, checkpoint_hash(res_e))
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:  # numpy, torch and zstd release the GIL
+            done = iter(ex.map(work, units))
+            for name in names:
+                cur = fetched[name][0]
+                shape, code = self._shapes[name]
+                t = w.begin_tensor(name, code, shape)
+                t[base_key] = self._digest[name]
+                moved = 0  # mix64: Σ term(new) − Σ term(old) over the changed entries
+                for _ in range(0, cur.size, self.chunk) if cur is not None else ():
+                    e, diff = next(done)
+                    if e is not None:
+                        w.add_encoded(t, e)
+                        moved += diff
+                if t["changed"]:  # the new snapshot; the old one becomes the next step's buffer
+                    if not self.sharded:
+                        self._spare[name] = self._snap[name]
+                    self._snap[name] = cur
+                    self._digest[name] = (f"{(int(self._digest[name], 16) + moved) & ((1 << 64) - 1):016x}" if self.digest == "mix64"
+                                          else hashlib.sha256(cur.data).hexdigest())  # sha256: only what changed, whole
+                t[result_key] = self._digest[name]
+                res_e.append((name, code, shape, t[result_key]))
+        h = w.finish(self.hash, checkpoint_hash(res_e, self.digest))
         self.hash = h["result"]["hash"]
         payload = buf.getvalue()
         self.sizes.append({"bytes": len(payload), "plain": h["sizes"]["plain"],
                            "changed": sum(t["changed"] for t in h["tensors"])})
         return payload
+
+    def _encode_chunk(self, name: str, fetched: tuple, s: int, enc: Encoder):
+        """One chunk of a tensor against the snapshot: (its change encoded or None, and for mix64 the change of the
+        digest: Σ term(new) − Σ term(old) over its changed entries)."""
+        cur, fill = fetched
+        if fill is not None:
+            fill(s, s + self.chunk)
+        o, c = self._snap[name][s : s + self.chunk], cur[s : s + self.chunk]
+        idx = np.flatnonzero(o != c)
+        if not idx.size:
+            return None, 0
+        e = encode_chunk(enc, s, o, c, idx)
+        if self.digest != "mix64":
+            return e, 0
+        at = idx + s
+        return e, mix64_terms(at, c[idx]) - mix64_terms(at, o[idx])
 
 
 LAYOUTS = ("model", "file")
@@ -260,66 +326,73 @@ def _choose_layout(model, layout: str | None) -> str:
 def apply_delta(target: torch.nn.Module | dict, payload: bytes, recheck: bool = False) -> int:
     """Apply a payload to a model's parameters or a state dict in place; returns the entries changed.
 
-    Before anything is written: every tensor's base hash, that each target tensor can be written in place (not
-    an inference-mode tensor), and that names sharing storage (tied weights) receive the same result. A
-    contiguous target alone in its storage then takes only its changed entries, in place on its device, and is
-    hashed against its recorded result; if any result fails, every entry written is restored. Other targets
-    are built whole, hashed before they are written, and read back after. A payload that fails
+    Before anything is written: every tensor's base digest, that each target tensor can be written in place (not
+    an inference-mode tensor), and that names sharing storage (tied weights) receive the same result. With a
+    ``mix64`` payload (``rlsubnet-patch/2``, the publisher's default) each result is verified before any write
+    from the base's digest and the changed entries alone (the digest is a sum of per-entry terms), so the cost
+    grows with the change; with a ``sha256`` payload each written tensor is hashed whole afterwards, and if any
+    result fails, every entry written is restored. A contiguous target alone in its storage takes only its
+    changed entries, in place on its device; other targets are built whole and read back. A payload that fails
     (:class:`DeltaError`) leaves the target unchanged.
 
-    The digest of every tensor verified or written is remembered with torch's version counter, so a tensor the
-    payload leaves unchanged is neither copied nor hashed again while it has not been written since. A write
-    through ``.data`` bypasses that counter: after changing the target's weights that way, pass
-    ``recheck=True`` (every tensor is then hashed again).
+    The digest of every tensor verified or written is remembered with torch's version counter, so a tensor is not
+    hashed again while it has not been written since. A write through ``.data`` bypasses that counter: after
+    changing the target's weights that way, pass ``recheck=True`` (every tensor is then hashed again).
     """
     try:
-        updates, changed, named, results = _decode_delta(target, payload, recheck)
+        d = _decode_delta(target, payload, recheck)
     except DeltaError:
         raise
     except InputError as e:
         raise DeltaError(e.message) from None
-    check = _check_writable(updates, named, results)
+    check = _check_writable(d.updates, d.named, d.results)
     # contiguous targets that share no storage take the changed entries in place, on their device (cost grows
-    # with the change); the rest receive whole new tensors, built and hashed before anything is written
-    inplace = [n for n in updates if n not in check and named[n].is_contiguous()]
-    whole = _whole_results({n: u for n, u in updates.items() if n not in inplace}, named, results)
-    _write_in_place(inplace, updates, named, results)
-    _write_whole(whole, check, named, results)
-    for name in updates:  # the digest of what each written tensor now holds, for the next payload's base check
-        _remember(named[name], results[name])
-    return changed
+    # with the change); the rest receive whole new tensors, built and checked before anything is written
+    inplace = [n for n in d.updates if n not in check and d.named[n].is_contiguous()]
+    whole = _whole_results(d, [n for n in d.updates if n not in inplace])
+    _write_in_place(d, inplace)
+    _write_whole(d, whole, check)
+    for name in d.updates:  # the digest of what each written tensor now holds, for the next payload's base check
+        _remember(d.named[name], d.kind, d.results[name])
+    return d.changed
 
 
-def _whole_results(updates: dict, named: dict, results: dict) -> dict[str, np.ndarray]:
+def _digests(arrays: list, kind: str) -> list[str]:
+    return sha256_many(arrays) if kind == "sha256" else [tensor_digest(a, kind) for a in arrays]
+
+
+def _whole_results(d, names: list[str]) -> dict[str, np.ndarray]:
     """The new bits of whole tensors, each checked against its recorded result before anything is written."""
     whole = {}
-    for name, (idx, vals) in updates.items():
-        new = torch_raw(named[name].detach().cpu()).copy()
+    for name in names:
+        idx, vals, _ = d.updates[name]
+        new = torch_raw(d.named[name].detach().cpu()).copy()
         new[idx] = vals
         whole[name] = new
-    names = list(whole)
-    for name, digest in zip(names, sha256_many([whole[n] for n in names])):
-        if digest != results[name]:
+    todo = [n for n in names if n not in d.verified]
+    for name, digest in zip(todo, _digests([whole[n] for n in todo], d.kind)):
+        if digest != d.results[name]:
             raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
     return whole
 
 
-def _write_in_place(names: list[str], updates: dict, named: dict, results: dict) -> None:
-    """Write the changed entries of ``names`` by index on their device, then hash each tensor against its recorded
-    result; if any fails (or anything is raised), every entry written is restored before the error propagates."""
+def _write_in_place(d, names: list[str]) -> None:
+    """Write the changed entries of ``names`` by index on their device; results not verified before the write
+    (sha256) are then hashed, and if any fails (or anything is raised), every entry written is restored."""
     saved = []  # (flat target, positions, old values) of every write, to undo them
     try:
         with torch.no_grad():
             for name in names:
-                dst = named[name]
-                idx, vals = updates[name]
+                dst = d.named[name]
+                idx, vals, olds = d.updates[name]  # the old bits were read while decoding: the undo needs no gather
                 flat = dst.view(-1)
                 at = torch.from_numpy(idx).to(dst.device)
-                saved.append((flat, at, flat[at].clone()))
+                saved.append((flat, at, torch.from_numpy(olds.view(_signed(olds.dtype.itemsize))).view(dst.dtype).to(dst.device)))
                 flat[at] = torch.from_numpy(vals.view(_signed(vals.dtype.itemsize))).view(dst.dtype).to(dst.device)
-        got = sha256_many([torch_raw(named[n].detach().cpu()) for n in names])  # the results, hashed in threads
-        for name, digest in zip(names, got):
-            if digest != results[name]:
+        todo = [n for n in names if n not in d.verified]
+        got = _digests([torch_raw(d.named[n].detach().cpu()) for n in todo], d.kind)
+        for name, digest in zip(todo, got):
+            if digest != d.results[name]:
                 raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
     except BaseException:
         with torch.no_grad():
@@ -328,46 +401,51 @@ def _write_in_place(names: list[str], updates: dict, named: dict, results: dict)
         raise
 
 
-def _write_whole(whole: dict, check: list[str], named: dict, results: dict) -> None:
+def _write_whole(d, whole: dict, check: list[str]) -> None:
     """Copy whole verified tensors into the target, then read back the names that share storage."""
     written = {}
     with torch.no_grad():
         for name, new in whole.items():
-            dst = named[name]
+            dst = d.named[name]
             src = torch.from_numpy(new.view(_signed(new.dtype.itemsize))).view(dst.dtype).reshape(dst.shape).to(dst.device)
             dst.copy_(src)
             written[name] = src
     for name in check:  # read back on the target's device: what it now holds is the recorded result
-        dst = named[name]
+        dst = d.named[name]
         src = written.get(name)
         ok = (src is not None and torch.equal(_bits(dst.detach()), _bits(src))) or (
-            src is None and hashlib.sha256(torch_raw(dst.detach().cpu()).data).hexdigest() == results[name])
+            src is None and tensor_digest(torch_raw(dst.detach().cpu()), d.kind) == d.results[name])
         if not ok:
             raise DeltaError(f"delta payload: tensor '{name}' does not hold the recorded result after writing "
                              "(another tensor of the target shares its storage).")
 
 
-# id(tensor) -> (weak reference, _version, data_ptr, sha256 of its bits); tensors compare elementwise, so they
-# are keyed by identity, and an entry counts only while its weak reference still points at the same tensor
+# id(tensor) -> (weak reference, _version, data_ptr, {digest kind: digest of its bits}); tensors compare
+# elementwise, so they are keyed by identity, and an entry counts only while its weak reference still points at
+# the same tensor
 _DIGESTS: dict[int, tuple] = {}
 
 
-def _remember(t: torch.Tensor, digest: str) -> None:
+def _remember(t: torch.Tensor, kind: str, digest: str) -> None:
     if t.is_inference():  # no version counter: nothing can tell a later write apart, so nothing is remembered
+        return
+    hit = _DIGESTS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
+        hit[3][kind] = digest  # the same bits, another kind of digest
         return
     try:
         ref = weakref.ref(t, lambda _r, k=id(t): _DIGESTS.pop(k, None))
     except TypeError:  # a tensor type that does not take weak references
         return
-    _DIGESTS[id(t)] = (ref, t._version, t.data_ptr(), digest)
+    _DIGESTS[id(t)] = (ref, t._version, t.data_ptr(), {kind: digest})
 
 
-def _known_digest(t: torch.Tensor) -> str | None:
+def _known_digest(t: torch.Tensor, kind: str) -> str | None:
     """The digest recorded for ``t`` if it has not been written since (torch bumps ``_version`` on every in-place
     change), else None."""
     hit = _DIGESTS.get(id(t))
     if hit is not None and not t.is_inference() and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
-        return hit[3]
+        return hit[3].get(kind)
     return None
 
 
@@ -406,15 +484,34 @@ def _check_writable(updates: dict, named: dict, results: dict) -> list[str]:
     return check
 
 
-def _decode_delta(target, payload: bytes, recheck: bool = False):
+@dataclass
+class _Decoded:
+    """A payload decoded against a target: the updates to write and what the checks need."""
+
+    kind: str  # the payload's tensor digest
+    named: dict  # the target's tensors by name
+    updates: dict = field(default_factory=dict)  # name -> (flat positions, new bits, old bits)
+    results: dict = field(default_factory=dict)  # name -> recorded result digest
+    verified: set = field(default_factory=set)  # results already verified before any write (mix64)
+    changed: int = 0
+
+
+def _gather_bits(dst: torch.Tensor, at: np.ndarray) -> np.ndarray:
+    """The target's raw bits at flat positions ``at``, gathered on its device (only those cross to the host)."""
+    if dst.device.type == "cpu":
+        return torch_raw(dst.detach())[at]
+    return torch_raw(dst.detach().reshape(-1)[torch.from_numpy(at).to(dst.device)].cpu())
+
+
+_MISSED = "is not the state the payload applies to (a step was missed or applied twice)."
+
+
+def _decode_delta(target, payload: bytes, recheck: bool = False) -> _Decoded:
     r = PatchReader(payload, name="delta payload")
     named = dict(target.items() if isinstance(target, dict) else target.named_parameters())
-    updates = {}
-    results = {}
-    changed = 0
-    for t in r.header["tensors"]:
+    d = _Decoded(r.digest, named)
+    for t in r.header["tensors"]:  # names, types and shapes first, in order
         name = t["name"]
-        results[name] = t["result_sha256"]
         dst = named.get(name)
         if dst is None:
             raise DeltaError(f"delta payload: the target has no tensor '{name}'.")
@@ -423,33 +520,51 @@ def _decode_delta(target, payload: bytes, recheck: bool = False):
         if _code(dst) != t["dtype"] or list(dst.shape) != t["shape"]:
             raise DeltaError(f"delta payload: tensor '{name}' is {t['dtype']}{t['shape']} in the payload but "
                              f"{_code(dst)}{list(dst.shape)} in the target.")
-        known = None if recheck else _known_digest(dst)
-        if not t["chunks"] and known is not None:  # unchanged and verified before: nothing to copy or hash
-            if known != t["base_sha256"]:
-                raise DeltaError(f"delta payload: tensor '{name}' of the target is not the state the payload applies to "
-                                 "(a step was missed or applied twice).")
-            continue
-        old = torch_raw(dst.detach().cpu())
-        digest = known if known is not None else hashlib.sha256(old.data).hexdigest()
-        if digest != t["base_sha256"]:
-            raise DeltaError(f"delta payload: tensor '{name}' of the target is not the state the payload applies to "
-                             "(a step was missed or applied twice).")
-        _remember(dst, digest)
-        if not t["chunks"]:
-            continue
-        idx, vals = [], []
-        for c in t["chunks"]:
-            if c["count"] < 0 or c["start"] < 0 or c["start"] + c["count"] > old.size:
-                raise DeltaError(f"delta payload: a chunk of tensor '{name}' lies outside it.")
-            at = r.chunk_positions(c) + c["start"]
-            v = r.chunk_values(c, old[at])
-            if v.size != at.size:
-                raise DeltaError(f"delta payload: a chunk of tensor '{name}' has {v.size} values for {at.size} positions.")
-            idx.append(at)
-            vals.append(v)
-        updates[name] = (np.concatenate(idx), np.concatenate(vals))
-        changed += t["changed"]
-    return updates, changed, named, results
+        d.results[name] = r.digests(t)[1]
+    tensors = r.header["tensors"]
+    # each tensor's check and decoding in threads (random reads of the target's old bits wait on memory, and numpy
+    # and zstd release the GIL); results are taken in order, so the first failing tensor is the one reported
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
+        for t, upd in zip(tensors, ex.map(lambda t: _decode_tensor(r, t, named[t["name"]], d.kind, recheck), tensors)):
+            if upd is not None:
+                d.updates[t["name"]] = upd
+                d.changed += t["changed"]
+                if d.kind == "mix64":
+                    d.verified.add(t["name"])
+    return d
+
+
+def _decode_tensor(r: PatchReader, t: dict, dst: torch.Tensor, kind: str, recheck: bool):
+    """One tensor of a payload against the target: its base checked, its changed entries decoded, and (mix64) its
+    result checked from them; returns (flat positions, new bits, old bits), or None when the payload leaves it
+    unchanged."""
+    name = t["name"]
+    base, result = r.digests(t)
+    known = None if recheck else _known_digest(dst, kind)
+    whole = None
+    if known is None:  # not verified since its last write: hashed whole, once
+        whole = torch_raw(dst.detach().cpu())
+        known = tensor_digest(whole, kind)
+        _remember(dst, kind, known)
+    if known != base:
+        raise DeltaError(f"delta payload: tensor '{name}' of the target {_MISSED}")
+    if not t["chunks"]:
+        return None
+    parts = []
+    for c in t["chunks"]:
+        if c["count"] < 0 or c["start"] < 0 or c["start"] + c["count"] > dst.numel():
+            raise DeltaError(f"delta payload: a chunk of tensor '{name}' lies outside it.")
+        at = r.chunk_positions(c) + c["start"]
+        old = whole[at] if whole is not None else _gather_bits(dst, at)
+        v = r.chunk_values(c, old)
+        if v.size != at.size:
+            raise DeltaError(f"delta payload: a chunk of tensor '{name}' has {v.size} values for {at.size} positions.")
+        parts.append((at, old, v))
+    at, old, new = (np.concatenate(x) for x in zip(*parts))
+    # mix64: the result follows from the verified base and the changed entries, so it is checked before any write
+    if kind == "mix64" and mix64_update(base, at, old, new) != result:
+        raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
+    return at, new, old
 
 
 def _signed(itemsize: int):

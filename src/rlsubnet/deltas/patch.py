@@ -25,7 +25,17 @@ from rich.progress import Progress
 from ..io.atomic import atomic_dir, atomic_path
 from ..io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, iter_chunks, open_checkpoint
 from ..io.errors import InputError
-from .format import CHUNK, MAX_SIDE_FILE, Encoder, PatchReader, PatchWriter, carried_name_problem, checkpoint_hash, encode_chunk
+from .format import (
+    CHUNK,
+    MAX_SIDE_FILE,
+    Encoder,
+    PatchReader,
+    PatchWriter,
+    TensorHasher,
+    carried_name_problem,
+    checkpoint_hash,
+    encode_chunk,
+)
 
 # what a checkpoint needs beside its weights: carried by default; anything else only when asked for by name
 CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -323,7 +333,9 @@ def _stream(cb: Checkpoint, readers: list[PatchReader], sink, progress: bool) ->
             if ts[0]["dtype"] != info.dtype.name or tuple(ts[0]["shape"]) != tuple(info.shape):
                 raise InputError(f"{cb.path}: tensor '{name}' is {info.dtype.name}{list(info.shape)}, the patch expects "
                                  f"{ts[0]['dtype']}{ts[0]['shape']}; it is not this patch's base.")
-            hashes = [hashlib.sha256() for _ in range(len(readers) + 1)]
+            # the base in the first patch's digest, each result in its patch's (a chain shares one kind: its hashes link)
+            w = info.dtype.itemsize
+            hashes = [TensorHasher(readers[0].digest, w)] + [TensorHasher(r.digest, w) for r in readers]
             cursors = [{c["start"]: c for c in t["chunks"]} for t in ts]
             for s, c in iter_chunks(info.numel, chunk):
                 bits = cb.read(name, s, c)
@@ -339,14 +351,14 @@ def _stream(cb: Checkpoint, readers: list[PatchReader], sink, progress: bool) ->
                 sink(info, bits)
                 bar.advance(task, c * info.dtype.itemsize)
             hashing.wait()
-            if hashes[0].hexdigest() != ts[0]["base_sha256"]:
+            if hashes[0].hexdigest() != readers[0].digests(ts[0])[0]:
                 raise InputError(f"{cb.path}: tensor '{name}' differs from the base {readers[0].name} expects; "
                                  "it is not this patch's base.")
             for i, t in enumerate(ts):
-                if hashes[i + 1].hexdigest() != t["result_sha256"]:
+                if hashes[i + 1].hexdigest() != readers[i].digests(t)[1]:
                     bad.append(f"{readers[i].name}: {name}")
             computed.append((name, info.dtype.name, tuple(info.shape), hashes[-1].hexdigest()))
-    return changed, bad, checkpoint_hash(computed)
+    return changed, bad, checkpoint_hash(computed, readers[-1].digest)
 
 
 def apply(base: str | os.PathLike, patches: list[str | os.PathLike], out: str | os.PathLike,
@@ -435,7 +447,7 @@ def info(patch: str | os.PathLike) -> dict:
                 enc_p[k] = enc_p.get(k, 0) + 1
                 v = c["values"]["enc"] + ("+planes" if c["values"]["planes"] else "")
                 enc_v[v] = enc_v.get(v, 0) + 1
-        return {"path": str(patch), "format": h["format"], "parent": h["parent"], "result": h["result"]["hash"],
+        return {"path": str(patch), "format": h["format"], "digest": r.digest, "parent": h["parent"], "result": h["result"]["hash"],
                 "chunk": h["chunk"], "tensors": len(h["tensors"]), "numel": numel, "changed": changed,
                 "files": [f["name"] for f in h["files"]], "sizes": {**h["sizes"], "total": r.size},
                 "files_left_out": [f for f in h.get("files_left_out", []) if isinstance(f, str)],
