@@ -1,4 +1,6 @@
-"""The ``rlsubnet-patch/1`` format: what changed between two checkpoints, as values, in one file.
+"""The ``rlsubnet-patch/1`` and ``/2`` format: what changed between two checkpoints, as values, in one file.
+
+FORMAT.md is the normative specification; this docstring summarises it.
 
 Layout (all integers little-endian)::
 
@@ -38,8 +40,10 @@ Header::
      "sizes": {"positions", "values", "files", "header", "plain"},
      "source": {"base": str, "tuned": str}, ...}           # unknown keys are ignored by readers
 
-A tensor hash is ``sha256`` of its raw stored bytes; a checkpoint hash is ``sha256`` of the lines
-``name|dtype|shape|tensor_sha256`` of its tensors sorted by name. ``plain`` is the size of the plain
+A tensor digest is ``sha256`` of its raw stored bytes (version 1: ``base_sha256``/``result_sha256``), or in
+version 2 the kind the header's ``"digest"`` names (``base_digest``/``result_digest``): ``sha256`` or ``mix64``
+(a sum of per-entry terms, updated from the changed entries alone: :func:`mix64`). A checkpoint hash is the
+kind, ``":"``, and ``sha256`` of the lines ``name|dtype|shape|tensor_digest`` of its tensors sorted by name. ``plain`` is the size of the plain
 encoding (int32 positions + raw values, what verl's ``delta_sharded`` sends).
 
 The reader (:class:`PatchReader`) trusts nothing: the header's size is bounded before it is decompressed

@@ -2,9 +2,10 @@
 
 ``pub = DeltaPublisher(model)`` snapshots the *stored view* of the model's named parameters (the bits an
 inference engine holds: bf16 by default, so fp32 master weights are published as bf16); ``pub.delta()``
-returns the payload (``rlsubnet-patch/1`` bytes) of what changed since the previous call, and
-``apply_delta(target, payload)`` updates a model or a state dict in place after checking every base and
-result hash: a payload that fails verification raises and leaves the target's weights unchanged.
+returns the payload (``rlsubnet-patch/2`` bytes with ``mix64`` tensor digests, or ``/1`` with
+``digest="sha256"``) of what changed since the previous call, and ``apply_delta(target, payload)`` updates a
+model or a state dict in place after checking every base and result digest: a payload that fails
+verification raises and leaves the target's weights unchanged.
 
 Sinks: :class:`DirectorySink` (shared storage: one atomic file per step plus ``manifest.json``, the chain)
 with :func:`receive_directory` on the other side, and :class:`DistributedSink` with :func:`receive_distributed`.
@@ -110,9 +111,10 @@ def _shard_offset(p) -> int:
 class DeltaPublisher:
     """Snapshots a model's stored view and encodes what changed since the last snapshot.
 
-    Cost per step grows with the change, not the model: the snapshot's digests are kept between steps (the
-    base of step k is the result of step k−1), only tensors with a change are hashed, and unchanged tensors
-    are compared, never copied or hashed.
+    Cost per step grows with the change, apart from one cast and compare of every tensor: the snapshot's
+    digests are kept between steps (the base of step k is the result of step k−1); with ``digest="mix64"`` (the
+    default, ``rlsubnet-patch/2``) a changed tensor's digest is updated from its changed entries, with
+    ``"sha256"`` (``/1``) a changed tensor is hashed whole; unchanged tensors are never hashed.
 
     Under ``torch.distributed`` (DDP or FSDP2) every process constructs the publisher and calls :meth:`delta`
     at the same points (both are collective under FSDP2); one payload per step comes out, on rank 0
