@@ -88,3 +88,29 @@ def test_diff_reports_the_floor(tmp_path):
     d = json.loads(res.stdout)
     assert d["summary"]["floor"]["frozen"] == frozen and d["tensors"][0]["floor"]["lr_sum"] == 1e-5
     assert run("diff", tmp_path / "a", tmp_path / "b", "--lr-sum", "-1").returncode == 2
+
+
+@pytest.mark.parametrize("name", ["BF16", "F16"])
+def test_floor_probe_by_code_table_equals_the_entrywise_floor(name):
+    """16-bit chunks take the floor from a histogram of codes and a per-code table: the same frozen and
+    changed-frozen counts and per-exponent tables as ``below_floor`` entry by entry (every code: ±0,
+    subnormals, ±inf, NaN), for bounds at, between and around the half-gaps."""
+    from rlsubnet.analysis.floor import floor_probe
+    from rlsubnet.analysis.probes import ChunkStats
+    from rlsubnet.io.bits import changed_index
+
+    dt = DTYPES[name]
+    rng = np.random.default_rng(3)
+    ra = np.concatenate([np.arange(1 << 16, dtype=np.uint16), rng.integers(0, 1 << 16, 50_000, dtype=np.uint16)])
+    rb = ra.copy()
+    moved = rng.random(ra.size) < 0.3
+    rb[moved] ^= np.uint16(1)
+    idx = changed_index(ra, rb)
+    for bound in (0.0, 2.0**-12, 1e-3, 2.0**-9 * 1.5, 0.5, 65504.0):
+        st = ChunkStats()
+        floor_probe(ra, rb, dt, dt, bound, st)
+        frozen = below_floor(ra, dt, bound)
+        e = (ra >> np.uint16(dt.mantissa_bits)) & np.uint16((1 << dt.exponent_bits) - 1)
+        assert (st.frozen, st.changed_frozen) == (int(frozen.sum()), int(frozen[idx].sum())), bound
+        assert np.array_equal(st.exp_numel, np.bincount(e, minlength=1 << dt.exponent_bits))
+        assert np.array_equal(st.exp_changed, np.bincount(e[idx], minlength=1 << dt.exponent_bits))
