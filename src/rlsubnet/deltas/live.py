@@ -69,10 +69,13 @@ def sha256_many(arrays: list) -> list[str]:
     """sha256 hex digests of several buffers, in threads (hashlib releases the GIL on large buffers)."""
     if len(arrays) < 2:
         return [hashlib.sha256(a.data).hexdigest() for a in arrays]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
+    with ThreadPoolExecutor(_threads()) as ex:
         return list(ex.map(lambda a: hashlib.sha256(a.data).hexdigest(), arrays))
+
+
+def _threads() -> int:
+    """Threads for per-tensor and per-chunk work (numpy, torch and zstd release the GIL)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _dist():
@@ -158,7 +161,8 @@ class DeltaPublisher:
             return
         self._snap = {n: torch_raw(_stored(t, dtype)).copy() for n, t in full.items()}
         self._shapes = {n: (tuple(t.shape), _code(_stored(t.reshape(-1)[:0], dtype))) for n, t in full.items()}
-        self._digest = {n: tensor_digest(self._snap[n], digest) for n in self._snap}
+        with ThreadPoolExecutor(_threads()) as ex:  # the one whole digest of every tensor, in threads
+            self._digest = dict(zip(self._snap, ex.map(lambda n: tensor_digest(self._snap[n], digest), self._snap)))
         self.hash = checkpoint_hash([(n, c, s, self._digest[n]) for n, (s, c) in self._shapes.items()], digest)
 
     def _named(self):
@@ -254,7 +258,7 @@ class DeltaPublisher:
         # come back in order and are written in order
         units = [(n, s) for n in names if fetched[n][0] is not None for s in range(0, fetched[n][0].size, self.chunk)]
         res_e = []
-        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:  # numpy, torch and zstd release the GIL
+        with ThreadPoolExecutor(_threads()) as ex:  # numpy, torch and zstd release the GIL
             done = iter(ex.map(work, units))
             for name in names:
                 cur = fetched[name][0]
@@ -526,7 +530,7 @@ def _decode_delta(target, payload: bytes, recheck: bool = False) -> _Decoded:
     tensors = r.header["tensors"]
     # each tensor's check and decoding in threads (random reads of the target's old bits wait on memory, and numpy
     # and zstd release the GIL); results are taken in order, so the first failing tensor is the one reported
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
+    with ThreadPoolExecutor(_threads()) as ex:
         for t, upd in zip(tensors, ex.map(lambda t: _decode_tensor(r, t, named[t["name"]], d.kind, recheck), tensors)):
             if upd is not None:
                 d.updates[t["name"]] = upd
