@@ -113,6 +113,8 @@ _MIX_STEPS = np.arange(_MIX_BLOCK, dtype=np.uint64) * _MIX_K  # j·K for the pos
 
 def _mix_sum(x: np.ndarray, bits: np.ndarray, tmp: np.ndarray) -> int:
     """Σ fmix64(x XOR bits) mod 2^64, with ``x`` (positions · K, overwritten) and ``tmp`` uint64 buffers."""
+    if bits.dtype.kind != "u":  # zero-extended as the unsigned integer of its width, never sign-extended
+        bits = bits.view(_UINT[bits.dtype.itemsize])
     np.copyto(tmp, bits, casting="unsafe")
     x ^= tmp
     for m in (_MIX_1, _MIX_2, None):
