@@ -212,8 +212,32 @@ def _units(jobs: Sequence[Job], chunk: int) -> list[list[tuple[int, list[tuple[i
     return units
 
 
+# per Ray worker process: the run's (fn, jobs), deserialized once per run rather than once per task (both hold the
+# checkpoints' indexes, so a task that deserialized them again would cost O(model) and a run O(model²))
+_SHARED: dict = {}
+
+
+def ray_shared(refs: list):
+    """Inside a Ray task: the objects behind ``refs`` (a list of object references, passed unresolved), deserialized
+    once per worker process and run."""
+    import ray
+
+    key = tuple(r.hex() for r in refs)
+    if key not in _SHARED:
+        _SHARED.clear()  # one run at a time per worker: the previous run's objects are released
+        _SHARED[key] = ray.get(list(refs))
+    return _SHARED[key]
+
+
+def _run_ray_unit(shared: list, pieces, sink=None):
+    """One Ray task: ``shared`` holds the references of the run's ``fn`` and ``jobs`` (in a list, so Ray passes
+    them unresolved and this worker deserializes them once per run)."""
+    fn, jobs = ray_shared(shared)
+    return _run_unit(fn, jobs, pieces, sink)
+
+
 def _run_unit(fn, jobs, pieces, sink=None):
-    """One Ray task: every piece of the unit, each piece's results (through ``sink`` where given)."""
+    """Every piece of a unit, each piece's results (through ``sink`` where given)."""
     out = []
     for i, ranges in pieces:
         job = jobs[i]
@@ -273,15 +297,15 @@ def _map_ray(jobs, fn, chunk, desc, progress, address, sink=None):
     engine's to the last count. A task that fails is retried by Ray (3 times); a failure that persists ends the
     run with one sentence naming the tensor."""
     ray = ray_connect(address)
-    remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(_run_unit)
-    fn_ref, jobs_ref = ray.put(fn), ray.put(list(jobs))
+    remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(_run_ray_unit)
+    shared = [ray.put(fn), ray.put(list(jobs))]
     units = _units(jobs, chunk)
     left: dict[int, int] = {}  # pieces per job
     for unit in units:
         for i, _ in unit:
             left[i] = left.get(i, 0) + 1
     parts: dict[int, dict[int, list]] = {}
-    refs = {remote.remote(fn_ref, jobs_ref, unit, sink): u for u, unit in enumerate(units)}
+    refs = {remote.remote(shared, unit, sink): u for u, unit in enumerate(units)}
     total = sum(j.nbytes for j in jobs)
     ok = False
     try:

@@ -96,15 +96,22 @@ def matrix_rank(cb: Checkpoint, ct: Checkpoint, p: Pair, rtol: float | None, pre
     return MatrixRank(p.name, list(p.shape), r, mr, r / mr if mr else 0.0, stable, eff, module_kind(p.name), layer_index(p.name)), None, dev
 
 
+def _rank_task(shared: list, p: Pair, rtol, precision, device):
+    from .engine import ray_shared
+
+    cb, ct = ray_shared(shared)
+    return matrix_rank(cb, ct, p, rtol, precision, device)
+
+
 def _ranks_on_ray(cb, ct, todo: list[Pair], rtol, precision, device, address, bar, task):
     """:func:`matrix_rank` of every matrix as a Ray task (each reads its own two matrices where it runs; the
     checkpoints travel as their index), in the order of ``todo`` whatever order they finish in."""
     from .engine import ray_connect, ray_failure
 
     ray = ray_connect(address)
-    remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(matrix_rank)
-    cb_ref, ct_ref = ray.put(cb), ray.put(ct)
-    refs = {remote.remote(cb_ref, ct_ref, p, rtol, precision, device): k for k, p in enumerate(todo)}
+    remote = ray.remote(max_retries=3, retry_exceptions=[OSError])(_rank_task)
+    shared = [ray.put(cb), ray.put(ct)]  # in a list: each worker deserializes the checkpoints' indexes once, not per task
+    refs = {remote.remote(shared, p, rtol, precision, device): k for k, p in enumerate(todo)}
     out: list = [None] * len(todo)
     pending = list(refs)
     try:
