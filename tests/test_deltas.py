@@ -477,3 +477,26 @@ def test_a_chain_of_live_payloads_applies_to_files_like_patches(tmp_path):
     (tmp_path / "lie.rlspatch").write_bytes(join_payload(blobs, h))
     v = verify(tmp_path / "s0", [paths[0], tmp_path / "lie.rlspatch"])
     assert not v["ok"] and v["mismatched"] == [f"{tmp_path / 'lie.rlspatch'}: {t['name']}"]
+
+
+def test_in_place_writes_land_in_every_dtype_and_bump_the_version():
+    """The receiver writes changed entries through a numpy view of a CPU tensor's storage: the write lands for every
+    dtype (bool, whose raw view is a converted copy, takes torch's indexed assignment), bumps torch's version
+    counter as an in-place op does, and a foreign write after it is still seen."""
+    src = {"f": torch.zeros(64, dtype=torch.bfloat16), "b": torch.zeros(64, dtype=torch.bool),
+           "i": torch.zeros(8, 8, dtype=torch.int32), "d": torch.zeros(16, dtype=torch.float64)}
+    target = {k: v.clone() for k, v in src.items()}
+    pub = DeltaPublisher(src, dtype=None)
+    src["f"][[1, 40]] = 2.5
+    src["b"][[0, 63]] = True
+    src["i"][3, 4] = -7
+    src["d"][5] = -0.0
+    versions = {k: v._version for k, v in target.items()}
+    assert apply_delta(target, pub.delta()) == 6
+    assert all(torch.equal(bits_view(target[k]) if k != "b" else target[k], bits_view(src[k]) if k != "b" else src[k]) for k in src)
+    assert all(target[k]._version > versions[k] for k in target)
+    src["f"][2] = 1.0
+    p = pub.delta()
+    target["f"][9] = 3.0  # in place, after the receiver's own write: the version counter sees it
+    with pytest.raises(DeltaError, match="not the state"):
+        apply_delta(target, p)

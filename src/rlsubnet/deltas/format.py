@@ -238,7 +238,7 @@ class Encoder:
         best = min(((e, self.compress(r), len(r)) for e, r in cands), key=lambda x: len(x[1]))
         return best
 
-    SAMPLE = 4096  # values per candidate encoding when choosing among them for a larger set
+    SAMPLE = 1024  # values per candidate encoding when choosing among them for a larger set
 
     def values(self, new: np.ndarray, old: np.ndarray) -> tuple[str, bool, bytes, int]:
         """(encoding, planes, compressed, raw length) of the new bits of the changed entries: the candidate that

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from ..io.atomic import write_bytes, write_text
 from ..io.bits import torch_raw
@@ -385,16 +386,15 @@ def _whole_results(d, names: list[str]) -> dict[str, np.ndarray]:
 def _write_in_place(d, names: list[str]) -> None:
     """Write the changed entries of ``names`` by index on their device; results not verified before the write
     (sha256) are then hashed, and if any fails (or anything is raised), every entry written is restored."""
-    saved = []  # (flat target, positions, old values) of every write, to undo them
+    saved = []  # (target, write) of every write, to undo them with the old bits read while decoding
     try:
         with torch.no_grad():
             for name in names:
                 dst = d.named[name]
-                idx, vals, olds = d.updates[name]  # the old bits were read while decoding: the undo needs no gather
-                flat = dst.view(-1)
-                at = torch.from_numpy(idx).to(dst.device)
-                saved.append((flat, at, torch.from_numpy(olds.view(_signed(olds.dtype.itemsize))).view(dst.dtype).to(dst.device)))
-                flat[at] = torch.from_numpy(vals.view(_signed(vals.dtype.itemsize))).view(dst.dtype).to(dst.device)
+                idx, vals, olds = d.updates[name]
+                write = _scatter(dst, idx)
+                saved.append((write, olds))
+                write(vals)
         todo = [n for n in names if n not in d.verified]
         got = _digests([torch_raw(d.named[n].detach().cpu()) for n in todo], d.kind)
         for name, digest in zip(todo, got):
@@ -402,9 +402,29 @@ def _write_in_place(d, names: list[str]) -> None:
                 raise DeltaError(f"delta payload: tensor '{name}' does not reproduce the recorded result.")
     except BaseException:
         with torch.no_grad():
-            for flat, at, old in reversed(saved):
-                flat[at] = old
+            for write, olds in reversed(saved):
+                write(olds)
         raise
+
+
+def _scatter(dst: torch.Tensor, idx: np.ndarray):
+    """``write(bits)``: store raw ``bits`` at flat positions ``idx`` of a contiguous target, in place. On the CPU through
+    a numpy view of its storage (torch's indexed assignment is many times slower there), bumping torch's version
+    counter as an in-place op does; on other devices by indexed assignment on the device."""
+    if dst.device.type == "cpu" and dst.dtype != torch.bool:  # (torch_raw of a bool tensor is a converted copy)
+        view = torch_raw(dst.detach())
+
+        def write(bits: np.ndarray) -> None:
+            view[idx] = bits
+            increment_version(dst)
+
+        return write
+    flat, at = dst.view(-1), torch.from_numpy(idx).to(dst.device)
+
+    def write(bits: np.ndarray) -> None:
+        flat[at] = torch.from_numpy(bits.view(_signed(bits.dtype.itemsize))).view(dst.dtype).to(dst.device)
+
+    return write
 
 
 def _write_whole(d, whole: dict, check: list[str]) -> None:
