@@ -125,32 +125,37 @@ def _mix_sum(x: np.ndarray, bits: np.ndarray, tmp: np.ndarray) -> int:
     return int(x.sum(dtype=np.uint64))
 
 
+def _mix_blocks(n: int, bits: np.ndarray, positions) -> int:
+    """Σ of the terms of ``n`` entries, block by block; ``positions(s, x)`` fills ``x`` with the flat positions · K of
+    the block starting at entry ``s``."""
+    m = min(n, _MIX_BLOCK)
+    x, tmp = np.empty(m, np.uint64), np.empty(m, np.uint64)
+    total = 0
+    for s in range(0, n, _MIX_BLOCK):
+        xx = x[: min(_MIX_BLOCK, n - s)]
+        positions(s, xx)
+        total += _mix_sum(xx, bits[s : s + xx.size], tmp[: xx.size])
+    return total & _MASK64
+
+
 def mix64_terms(idx: np.ndarray, bits: np.ndarray) -> int:
     """Σ fmix64(bits XOR idx·K) mod 2^64 over the given flat positions and their stored bits (any unsigned width)."""
-    n = min(idx.size, _MIX_BLOCK)
-    x, tmp = np.empty(n, np.uint64), np.empty(n, np.uint64)
-    total = 0
-    for s in range(0, idx.size, _MIX_BLOCK):
-        i = idx[s : s + _MIX_BLOCK]
-        xx = x[: i.size]
-        np.copyto(xx, i, casting="unsafe")
-        xx *= _MIX_K
-        total += _mix_sum(xx, bits[s : s + _MIX_BLOCK], tmp[: i.size])
-    return total & _MASK64
+
+    def positions(s: int, x: np.ndarray) -> None:
+        np.copyto(x, idx[s : s + x.size], casting="unsafe")
+        x *= _MIX_K
+
+    return _mix_blocks(idx.size, bits, positions)
 
 
 def mix64(bits: np.ndarray, start: int = 0) -> int:
     """The mix64 sum of a run of a tensor's flat entries (raw unsigned bits) beginning at flat position ``start``."""
     flat = bits.reshape(-1)
-    n = min(flat.size, _MIX_BLOCK)
-    x, tmp = np.empty(n, np.uint64), np.empty(n, np.uint64)
-    total = 0
-    for s in range(0, flat.size, _MIX_BLOCK):
-        b = flat[s : s + _MIX_BLOCK]
-        xx = x[: b.size]
-        np.add(_MIX_STEPS[: b.size], np.uint64(((start + s) * 0x9E3779B97F4A7C15) & _MASK64), out=xx)  # (start+s+j)·K
-        total += _mix_sum(xx, b, tmp[: b.size])
-    return total & _MASK64
+
+    def positions(s: int, x: np.ndarray) -> None:  # (start + s + j)·K
+        np.add(_MIX_STEPS[: x.size], np.uint64(((start + s) * 0x9E3779B97F4A7C15) & _MASK64), out=x)
+
+    return _mix_blocks(flat.size, flat, positions)
 
 
 def mix64_update(digest: str, idx: np.ndarray, old: np.ndarray, new: np.ndarray) -> str:
