@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +23,12 @@ sys.path.insert(0, str(HERE))
 from synth import write_pair  # noqa: E402
 
 
-def best(cmd: list[str], n: int = 3) -> float:
+def best(cmd: list[str], n: int = 3, env: dict | None = None) -> float:
     out = None
     for _ in range(n):
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=None if env is None else {**os.environ, **env})
         dt = time.perf_counter() - t0
         out = dt if out is None else min(out, dt)
     return out
@@ -50,12 +52,16 @@ def main() -> None:
     exe = [sys.executable, "-m", "rlsubnet.cli"]
     t_cat = best(["cat", *files])
     t_start = best([*exe, "--version"])
-    t_diff = best([*exe, "diff", str(out / "base"), str(out / "tuned"), "--json", "/dev/null", "-q"])
-    t_floor = best([*exe, "diff", str(out / "base"), str(out / "tuned"), "--json", "/dev/null", "-q", "--lr-sum", "1e-4"])
+    d = [*exe, "diff", str(out / "base"), str(out / "tuned"), "--json", "/dev/null", "-q"]
+    t_diff = best(d)  # the compiled pass where numba is installed (RLSUBNET_JIT=auto: this pair is large enough)
+    t_floor = best([*d, "--lr-sum", "1e-4"])
+    t_np = best(d, env={"RLSUBNET_JIT": "0"})  # the numpy probes, the baseline
+    t_np_floor = best([*d, "--lr-sum", "1e-4"], env={"RLSUBNET_JIT": "0"})
     res = {"bytes": nbytes, "cat_s": t_cat, "start_s": t_start, "diff_s": t_diff, "diff_floor_s": t_floor,
-           "ratio": t_diff / t_cat, "ratio_floor": t_floor / t_cat}
+           "diff_numpy_s": t_np, "diff_floor_numpy_s": t_np_floor, "ratio": t_diff / t_cat, "ratio_floor": t_floor / t_cat}
     print(f"{nbytes / 1e9:.2f} GB (both checkpoints) from the page cache: cat {t_cat:.2f} s; rlsubnet --version {t_start:.2f} s; "
-          f"diff {t_diff:.2f} s ({t_diff / t_cat:.1f}x cat); diff --lr-sum {t_floor:.2f} s ({t_floor / t_cat:.1f}x cat)")
+          f"diff {t_diff:.2f} s ({t_diff / t_cat:.1f}x cat; numpy probes {t_np:.2f} s, {t_np / t_cat:.1f}x); "
+          f"diff --lr-sum {t_floor:.2f} s ({t_floor / t_cat:.1f}x cat; numpy probes {t_np_floor:.2f} s, {t_np_floor / t_cat:.1f}x)")
     Path(args.out).mkdir(exist_ok=True)
     (Path(args.out) / "bench_floor.json").write_text(json.dumps(res, indent=2))
     if not args.keep:

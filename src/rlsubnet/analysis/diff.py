@@ -20,6 +20,7 @@ from ..io.mask_shards import PartSink, write_index
 from .engine import DEFAULT_CHUNK, Job, map_chunks
 from .experts import expert_role, moe_section
 from .floor import attach_floor, floor_probe
+from .kernels import use_for
 from .naming import layer_index, module_kind, paper_layer_index
 from .probes import ULP_LABELS, ChunkStats, differing, parse_criterion, probe_chunk
 from .quantized import block_row_chunk, quant_chunk, quant_probe, quant_spec, same_format
@@ -166,6 +167,8 @@ def _options(atol, eta, lr_sum, mask_criterion):
 def _chunk_probe(cb, ct, pairs, both: set, fused: dict, tols, eta, crit, lr_sum):
     """The work of one chunk of one pair, as the engine calls it: (stats, packed mask bits or None)."""
     quantized = {p.name for p in pairs if quant_spec(cb, p.src_a) or quant_spec(ct, p.src_b)}
+    compiled = use_for(sum(p.numel for p in pairs if p.name not in quantized and p.a.dtype.name == p.b.dtype.name
+                           and p.a.dtype.name in ("BF16", "F16")))
 
     def fn(job: Job, start: int, raws: list[np.ndarray] | int):
         p: Pair = job.payload
@@ -175,11 +178,11 @@ def _chunk_probe(cb, ct, pairs, both: set, fused: dict, tols, eta, crit, lr_sum)
                 st.per_expert = _per_expert(cb, ct, p, start, raws, fused[p.name])
             return st, (np.packbits(m, bitorder="little") if m is not None else None)
         kept = {} if p.name in quantized and quant_spec(cb, p.src_a) else None
-        st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit, keep=kept)
+        st, m = probe_chunk(raws[0], raws[1], p.a.dtype, p.b.dtype, tols, eta, crit, keep=kept, compiled=compiled)
         if p.name in quantized:  # codes, scales, ULPs in the stored grid, the floor with the scale held fixed
             quant_probe(st, raws[0], raws[1], p.a.dtype, p.b.dtype, cb, ct, p.src_a, p.src_b, start, lr_sum, kept)
         elif lr_sum is not None:
-            floor_probe(raws[0], raws[1], p.a.dtype, p.b.dtype, lr_sum, st)
+            floor_probe(raws[0], raws[1], p.a.dtype, p.b.dtype, lr_sum, st, compiled=compiled)
         if p.name in fused:  # changed entries per expert: expert e holds flat range [e·per, (e+1)·per)
             idx = differing(raws[0], raws[1], p.a.dtype, p.b.dtype)[0]
             st.per_expert = np.bincount((start + idx) // (p.numel // fused[p.name]), minlength=fused[p.name])

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..io.bits import changed_index
 from ..io.dtypes import DType, below_floor
+from .kernels import kernels
 from .probes import ChunkStats
 
 if TYPE_CHECKING:  # results imports this module for FloorSummary
@@ -45,13 +46,23 @@ class FloorSummary:
         return asdict(self)
 
 
-def floor_probe(ra: np.ndarray, rb: np.ndarray, da: DType, db: DType, bound: float, st: ChunkStats) -> None:
+def floor_probe(ra: np.ndarray, rb: np.ndarray, da: DType, db: DType, bound: float, st: ChunkStats,
+                compiled: bool = False) -> None:
     """The precision floor of a chunk: base entries that no update of size ≤ ``bound`` could move, how many of
-    those changed anyway, and entries and changes per exponent field of the base value."""
+    those changed anyway, and entries and changes per exponent field of the base value (``compiled``: 16-bit chunks
+    in one compiled pass where :mod:`.kernels` is installed)."""
     if not da.is_float or da.name != db.name or da.name not in ("BF16", "F16", "F32"):
         return
-    idx = changed_index(ra, rb)
     bins = 1 << da.exponent_bits
+    k = kernels() if compiled and ra.dtype.itemsize == 2 else None
+    if k is not None:  # one compiled pass: the per-code table looked up, the exponent fields counted
+        st.exp_numel, st.exp_changed = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
+        frozen, changed_frozen = k.floor16(ra, rb, _frozen_codes(da.name, float(bound)).view(np.uint8), da.mantissa_bits,
+                                           bins, st.exp_numel, st.exp_changed)
+        st.frozen += int(frozen)
+        st.changed_frozen += int(changed_frozen)
+        return
+    idx = changed_index(ra, rb)
     if ra.dtype.itemsize == 2:  # 65,536 codes: one histogram of the chunk's codes and a table per code say it all
         frozen_code = _frozen_codes(da.name, float(bound))
         hist = np.bincount(ra, minlength=1 << 16)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import lru_cache
 
 import numpy as np
 
 from ..io.bits import changed_index
-from ..io.dtypes import DType, dot, sumsq, ulp_exponent, widen, widen32
+from ..io.dtypes import DTYPES, DType, dot, sumsq, ulp_exponent, widen, widen32
+from .kernels import kernels
 
 # Buckets of |Δ| / ULP(w0): "0" (unchanged), "<1", "1" = [1,2), "2" = [2,3), "3-4" = [3,5), ...
 ULP_EDGES = np.array([1, 2, 3, 5, 9, 17, 33, 65, 129, 257], dtype=np.float64)
@@ -208,6 +210,64 @@ def _fast16(sa, sb, dt: DType, tols32, eta, st: ChunkStats):
 _ULP_EDGES32 = ULP_EDGES.astype(np.float32)
 
 
+def _compiled16(ra, tols, st: ChunkStats, mask, dt: DType, eta, rb, base_norm: bool) -> bool:
+    """The probes of a same-dtype bf16/fp16 chunk in one compiled pass (:mod:`.kernels`), into ``st`` and ``mask``.
+    False (nothing done) where the kernels are unavailable or there are more tolerances than they take."""
+    k = kernels()
+    if k is None or tols.size > k.MAX_TOLS:
+        return False
+    emask, shift, gap, emin = _FAST16[dt.name]
+    tab, tols32, lo, hi = _params16(dt.name, tuple(tols.tolist()), float(eta), k.MAX_TOLS)
+    off = dt.exponent_bias + dt.mantissa_bits
+    ue_min = 1 - off if dt.name == "F16" else -(1 << 20)
+    want = mask is not None
+    ints, sd, sb, mx = k.probe16(ra, rb, dt.name == "BF16", tab, tols32, lo, hi, np.uint16(emask), shift, gap << shift,
+                                 emin << shift, off, ue_min, _ULP_EDGES32, mask if want else np.empty(0, bool), want,
+                                 np.empty_like(ra), np.empty_like(rb))
+    n_ch, n_rel, nf, nan, n_slow, n_band = (int(x) for x in ints[:6])
+    if base_norm:
+        st.sumsq_base = float(sb)
+    st.changed = n_ch
+    st.ulp_hist[0] = st.numel - n_ch
+    if n_ch == 0:
+        return True
+    n = n_ch - n_slow  # the entries whose float32 difference is exact
+    st.atol_changed += ints[6 : 6 + tols.size]
+    st.rel_changed += n_rel
+    ge = ints[6 + k.MAX_TOLS :].tolist()  # entries at or past each ULP edge: the buckets are their differences
+    hist = st.ulp_hist
+    hist[1] += n - nf - ge[0]
+    for j in range(len(ULP_EDGES) - 1):
+        hist[2 + j] += ge[j] - ge[j + 1]
+    hist[len(ULP_EDGES) + 1] += ge[-1]
+    hist[-1] += nf
+    if n:
+        st.max_abs = max(st.max_abs, float(np.uint32(mx).view(np.float32)))
+        st.sumsq_delta += float(sd)
+    st.nonfinite += nf
+    if n_slow or n_band:
+        slow, band = k.rare16(ra, rb, dt.name == "BF16", tab, lo, hi, np.uint16(emask), gap << shift, emin << shift)
+        if band.size:  # |Δ|/max(|w0|,|w1|) within one float32 ULP of η: settled exactly
+            fa, fb = widen(ra[band], dt), widen(rb[band], dt)
+            m = np.maximum(np.abs(fa), np.abs(fb))
+            st.rel_changed += sum(_exact_absdiff(float(x), float(y)) > Fraction(eta) * Fraction(float(z))
+                                  for x, y, z in zip(fa, fb, m))
+        if slow.size:  # exponents too far apart for an exact float32 difference
+            _slow(widen(ra[slow], dt), widen(rb[slow], dt), ra[slow], dt, tols, eta, st)
+    return True
+
+
+@lru_cache(maxsize=64)
+def _params16(name: str, tols: tuple, eta: float, slots: int):
+    """What the compiled pass needs beside the chunk: the dtype's value table, the tolerances rounded down to float32
+    and padded with +inf, and the float32 band around η (as :func:`_fast16` uses them)."""
+    tab = widen32(np.arange(1 << 16, dtype=np.uint16), DTYPES[name])
+    tols32 = np.full(slots, np.inf, np.float32)
+    tols32[: len(tols)] = [_round_down_f32(t) for t in tols]
+    lo = _round_down_f32(eta)
+    return tab, tols32, lo, np.nextafter(lo, np.float32(np.inf))
+
+
 def probe_chunk(
     ra: np.ndarray,
     rb: np.ndarray,
@@ -218,19 +278,24 @@ def probe_chunk(
     mask_criterion: tuple[str, float] | None = None,
     base_norm: bool = True,
     keep: dict | None = None,
+    compiled: bool = False,
 ) -> tuple[ChunkStats, np.ndarray | None]:
-    """All probes for one chunk. ``tols`` must be sorted ascending and unique.
+    """All probes for one chunk. ``tols`` must be sorted ascending and unique. ``compiled``: a same-dtype bf16/fp16
+    chunk goes through the compiled pass of :mod:`.kernels` where it is installed (the same counts).
 
     Returns the stats and, when ``mask_criterion`` is given, the boolean changed-mask of the chunk. With a
     ``keep`` dict, the general path leaves its changed indices and float64 values there (``idx``, ``fa``,
     ``fb``) and skips the ULP histogram, for a caller that takes ULPs in another grid (quantized storage).
     """
     st = ChunkStats(numel=int(ra.size), atol_changed=np.zeros(tols.size, np.int64))
+    mask = np.zeros(ra.size, dtype=bool) if mask_criterion is not None else None
+    fast16 = da.name == db.name and da.name in _FAST16 and (mask_criterion is None or mask_criterion[0] == "bitwise")
+    if fast16 and compiled and _compiled16(ra, tols, st, mask, da, eta, rb, base_norm):
+        return st, mask
     if base_norm:
         with np.errstate(over="ignore", invalid="ignore"):
             st.sumsq_base = sumsq(ra, da)
-    mask = np.zeros(ra.size, dtype=bool) if mask_criterion is not None else None
-    if da.name == db.name and da.name in _FAST16 and (mask_criterion is None or mask_criterion[0] == "bitwise"):
+    if fast16:
         idx = changed_index(ra, rb)
         sa, sb = ra[idx], rb[idx]
         n = idx.size
