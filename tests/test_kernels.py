@@ -16,10 +16,10 @@ from hypothesis import strategies as hst
 
 pytest.importorskip("numba")
 
-from rlsubnet.analysis import kernels  # noqa: E402
-from rlsubnet.analysis.floor import floor_probe  # noqa: E402
-from rlsubnet.analysis.probes import ULP_LABELS, ChunkStats, probe_chunk  # noqa: E402
-from rlsubnet.io.dtypes import DTYPES, widen  # noqa: E402
+from rlsubnet.analysis import kernels
+from rlsubnet.analysis.floor import floor_probe
+from rlsubnet.analysis.probes import ULP_LABELS, ChunkStats, probe_chunk
+from rlsubnet.io.dtypes import DTYPES, widen
 
 TOLS = np.unique(np.array([0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4]))
 
@@ -135,7 +135,7 @@ def test_diff_json_is_the_same_with_and_without_the_kernels(tmp_path, monkeypatc
     base = {f"model.layers.{i}.mlp.up_proj.weight": (torch.randn(64, 96, generator=g) * 0.03).bfloat16() for i in range(3)}
     base["model.norm.weight"] = torch.ones(96).half()
     tuned = {k: v.clone() for k, v in base.items()}
-    for k, v in tuned.items():
+    for v in tuned.values():
         flat = v.view(-1)
         sel = torch.rand(flat.numel(), generator=g) < 0.3
         flat[sel] = flat[sel] + flat[sel].abs().clamp_min(1e-3) * 0.01
