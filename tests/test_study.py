@@ -367,3 +367,99 @@ def test_report_tables_carry_the_results_numbers(tiny_study):
     want = [["grpo", str(x["step"]), f"{x['changed_vs_prev']:,}", f"{x['delta_bytes']:,}", f"{x['delta_plain_bytes']:,}"]
             for x in res["runs"]["grpo"]["delta_sync"]]
     assert [r[:5] for r in sync if r[0] == "grpo"] == want
+
+
+# -- the paper's claims, decided, and studies side by side -----------------------------------------------------------
+def _cmp(a, b, diff, lo, hi, verdict, point="peak", algo="dpo", jitter=None):
+    return {"what": "accuracy", "a": a, "b": b, "diff": diff, "lo": lo, "hi": hi, "n": 400, "method": "planted",
+            "verdict": verdict, "p": None, "p_holm": None, "family": 6, "point": point, "algo": algo, "jitter": jitter}
+
+
+def _planted(res: dict) -> dict:
+    """A copy of a study's results with verdicts and overlaps whose claims are known by construction."""
+    import copy
+
+    r = copy.deepcopy(res)
+    r["rq2"]["verdicts"] = [
+        _cmp("init", "full", 0.10, 0.05, 0.15, "higher"),  # superiority, interval above 0: holds
+        _cmp("full", "sub", -0.02, -0.04, 0.00, "inconclusive", jitter=0.05),  # recovery, lo ≥ −jitter: holds
+        _cmp("full", "sub", -0.03, -0.09, 0.03, "inconclusive", "matched", jitter=0.05),  # lo < −jitter: inconclusive
+        _cmp("full", "sub", -0.10, -0.15, -0.06, "lower", "final", jitter=0.05),  # lower: fails
+        _cmp("random_uniform", "sub", 0.08, 0.06, 0.10, "higher"),  # holds
+        _cmp("random_magnitude", "sub", 0.01, 0.005, 0.015, "within jitter", jitter=0.05),  # superiority: inconclusive
+    ]
+    rows = {x["axis"]: x for x in r["rq4"]["rows"]}
+    # (ratio − 1) ± 1.96 √var / expected: [+3.0, +7.0] holds; [−2.9, +4.9] inconclusive; [−12.0, −8.0] fails
+    for axis, ratio, var in (("seed", 1.05, 100.0), ("data", 1.01, 400.0), ("algorithm", 0.90, 100.0)):
+        rows[axis]["matched"].update(ratio=ratio, expected_intersection=1000.0, variance=var)
+    return r
+
+
+def test_claims_are_decided_by_their_stated_rules(tiny_study):
+    """Planted verdicts and overlaps give the claims their rules imply; the t threshold is the textbook interval."""
+    from rlsubnet.study.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, claims, threshold
+
+    _, _, res = tiny_study
+    got = {c.key: c for c in claims(_planted(res))}
+    want = {"rq2.full_improves.peak": HOLDS, "rq2.sub_recovers_full.peak": HOLDS, "rq2.sub_recovers_full.matched": INCONCLUSIVE,
+            "rq2.sub_recovers_full.final": FAILS, "rq2.sub_beats_random_uniform.peak": HOLDS,
+            "rq2.sub_beats_random_magnitude.peak": INCONCLUSIVE, "rq2.full_improves.final": NOT_MEASURED,
+            "rq4.overlap.seed": HOLDS, "rq4.overlap.data": INCONCLUSIVE, "rq4.overlap.algorithm": FAILS}
+    assert {k: got[k].verdict for k in want} == want
+    assert got["rq4.overlap.seed"].lo == pytest.approx(0.05 - 1.959964 * 0.01) and got["rq4.overlap.seed"].hi == pytest.approx(0.05 + 1.959964 * 0.01)
+    assert got["rq2.sub_recovers_full.final"].value == -0.10 and "DPO" in got["rq2.sub_recovers_full.final"].evidence
+    # t interval over three seeds (t_0.975 with 2 degrees of freedom = 4.302653)
+    v, m, lo, hi = threshold([0.70, 0.72, 0.74], 0.5)
+    assert v == HOLDS and m == pytest.approx(0.72) and lo == pytest.approx(0.72 - 4.302653 * 0.02 / 3 ** 0.5, rel=1e-6)
+    assert threshold([0.6, 0.7, 0.8], 0.5)[0] == INCONCLUSIVE and threshold([0.1, 0.12], 0.5)[0] == FAILS
+    assert threshold([0.9], 0.5)[0] == INCONCLUSIVE and threshold([], 0.5)[0] == NOT_MEASURED
+    # a study without RQ4 or RQ5 has those claims "not measured", on the same keys
+    bare = {k: v for k, v in res.items() if k not in ("rq4", "rq5")}
+    cs = {c.key: c.verdict for c in claims(bare)}
+    assert list(cs) == list(got) and all(cs[k] == NOT_MEASURED for k in cs if k.startswith(("rq4.", "rq5.")))
+
+
+def test_study_compare_puts_studies_side_by_side(tiny_study, tmp_path):
+    """``rlsubnet study-compare``: one column per study, rows on the claims' keys, ``differs`` exactly where the planted
+    verdicts differ; strict JSON, a self-contained HTML page, inputs untouched; bad input is one sentence, exit 2."""
+    import hashlib
+
+    from rlsubnet.study.claims import claims
+
+    from conftest import run
+
+    d, _, res = tiny_study
+    other = tmp_path / "planted"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps(_planted(res)))
+    ins = [d / "out" / "results.json", other / "results.json"]
+    before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in ins]
+    r = run("study-compare", d / "out", other, "--out", tmp_path / "cmp", "--label", "tiny", "--label", "planted")
+    assert r.returncode == 0, r.stderr
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in ins] == before
+    out = json.loads((tmp_path / "cmp" / "compare.json").read_text(), parse_constant=lambda x: pytest.fail(f"not strict JSON: {x}"))
+    assert [s["label"] for s in out["studies"]] == ["tiny", "planted"]
+    a = {c.key: c.verdict for c in claims(res)}
+    b = {c.key: c.verdict for c in claims(_planted(res))}
+    rows = {x["key"]: x for x in out["claims"]}
+    assert list(rows) == list(a)
+    for k, x in rows.items():
+        assert (x["per_study"]["tiny"]["verdict"], x["per_study"]["planted"]["verdict"]) == (a[k], b[k])
+        want = "partial" if "not measured" in (a[k], b[k]) else "same" if a[k] == b[k] else "differs"
+        assert x["agreement"] == want, k
+    assert any(x["agreement"] == "differs" for x in rows.values())
+    assert out["studies"][1]["counts"] == {v: sum(b[k] == v for k in b) for v in ("holds", "fails", "inconclusive", "not measured")}
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "data:image/png;base64," in page and "src='figures/" not in page and "planted" in page
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| claim | tiny | planted | agreement |" in md
+    # the single study's report carries the same claims
+    assert "Claims, one by one" in (d / "out" / "report.md").read_text()
+    # bad input: one sentence naming the file, exit 2, nothing written
+    (tmp_path / "nan.json").write_text('{"meta": NaN}')
+    for bad, words in ((tmp_path / "nan.json", "not strict JSON"), (tmp_path / "missing", "no such study"), (tmp_path, "without a results.json")):
+        r = run("study-compare", bad, "--out", tmp_path / "cmp2")
+        assert r.returncode == 2 and words in r.stderr and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "cmp2").exists()
+    r = run("study-compare", other, "--out", other, "--label", "x")  # compare.json beside results.json: allowed, results untouched
+    assert r.returncode == 0 and hashlib.sha256((other / "results.json").read_bytes()).hexdigest() == before[1]

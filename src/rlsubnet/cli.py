@@ -521,6 +521,25 @@ def study(
     _write_report(results, out)
 
 
+@app.command("study-compare")
+@clean_errors
+def study_compare(
+    studies: List[str] = typer.Argument(..., help="study folders (or their results.json), one column each"),
+    out: str = typer.Option("compare-out", "--out", help="output folder: compare.md, compare.html, compare.json, figures/"),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="a column name per study, in order (default: model · budget · seeds)"),
+) -> None:
+    """Studies side by side, claim by claim: holds, fails or inconclusive, with the interval each rests on."""
+    from .io.optional import need
+
+    need("matplotlib", what="study-compare")
+    from .report.compare_report import write_comparison
+
+    files = [str(Path(x) / "results.json") if Path(x).is_dir() else x for x in studies]
+    check_outputs({f"--out ({n})": str(Path(out) / n) for n in ("compare.md", "compare.html", "compare.json")}, _inputs(*files))
+    paths = write_comparison(studies, out, labels=label or None)
+    Console().print("wrote " + ", ".join(safe(p) for p in paths))
+
+
 @app.command()
 @clean_errors
 def demo(

@@ -127,3 +127,32 @@ def interval_chart(path, labels: Sequence[str], diffs: Sequence[float], los: Seq
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, Path(path))
+
+
+def grouped_interval_chart(path, labels: Sequence[str], series: dict[str, Sequence[tuple]], title: str, xlabel: str) -> Path:
+    """A forest plot with one row per label and, within it, one marker and interval per series (a study):
+    ``series[name][i] = (value, lo, hi)``, None where absent; a filled marker where the interval excludes 0."""
+    n = max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.28 * n * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    h = 0.7 / n
+    for k, (name, vals) in enumerate(series.items()):
+        col, mk = f"C{k % 10}", MARKERS[k % len(MARKERS)]
+        first = True
+        for y, v in zip(ys, vals):
+            if not v or v[0] is None:
+                continue
+            d, lo, hi = v
+            yy = y + 0.35 - h / 2 - k * h
+            if lo is not None and hi is not None:
+                ax.plot([lo, hi], [yy, yy], color=col, lw=2)
+            sig = lo is not None and hi is not None and (lo > 0 or hi < 0)
+            ax.plot([d], [yy], mk, color=col, mfc=col if sig else "white", label=name if first else None)
+            first = False
+    ax.axvline(0, color="k", lw=0.8, ls="--")
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the data
+    return _save(fig, Path(path))

@@ -674,9 +674,24 @@ def headline(res: StudyResults) -> Section:
     return Section("Summary").add("\n".join(out))
 
 
+def render_claims(res: StudyResults) -> Section | None:
+    """The paper's claims this study measured, each decided by its stated rule (:mod:`rlsubnet.study.claims`)."""
+    from ..study.claims import NOT_MEASURED, claims, describe
+
+    cs = [c for c in claims(res.to_dict()) if c.verdict != NOT_MEASURED]
+    if not cs:
+        return None
+    return Section("Claims, one by one").add(
+        "Each claim of the paper that this study measured: *holds* when its interval lies on the claimed side (for recovery: "
+        "above minus θ_full's own jitter), *fails* when it lies on the other, else *inconclusive* (every single-run "
+        "measurement is). `rlsubnet study-compare` puts studies side by side on these rows.",
+        Table(["claim", "verdict: effect [95% interval]", "rule"], [[c.statement, describe(c), c.rule] for c in cs]))
+
+
 def sections(res: StudyResults, figdir: Path) -> list[Section]:
     """Every part of the study present in ``res``, rendered."""
-    out = [headline(res), render_setup(res, figdir)]
+    cl = render_claims(res)
+    out = [headline(res)] + ([cl] if cl else []) + [render_setup(res, figdir)]
     out += [fn(res, figdir) for key, fn in RENDERERS if getattr(res, key) is not None]
     sync = render_sync(res, figdir)
     return out + ([sync] if sync else [])
@@ -695,21 +710,25 @@ def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
     if not isinstance(res, StudyResults):
         res = StudyResults.from_dict(res)
     out = Path(out_dir)
-    figdir = out / "figures"
-    secs = sections(res, figdir)
-    md = ["# rlsubnet study report", "", "Contents: " + " · ".join(f"[{s.title}](#{_anchor(s.title)})" for s in secs), ""]
+    return write_document(sections(res, out / "figures"), out, "report", "rlsubnet study report")
+
+
+def write_document(secs: list[Section], out: Path, stem: str, title: str) -> list[Path]:
+    """``OUT/STEM.md`` and a self-contained ``OUT/STEM.html`` (its figures embedded as PNG) from ``secs``, with a
+    table of contents; both written atomically."""
+    md = [f"# {title}", "", "Contents: " + " · ".join(f"[{s.title}](#{_anchor(s.title)})" for s in secs), ""]
     for s in secs:
         md += [f"## {s.title}", ""]
         for b in s.blocks:
             md += [b.to_md() if isinstance(b, Table) else b, ""]
         md += [f"![{f.stem}](figures/{f.name})" for f in s.figures] + [""]
-    write_text(out / "report.md", "\n".join(md))
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>rlsubnet study</title><style>",
+    write_text(out / f"{stem}.md", "\n".join(md))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>",
              "body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.45}"
              "table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
              "img{width:100%;height:auto;margin:.5em 0}nav ul{columns:2}",
-             "</style></head><body><h1>rlsubnet study report</h1>",
+             f"</style></head><body><h1>{html.escape(title)}</h1>",
              "<nav><b>Contents</b><ul>" + "".join(f"<li><a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a></li>" for s in secs) + "</ul></nav>"]
     for s in secs:
         parts.append(f"<h2 id='{_anchor(s.title)}'>{html.escape(s.title)}</h2>")
@@ -718,5 +737,5 @@ def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
             b64 = base64.b64encode(f.read_bytes()).decode()
             parts.append(f"<img alt='{html.escape(f.stem)}' src='data:image/png;base64,{b64}'>")
     parts.append("</body></html>")
-    write_text(out / "report.html", "\n".join(parts))
-    return [out / "report.md", out / "report.html"]
+    write_text(out / f"{stem}.html", "\n".join(parts))
+    return [out / f"{stem}.md", out / f"{stem}.html"]
