@@ -14,9 +14,16 @@ from pathlib import Path
 from ..io.atomic import write_text
 from ..io.errors import InputError
 from ..io.jsonout import dumps
-from ..study.claims import NOT_MEASURED, VERDICTS, Claim, claims, describe
+from ..study.claims import NOT_MEASURED, VERDICTS, Claim, claims, span
 from ..study.results import StudyResults
 from .study_report import Section, Table, write_document
+
+
+def describe(c: Claim) -> str:
+    """The cell a claims table shows for ``c``: its verdict and the number it rests on."""
+    if c.verdict == NOT_MEASURED:
+        return NOT_MEASURED
+    return f"{c.verdict}: {span(c.value, c.lo, c.hi, c.unit)}"
 
 
 def load_study(path: str | Path) -> tuple[str, dict]:

@@ -676,7 +676,8 @@ def headline(res: StudyResults) -> Section:
 
 def render_claims(res: StudyResults) -> Section | None:
     """The paper's claims this study measured, each decided by its stated rule (:mod:`rlsubnet.study.claims`)."""
-    from ..study.claims import NOT_MEASURED, claims, describe
+    from ..study.claims import NOT_MEASURED, claims
+    from .compare_report import describe
 
     cs = [c for c in claims(res.to_dict()) if c.verdict != NOT_MEASURED]
     if not cs:

@@ -53,7 +53,8 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _span(value, lo, hi, unit: str) -> str:
+def span(value, lo, hi, unit: str) -> str:
+    """A value and its interval as text: percent for a ``fraction``, signed points for ``points``."""
     if value is None:
         return "—"
     if unit == "fraction":
@@ -61,13 +62,6 @@ def _span(value, lo, hi, unit: str) -> str:
         return v if lo is None else f"{v} [{100 * lo:.1f}, {100 * hi:.1f}]"
     v = f"{_pts(value)} points"
     return v if lo is None else f"{v} [{_pts(lo)}, {_pts(hi)}]"
-
-
-def describe(c: Claim) -> str:
-    """The cell a comparison table shows for ``c``: its verdict and the number it rests on."""
-    if c.verdict == NOT_MEASURED:
-        return NOT_MEASURED
-    return f"{c.verdict}: {_span(c.value, c.lo, c.hi, c.unit)}"
 
 
 def _superiority(cmp: dict | None) -> str:
@@ -93,7 +87,7 @@ def _from_cmp(key, rq, statement, rule, cmp, decide) -> Claim:
     v = decide(cmp)
     if v == NOT_MEASURED:
         return Claim(key, rq, statement, rule, v)
-    what = f"{cmp['b']} − {cmp['a']} = {_span(cmp['diff'], cmp.get('lo'), cmp.get('hi'), 'points')}"
+    what = f"{cmp['b']} − {cmp['a']} = {span(cmp['diff'], cmp.get('lo'), cmp.get('hi'), 'points')}"
     if cmp.get("algo"):
         what = f"{cmp['algo'].upper()}: {what}"
     how = f"{cmp.get('method', '')}; the study's verdict: {cmp.get('verdict')}"
