@@ -530,12 +530,15 @@ def study_compare(
 ) -> None:
     """Studies side by side, claim by claim: holds, fails or inconclusive, with the interval each rests on."""
     from .io.optional import need
+    from .study.claims import load_study
 
+    if label and len(label) != len(studies):
+        raise InputError(f"--label: {len(label)} labels for {len(studies)} studies.")
+    files = [load_study(x)[0] for x in studies]  # each results.json checked before anything heavy is imported
+    check_outputs({f"--out ({n})": str(Path(out) / n) for n in ("compare.md", "compare.html", "compare.json")}, _inputs(*files))
     need("matplotlib", what="study-compare")
     from .report.compare_report import write_comparison
 
-    files = [str(Path(x) / "results.json") if Path(x).is_dir() else x for x in studies]
-    check_outputs({f"--out ({n})": str(Path(out) / n) for n in ("compare.md", "compare.html", "compare.json")}, _inputs(*files))
     paths = write_comparison(studies, out, labels=label or None)
     Console().print("wrote " + ", ".join(safe(p) for p in paths))
 

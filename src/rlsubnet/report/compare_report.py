@@ -7,15 +7,13 @@ fixed keys, columns the studies. Written: ``compare.md``, a self-contained ``com
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from ..io.atomic import write_text
 from ..io.errors import InputError
 from ..io.jsonout import dumps
-from ..study.claims import NOT_MEASURED, VERDICTS, Claim, claims, span
-from ..study.results import StudyResults
+from ..study.claims import NOT_MEASURED, VERDICTS, Claim, claims, load_study, span
 from .study_report import Section, Table, write_document
 
 
@@ -24,33 +22,6 @@ def describe(c: Claim) -> str:
     if c.verdict == NOT_MEASURED:
         return NOT_MEASURED
     return f"{c.verdict}: {span(c.value, c.lo, c.hi, c.unit)}"
-
-
-def load_study(path: str | Path) -> tuple[str, dict]:
-    """(path of its results.json, the results) of a study folder or a results.json, checked before anything is
-    decided from it: at most 1 GiB, strict JSON, typed as the study's results; one sentence naming the file where not."""
-    p = Path(path)
-    f = p / "results.json" if p.is_dir() else p
-    if not p.exists():
-        raise InputError(f"{path}: no such study folder or results.json.")
-    if not f.is_file():
-        raise InputError(f"{path}: a folder without a results.json (not a study's output folder, or its study has not finished).")
-    if f.stat().st_size > 1 << 30:
-        raise InputError(f"{f}: {f.stat().st_size:,} bytes is not a study's results.json (over 1 GiB).")
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InputError(f"{f}: not a readable results.json ({type(e).__name__}: {str(e)[:120]}).") from None
-    StudyResults.from_dict(d, f"{f}: results")  # the study's own schema, field by field
-    try:
-        claims(d)
-    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
-        raise InputError(f"{f}: a claim cannot be decided from these results ({type(e).__name__}: {e}).") from None
-    return str(f), d
-
-
-def _no_constant(x: str):
-    raise ValueError(f"{x} is not a JSON number (not strict JSON)")
 
 
 def label_of(results: dict) -> str:
@@ -157,7 +128,7 @@ def write_comparison(paths: list[str | Path], out_dir: str | Path, labels: list[
         raise InputError("study-compare: name at least one study folder or results.json.")
     if labels and len(labels) != len(paths):
         raise InputError(f"--label: {len(labels)} labels for {len(paths)} studies.")
-    loaded = [load_study(p) for p in paths]
+    loaded = [load_study(p) for p in paths]  # every input checked before anything is drawn
     studies = [((labels[i] if labels else label_of(res)), res) for i, (_, res) in enumerate(loaded)]
     cmp = comparison(studies)
     for s, (f, _) in zip(cmp["studies"], loaded):

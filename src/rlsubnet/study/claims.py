@@ -21,9 +21,13 @@ Deterministic single-run measurements (update rank; RQ5's one run per setting) c
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from ..io.errors import InputError
+from .results import StudyResults
 from .stats import LEVEL, t_quantile
 
 HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "fails", "inconclusive", "not measured"
@@ -242,3 +246,30 @@ def _rq5(r: dict | None) -> list[Claim]:
 def claims(results: dict) -> list[Claim]:
     """Every claim, decided from a study's ``results.json`` (as a dict); research questions absent are ``not measured``."""
     return _rq1(results.get("rq1")) + _rq2(results.get("rq2")) + _rq4(results.get("rq4")) + _rq5(results.get("rq5"))
+
+
+def load_study(path: str | Path) -> tuple[str, dict]:
+    """(path of its results.json, the results) of a study folder or a results.json, checked before anything is
+    decided from it: at most 1 GiB, strict JSON, typed as the study's results; one sentence naming the file where not."""
+    p = Path(path)
+    f = p / "results.json" if p.is_dir() else p
+    if not p.exists():
+        raise InputError(f"{path}: no such study folder or results.json.")
+    if not f.is_file():
+        raise InputError(f"{path}: a folder without a results.json (not a study's output folder, or its study has not finished).")
+    if f.stat().st_size > 1 << 30:
+        raise InputError(f"{f}: {f.stat().st_size:,} bytes is not a study's results.json (over 1 GiB).")
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"{f}: not a readable results.json ({type(e).__name__}: {str(e)[:120]}).") from None
+    StudyResults.from_dict(d, f"{f}: results")  # the study's own schema, field by field
+    try:
+        claims(d)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise InputError(f"{f}: a claim cannot be decided from these results ({type(e).__name__}: {e}).") from None
+    return str(f), d
+
+
+def _no_constant(x: str):
+    raise ValueError(f"{x} is not a JSON number (not strict JSON)")
