@@ -461,5 +461,12 @@ def test_study_compare_puts_studies_side_by_side(tiny_study, tmp_path):
         r = run("study-compare", bad, "--out", tmp_path / "cmp2")
         assert r.returncode == 2 and words in r.stderr and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "cmp2").exists()
+    from browser import render
+
+    seen = render(tmp_path / "cmp" / "compare.html", tmp_path)  # in a real browser: sections, figures, no Markdown left
+    heads = [h.split("=", 1)[1] for h in seen["headings"].split("|")]
+    assert heads[0] == "Summary" and {"RQ1: sparsity", "RQ2: the subnetwork alone", "RQ4: overlap", "Figures"} <= set(heads)
+    assert int(seen["links"]) == len(heads) and int(seen["images"]) >= 2 and seen["loaded"] == seen["images"] and seen["wider"] == "0"
+    assert seen["backslashes"] == "0" and seen["stars"] == "0"
     r = run("study-compare", other, "--out", other, "--label", "x")  # compare.json beside results.json: allowed, results untouched
     assert r.returncode == 0 and hashlib.sha256((other / "results.json").read_bytes()).hexdigest() == before[1]

@@ -692,7 +692,7 @@ def render_claims(res: StudyResults) -> Section | None:
 def sections(res: StudyResults, figdir: Path) -> list[Section]:
     """Every part of the study present in ``res``, rendered."""
     cl = render_claims(res)
-    out = [headline(res)] + ([cl] if cl else []) + [render_setup(res, figdir)]
+    out = [headline(res), render_setup(res, figdir)] + ([cl] if cl else [])
     out += [fn(res, figdir) for key, fn in RENDERERS if getattr(res, key) is not None]
     sync = render_sync(res, figdir)
     return out + ([sync] if sync else [])
