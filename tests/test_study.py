@@ -388,6 +388,13 @@ def _planted(res: dict) -> dict:
         _cmp("random_uniform", "sub", 0.08, 0.06, 0.10, "higher"),  # holds
         _cmp("random_magnitude", "sub", 0.01, 0.005, 0.015, "within jitter", jitter=0.05),  # superiority: inconclusive
     ]
+    # RQ5: in- against off-distribution rows, SFT with a Welch interval above 0 (holds), DPO one run each (inconclusive)
+    row = lambda name, indist, sp: {"name": name, "method": name, "in_distribution": indist, "examples": 100, "sparsity": sp,
+                                    "floor": None, "sparsity_above_floor": sp}
+    r["rq5"]["distribution"] = [row("sft_in", True, 0.66), row("sft_off", False, 0.60), row("dpo", True, 0.65), row("dpo_off", False, 0.61)]
+    r["rq5"]["distribution_comparisons"] = [
+        {**_cmp("sft_off", "sft_in", 0.06, 0.03, 0.09, "higher", algo="sft"), "what": "sparsity", "method": "Welch t over seeds"},
+        {**_cmp("dpo_off", "dpo", 0.04, None, None, "inconclusive", algo="dpo"), "what": "sparsity", "method": "per-seed means (too few seeds)"}]
     rows = {x["axis"]: x for x in r["rq4"]["rows"]}
     # (ratio − 1) ± 1.96 √var / expected: [+3.0, +7.0] holds; [−2.9, +4.9] inconclusive; [−12.0, −8.0] fails
     for axis, ratio, var in (("seed", 1.05, 100.0), ("data", 1.01, 400.0), ("algorithm", 0.90, 100.0)):
@@ -395,7 +402,7 @@ def _planted(res: dict) -> dict:
     return r
 
 
-def test_claims_are_decided_by_their_stated_rules(tiny_study):
+def test_claims_are_decided_by_their_stated_rules(tiny_study, tmp_path):
     """Planted verdicts and overlaps give the claims their rules imply; the t threshold is the textbook interval."""
     from rlsubnet.study.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, claims, threshold
 
@@ -404,10 +411,18 @@ def test_claims_are_decided_by_their_stated_rules(tiny_study):
     want = {"rq2.full_improves.peak": HOLDS, "rq2.sub_recovers_full.peak": HOLDS, "rq2.sub_recovers_full.matched": INCONCLUSIVE,
             "rq2.sub_recovers_full.final": FAILS, "rq2.sub_beats_random_uniform.peak": HOLDS,
             "rq2.sub_beats_random_magnitude.peak": INCONCLUSIVE, "rq2.full_improves.final": NOT_MEASURED,
-            "rq4.overlap.seed": HOLDS, "rq4.overlap.data": INCONCLUSIVE, "rq4.overlap.algorithm": FAILS}
+            "rq4.overlap.seed": HOLDS, "rq4.overlap.data": INCONCLUSIVE, "rq4.overlap.algorithm": FAILS,
+            "rq5.in_distribution_sparser.sft": HOLDS, "rq5.in_distribution_sparser.dpo": INCONCLUSIVE}
     assert {k: got[k].verdict for k in want} == want
     assert got["rq4.overlap.seed"].lo == pytest.approx(0.05 - 1.959964 * 0.01) and got["rq4.overlap.seed"].hi == pytest.approx(0.05 + 1.959964 * 0.01)
     assert got["rq2.sub_recovers_full.final"].value == -0.10 and "DPO" in got["rq2.sub_recovers_full.final"].evidence
+    assert got["rq5.in_distribution_sparser.sft"].lo == 0.03 and got["rq5.in_distribution_sparser.dpo"].value == pytest.approx(0.04)
+    # the report states the planted RQ5 comparison, direction and interval
+    from rlsubnet.study.results import StudyResults
+
+    write_report(StudyResults.from_dict(_planted(res)), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "- SFT: sparsity of SFT in-distribution is higher than SFT off-distribution by 6.0 points" in md, md[md.find("In- against"):][:400]
     # t interval over three seeds (t_0.975 with 2 degrees of freedom = 4.302653)
     v, m, lo, hi = threshold([0.70, 0.72, 0.74], 0.5)
     assert v == HOLDS and m == pytest.approx(0.72) and lo == pytest.approx(0.72 - 4.302653 * 0.02 / 3 ** 0.5, rel=1e-6)

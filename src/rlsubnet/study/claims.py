@@ -222,16 +222,24 @@ def _rq4(r: dict | None) -> list[Claim]:
 def _rq5(r: dict | None) -> list[Claim]:
     out = []
     dist = {x["name"]: x for x in (r or {}).get("distribution") or []}
+    cmps = (r or {}).get("distribution_comparisons") or []
     for method, a, b in (("SFT", "sft_off", "sft_in"), ("DPO", "dpo_off", "dpo")):
-        st = f"{method} on in-distribution data (the model's own samples) leaves more parameters unchanged than on off-distribution data (the paper's causal claim, Table 5)"
+        key = f"rq5.in_distribution_sparser.{method.lower()}"
+        st = (f"{method} on in-distribution data (the model's own samples) leaves more parameters unchanged than on "
+              "off-distribution data of the same size (the paper's causal claim, Table 5)")
+        cmp = next((c for c in cmps if c.get("a") == a and c.get("b") == b and c.get("what") == "sparsity"), None)
         xa, xb = dist.get(a), dist.get(b)
         if not (xa and xb) or not xb.get("in_distribution", True):
-            out.append(Claim(f"rq5.in_distribution_sparser.{method.lower()}", "rq5", st, "one run each", NOT_MEASURED))
+            out.append(Claim(key, "rq5", st, "superiority: Welch's interval over seeds", NOT_MEASURED))
+            continue
+        sizes = f"; {xb['examples']} examples each" if xa["examples"] == xb["examples"] else f"; {xb['examples']} against {xa['examples']} examples"
+        if cmp and cmp.get("lo") is not None:
+            out.append(_from_cmp(key, "rq5", st, "superiority: Welch's interval over seeds excludes 0", cmp, _superiority))
+            out[-1].evidence += sizes
             continue
         d = xb["sparsity"] - xa["sparsity"]
-        out.append(Claim(f"rq5.in_distribution_sparser.{method.lower()}", "rq5", st,
-                         "one run each: no interval, so no verdict", INCONCLUSIVE, d, None, None, "points",
-                         f"in {100 * xb['sparsity']:.1f}% ({xb['examples']} examples) against off {100 * xa['sparsity']:.1f}% ({xa['examples']} examples)"))
+        out.append(Claim(key, "rq5", st, "one run each (or no spread): no interval, so no verdict", INCONCLUSIVE, d, None, None, "points",
+                         f"in {100 * xb['sparsity']:.1f}% against off {100 * xa['sparsity']:.1f}%{sizes}"))
     kl = (r or {}).get("kl") or {}
     if kl.get("with") is not None and kl.get("without") is not None:
         d = kl["with"] - kl["without"]

@@ -115,30 +115,49 @@ def _ablations(study, main: str) -> dict:
     return out
 
 
-def _distribution(study) -> list[DistributionRow]:
-    """In- vs off-distribution data of matched size, for SFT and DPO: the off-distribution sets take as many
-    examples as the in-distribution ones have (the model's own correct samples; its own preference pairs)."""
+def _distribution(study) -> tuple[list[DistributionRow], list[dict]]:
+    """In- vs off-distribution data of matched size, for SFT and DPO, every seed of the budget: the off-distribution
+    sets take as many examples as the in-distribution ones have (the model's own correct samples; its own preference
+    pairs). The in-distribution DPO runs are the main DPO runs (RQ2's θ_full where RQ2 runs). Returns the rows (first
+    seed's figures, every seed's, mean ± sd) and, per method, in − off with Welch's interval over seeds."""
     s = study
     pref = s.own_preferences()
     own = pref["correct_samples"]
-    sft_in = s.train("sft_in", s.config("sft", sft_data=own)) if len(own["prompt"]) >= 2 else None
     ref = T.generate(s.task, max(len(own["prompt"]), 2), level=s.level, split="train")
-    sft_off = s.train("sft_off", s.config("sft", sft_data={"prompt": [p.prompt for p in ref], "completion": [p.solution for p in ref]}))
-    dpo_in = s.train("dpo", s.main_config("dpo"))
     off = s.offdist_preferences()
     k = max(len(pref["prompt"]), 4)
-    dpo_off = s.train("dpo_off", s.config("dpo", preference={x: v[:k] for x, v in off.items()}))
     sizes = {"sft_in": len(own["prompt"]), "sft_off": len(ref), "dpo": len(pref["prompt"]), "dpo_off": min(k, len(off["prompt"]))}
-    rows = []
-    for name, path, method, indist in (("sft_in", sft_in, "SFT on own correct samples (RFT)", True),
-                                       ("sft_off", sft_off, "SFT on reference solutions", False),
-                                       ("dpo", dpo_in, "DPO on own samples", len(pref["prompt"]) >= 4),
-                                       ("dpo_off", dpo_off, "DPO on reference vs corrupted", False)):
-        if path:
-            a = s.analyze(name, path)
-            rows.append(DistributionRow(name=name, method=method, in_distribution=indist, examples=sizes[name], sparsity=a.sparsity,
-                                        floor=a.floor, sparsity_above_floor=a.sparsity_above_floor))
-    return rows
+    specs = (("sft_in", "SFT on own correct samples (RFT)", True), ("sft_off", "SFT on reference solutions", False),
+             ("dpo", "DPO on own samples", len(pref["prompt"]) >= 4), ("dpo_off", "DPO on reference vs corrupted", False))
+    per: dict[str, list] = {name: [] for name, _, _ in specs}
+    first: dict = {}
+    for j in range(max(1, s.b.seeds)):
+        seed = s.seed + j
+        sfx = f"_s{j}" if j else ""
+        paths = {
+            "sft_in": s.train("sft_in" + sfx, s.config("sft", sft_data=own, seed=seed)) if len(own["prompt"]) >= 2 else None,
+            "sft_off": s.train("sft_off" + sfx, s.config("sft", seed=seed, sft_data={"prompt": [p.prompt for p in ref],
+                                                                                     "completion": [p.solution for p in ref]})),
+            "dpo": s.train(s.run_name("dpo", j), s.main_config("dpo", j)),
+            "dpo_off": s.train("dpo_off" + sfx, s.config("dpo", seed=seed, preference={x: v[:k] for x, v in off.items()})),
+        }
+        for name, path in paths.items():
+            if path:
+                run = s.run_name("dpo", j) if name == "dpo" else name + sfx
+                a = s.analyze(run, path)
+                first.setdefault(name, a)
+                per[name].append({"seed": seed, "run": run, "sparsity": a.sparsity, "sparsity_above_floor": a.sparsity_above_floor})
+    rows = [DistributionRow(name=name, method=method, in_distribution=indist, examples=sizes[name], sparsity=first[name].sparsity,
+                            floor=first[name].floor, sparsity_above_floor=first[name].sparsity_above_floor, seeds=per[name],
+                            sparsity_mean_sd=mean_sd([x["sparsity"] for x in per[name]]))
+            for name, method, indist in specs if name in first]
+    comps = []
+    for method, a, b in (("SFT", "sft_off", "sft_in"), ("DPO", "dpo_off", "dpo")):
+        if per[a] and per[b] and dict((n, i) for n, _, i in specs)[b]:
+            for what, key in (("sparsity", "sparsity"), ("sparsity above the floor", "sparsity_above_floor")):
+                c = seed_difference([x[key] for x in per[a]], [x[key] for x in per[b]], what, (a, b)).to_dict()
+                comps.append({**c, "algo": method.lower()})
+    return rows, comps
 
 
 def _steps(study, main: str) -> tuple[list[StepRow], float | None]:
@@ -165,6 +184,6 @@ def run_rq5(study) -> RQ5:
     study.own_preferences()
     main = study.train("grpo", study.main_config("grpo"))
     res = _ablations(study, main)
-    res["distribution"] = _distribution(study)
+    res["distribution"], res["distribution_comparisons"] = _distribution(study)
     res["steps"], res["ever_updated_outside_final"] = _steps(study, main)
     return RQ5(**res)

@@ -279,6 +279,8 @@ class DistributionRow(_Typed):
     sparsity: float
     floor: dict | None
     sparsity_above_floor: float | None
+    seeds: list[dict] = field(default_factory=list)  # per seed: seed, run, sparsity, sparsity_above_floor (the first is above)
+    sparsity_mean_sd: dict | None = None  # mean, sd, n over seeds
 
 
 @dataclass
@@ -303,6 +305,8 @@ class RQ5(_Typed):
     steps: list[StepRow]
     training_precision: dict | None = None  # {"main": {"precision", "sparsity", "floor"}, "fp32": {...}}
     ever_updated_outside_final: float | None = None
+    # in- against off-distribution data: stats.Comparison dicts (b = in-distribution, a = off) + algo (sft|dpo), Welch over seeds
+    distribution_comparisons: list[dict] = field(default_factory=list)
 
 
 @dataclass
