@@ -96,7 +96,7 @@ def render(cmp: dict, figdir: Path | None = None) -> list[Section]:
     summary = []
     for s in cmp["studies"]:
         c = s["counts"]
-        summary.append(f"- **{s['label']}** ({s['model']}; {s['steps']} steps, peak lr {s['lr']:g}, RQs {', '.join(s['rqs'] or [])}): "
+        summary.append(f"- **{s['label']}** ({Path(str(s['model'])).name}; {s['steps']} steps, peak lr {s['lr']:g}, RQs {', '.join(s['rqs'] or [])}): "
                        f"{c['holds']} hold, {c['fails']} fail, {c['inconclusive']} inconclusive, {c['not measured']} not measured")
     differ = [r for r in cmp["claims"] if r["agreement"] == "differs"]
     if len(labels) > 1:
