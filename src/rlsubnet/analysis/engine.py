@@ -18,7 +18,7 @@ from ..io.checkpoint import Checkpoint, iter_chunks
 from ..io.display import make_progress
 from ..io.errors import InputError
 
-DEFAULT_CHUNK = 1 << 18  # elements per chunk (cache-sized buffers) (a multiple of 8, so packed mask bits concatenate)
+DEFAULT_CHUNK = 1 << 20  # elements per chunk (2 MiB a bf16 source: fewer calls, same copy speed as smaller buffers) (a multiple of 8, so packed mask bits concatenate)
 
 
 @dataclass

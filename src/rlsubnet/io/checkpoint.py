@@ -252,7 +252,9 @@ def _read_index(index_path: Path) -> dict[str, str]:
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise InputError(f"{index_path}: index has no weight_map.")
-    return {k: _inside(index_path.parent, v, index_path) for k, v in wm.items()}
+    files: dict = {}  # each distinct file checked once (an index names a few files for thousands of tensors)
+    return {k: files[v] if isinstance(v, str) and v in files else files.setdefault(v, _inside(index_path.parent, v, index_path))
+            for k, v in wm.items()}
 
 
 def _load_config(folder: Path) -> dict | None:

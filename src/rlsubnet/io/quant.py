@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -71,8 +72,10 @@ def _half_gap(values: np.ndarray) -> np.ndarray:
     return out
 
 
-HALF_GAP_E4M3 = _half_gap(_E4M3)
-HALF_GAP_E2M1 = _half_gap(E2M1)
+@lru_cache(maxsize=2)
+def half_gap_table(fmt: str) -> np.ndarray:
+    """``_half_gap`` of the format's code grid (mxfp4: E2M1; otherwise E4M3), computed on first use, not at import."""
+    return _half_gap(E2M1 if fmt == "mxfp4" else _E4M3)
 
 
 @dataclass(frozen=True)
@@ -390,7 +393,7 @@ def grid_ulp(spec: QuantSpec, codes: np.ndarray, scale: np.ndarray) -> np.ndarra
 
 def grid_half_gap(spec: QuantSpec, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Half the distance from each stored value to its nearest neighbour in the grid (scale held fixed)."""
-    table = HALF_GAP_E2M1 if spec.format == "mxfp4" else HALF_GAP_E4M3
+    table = half_gap_table("mxfp4" if spec.format == "mxfp4" else "e4m3")
     return table[codes] * scale
 
 
