@@ -111,9 +111,10 @@ def test_more_tolerances_than_the_kernel_takes_falls_back():
 
 
 @pytest.mark.parametrize("name", ["BF16", "F16"])
-def test_compiled_floor_equals_numpy_floor(name):
+@pytest.mark.parametrize("n", [20000, 2 * 4096 + 45, 31])  # whole blocks of the AVX-512 pass, a partial one, a tail
+def test_compiled_floor_equals_numpy_floor(name, n):
     rng = np.random.default_rng(5)
-    ra, rb = _pair(rng, 20000, name, 0.4)
+    ra, rb = _pair(rng, n, name, 0.4)
     dt = DTYPES[name]
     out = []
     for compiled in (False, True):
@@ -121,7 +122,8 @@ def test_compiled_floor_equals_numpy_floor(name):
         floor_probe(ra, rb, dt, dt, 1e-3, st, compiled=compiled)
         out.append((st.frozen, st.changed_frozen, st.exp_numel.tolist(), st.exp_changed.tolist()))
     assert out[0] == out[1]
-    assert out[0][0] > 0 and out[0][1] > 0  # the test sees frozen entries, some of them changed
+    if n > 1000:
+        assert out[0][0] > 0 and out[0][1] > 0  # the test sees frozen entries, some of them changed
 
 
 def test_diff_json_is_the_same_with_and_without_the_kernels(tmp_path, monkeypatch):

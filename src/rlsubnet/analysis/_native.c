@@ -370,9 +370,69 @@ AVX512 static void probe_avx512(const uint16_t *ca, const uint16_t *cb, Py_ssize
     else
         probe_body(ca, cb, n, p, o, 0);
 }
+/* four sub-histograms of exponent fields (bytes), added into h */
+static inline __attribute__((always_inline)) void hist4(const uint8_t *e, Py_ssize_t n, uint32_t h[4][256]) {
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        h[0][e[i]] += 1;
+        h[1][e[i + 1]] += 1;
+        h[2][e[i + 2]] += 1;
+        h[3][e[i + 3]] += 1;
+    }
+    for (; i < n; i++) h[0][e[i]] += 1;
+}
+
+#define FBLOCK 4096
+/* the floor of a chunk, 32 entries a step: the per-code table as 65,536 bits (8 KiB, in L1) looked up by two gathers,
+ * frozen and frozen-and-changed counted by popcount, the exponent fields of every entry and (compressed) of the
+ * changed ones written as bytes and counted by hist4 each block. The same numbers as floor_body. */
 AVX512 static void floor_avx512(const uint16_t *ra, const uint16_t *rb, Py_ssize_t n, const uint8_t *frozen, int mant,
-                                int bins, int64_t *exp_n, int64_t *exp_c, int64_t *nf, int64_t *nfc) {
-    floor_body(ra, rb, n, frozen, mant, bins, exp_n, exp_c, nf, nfc);
+                                int bins, int64_t *exp_n, int64_t *exp_c, int64_t *nf_out, int64_t *nfc_out) {
+    uint32_t bits[2048];
+    for (int w = 0; w < 1024; w++) {
+        uint64_t m = _mm512_test_epi8_mask(_mm512_loadu_si512((const void *)(frozen + 64 * w)), _mm512_set1_epi8(1));
+        memcpy(bits + 2 * w, &m, 8);
+    }
+    uint32_t hn[4][256], hc[4][256];
+    memset(hn, 0, sizeof hn);
+    memset(hc, 0, sizeof hc);
+    uint8_t eb[FBLOCK], ec[FBLOCK];
+    const __m512i low15 = _mm512_set1_epi16(0x7FFF), emask = _mm512_set1_epi16((short)(bins - 1));
+    const __m512i low5 = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
+    const __m128i sh = _mm_cvtsi32_si128(mant);
+    int64_t nf = 0, nfc = 0;
+    Py_ssize_t i = 0;
+    while (i + 32 <= n) {
+        Py_ssize_t end = i + FBLOCK <= n ? i + FBLOCK : n - (n - i) % 32, k = 0, j0 = i;
+        for (; i < end; i += 32) {
+            __m512i a = _mm512_loadu_si512((const void *)(ra + i));
+            __m512i b = _mm512_loadu_si512((const void *)(rb + i));
+            __mmask32 neq = _mm512_cmpneq_epi16_mask(a, b) & _mm512_test_epi16_mask(_mm512_or_si512(a, b), low15);
+            __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(a));
+            __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(a, 1));
+            __m512i wl = _mm512_i32gather_epi32(_mm512_srli_epi32(lo, 5), (const void *)bits, 4);
+            __m512i wh = _mm512_i32gather_epi32(_mm512_srli_epi32(hi, 5), (const void *)bits, 4);
+            __mmask16 fl = _mm512_test_epi32_mask(_mm512_srlv_epi32(wl, _mm512_and_si512(lo, low5)), one);
+            __mmask16 fh = _mm512_test_epi32_mask(_mm512_srlv_epi32(wh, _mm512_and_si512(hi, low5)), one);
+            __mmask32 fz = (__mmask32)fl | ((__mmask32)fh << 16);
+            nf += __builtin_popcount((unsigned)fz);
+            nfc += __builtin_popcount((unsigned)(fz & neq));
+            __m256i e = _mm512_cvtepi16_epi8(_mm512_and_si512(_mm512_srl_epi16(a, sh), emask));
+            _mm256_storeu_si256((__m256i *)(eb + (i - j0)), e);
+            _mm256_mask_compressstoreu_epi8(ec + k, neq, e);
+            k += __builtin_popcount((unsigned)neq);
+        }
+        hist4(eb, end - j0, hn);
+        hist4(ec, k, hc);
+    }
+    for (int e = 0; e < bins; e++) {
+        exp_n[e] += (int64_t)hn[0][e] + hn[1][e] + hn[2][e] + hn[3][e];
+        exp_c[e] += (int64_t)hc[0][e] + hc[1][e] + hc[2][e] + hc[3][e];
+    }
+    int64_t tf = 0, tfc = 0;
+    floor_body(ra + i, rb + i, n - i, frozen, mant, bins, exp_n, exp_c, &tf, &tfc);
+    *nf_out = nf + tf;
+    *nfc_out = nfc + tfc;
 }
 #endif
 
