@@ -24,7 +24,6 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from synth import write_pair  # noqa: E402
 
-
 BASE_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
