@@ -11,10 +11,12 @@
  *      the subnormal range) are only counted here ("slow"), and relative quotients within one float32 ULP of eta are
  *      only counted ("band"); the caller settles both exactly.
  *
- * On x86-64 with AVX-512 (BW, VL, VBMI2) both loops are compiled a second time for it (compaction by vpcompressw,
- * 16 float32 lanes for the probes) and chosen at import; the portable build is the same C, compiled for the baseline.
- * No -ffast-math: NaN and infinity semantics are those of IEEE float32, as numpy's. The float64 sums use explicit
- * lanes (eight partial sums), so they vectorise without reassociation flags.
+ * On x86-64 with AVX-512 (BW, VL, VBMI2) an AVX-512 build is chosen at import: compaction by vpcompressw with the
+ * base's norm in the same loop, the bf16 probes and the floor pass written out with intrinsics (probe_bf16_avx512,
+ * floor_avx512), fp16 probes the portable C compiled for AVX-512; the portable build is the C bodies compiled for the
+ * baseline. No -ffast-math: NaN and infinity semantics are those of IEEE float32, as numpy's. The float64 sums use
+ * explicit lanes (eight partial sums), so they vectorise without reassociation flags; with FMA in the AVX-512 build,
+ * so the two builds' norms agree to rounding, their counts exactly.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
