@@ -60,3 +60,6 @@ if rank == 0:
     save_file(final, os.path.join(out, "final.safetensors"))
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # skip C++ static teardown: gloo's threads can abort the process at interpreter exit ("terminate called"), as dist_sync_worker does
