@@ -205,6 +205,20 @@ def test_answer_format_is_told_apart_from_correctness():
     assert not well_formatted("The answer is 42.") and not well_formatted("40 + 2 = 42") and not well_formatted("")
 
 
+def test_a_base_models_answer_ends_at_its_next_question():
+    """A base model prompted with "Q: ...\\nA:" writes on past its answer; what follows "\\nQ:" is not scored
+    (completions as Gemma-3-270m base wrote them, answers known)."""
+    from rlsubnet.training import tasks as T
+    from rlsubnet.training.evaluate import well_formatted
+
+    assert T.reward(" 18 + 9 is 27\n\nQ: 1", 27) == 1.0  # the whole text's last integer is 1
+    assert T.reward(" 64 + 4 = 68\nQ: What is 3 + 4?\nA: 3 + 4 = 7", 68) == 1.0  # its last "=" is the next question's
+    assert T.reward(" 64 + 4 = 68\nQ: What is 3 + 4?\nA: 3 + 4 = 7", 7) == 0.0
+    assert T.reward(" 40 + 9 = 49 + 9 = 58", 49) == 0.0  # inside the answer, the last "=" still decides
+    assert well_formatted(" 68\nQ: What is 3 + 4?") and not well_formatted(" 68 Q: 3")
+    assert T.answer_span("no marker\nat all") == "no marker\nat all" and T.answer_span("\nQ: x") == ""
+
+
 def test_matched_random_mask_keeps_every_stratum_count(tmp_path):
     """The magnitude-matched control has, in every tensor × exponent bin, exactly the run mask's count (brute force
     over exponents computed with torch), and differs from it."""

@@ -256,7 +256,7 @@ class Study:
 
         task = task or self.task
         probs = T.generate(task, self.b.n_eval, level=self.level, split="test")
-        key = f"acc-{task}-{self.level}-{len(probs)}-{self.precision}-{self.key_of(path)}"
+        key = f"acc-{task}-{self.level}-{len(probs)}-{self.precision}-s{T.SCORING}-{self.key_of(path)}"
         prec = "mixed" if self.precision == "mixed" else "fp32"
         r = self._cached(key, lambda: accuracy(path, probs, max_new_tokens=self.b.max_new_tokens + 8, precision=prec), fields=("accuracy",))
         rec = self.results["accuracy"][name] = AccuracyRecord.from_dict({**r, "task": task, "model": str(path)}, f"cache entry {key}")
@@ -271,9 +271,7 @@ class Study:
         b = self.b
         n = min(b.pref_prompts, T.split_sizes(self.task, self.level)["train"])
         probs = T.generate(self.task, n, level=self.level, split="train")
-        key = f"pref-{self.task}-{self.level}-{n}-k{b.pref_k}-p{b.pairs_per_prompt}-{self.key_of(self.model)}-{self.seed}"
-        if b.pref_k == 4 and b.pairs_per_prompt == 1:
-            key = f"pref-{self.task}-{self.level}-{n}-{self.key_of(self.model)}-{self.seed}"  # as cached before these options
+        key = f"pref-{self.task}-{self.level}-{n}-k{b.pref_k}-p{b.pairs_per_prompt}-s{T.SCORING}-{self.key_of(self.model)}-{self.seed}"
 
         def sample():
             from rich.progress import Progress

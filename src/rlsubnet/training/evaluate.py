@@ -22,8 +22,9 @@ _NUMBER_ONLY = re.compile(r"^\s*-?\d+\s*\.?\s*$")
 
 
 def well_formatted(text: str) -> bool:
-    """The completion is the final number alone (what the prompt asks for: "Reply with only the final number")."""
-    return bool(_NUMBER_ONLY.match(text))
+    """The completion (its :func:`~rlsubnet.training.tasks.answer_span`) is the final number alone (what the
+    prompt asks for: "Reply with only the final number")."""
+    return bool(_NUMBER_ONLY.match(T.answer_span(text)))
 
 
 def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24, batch_size: int = 32, tok=None,
@@ -32,7 +33,8 @@ def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24,
 
     Returns ``accuracy`` (final answer right, whatever the wording), ``format_rate`` (completion is the number
     alone), ``strict_accuracy`` (both), ``n``, ``correct`` (count), per problem ``outcomes`` and ``formatted``
-    (0/1 lists in the order of ``problems``, for paired comparisons) and ``completions``, ``problems_digest``
+    (0/1 lists in the order of ``problems``, for paired comparisons) and ``completions`` (each cut at the format's next
+    question, what is scored), ``problems_digest``
     (the test set's identity) and ``samples`` (the first 8 in full). ``precision="mixed"`` decodes under bf16
     autocast (the weights a bf16-compute run samples from)."""
     import contextlib
@@ -56,7 +58,7 @@ def accuracy(model_or_path, problems: list[T.Problem], max_new_tokens: int = 24,
         with torch.no_grad(), ctx():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for p, seq in zip(batch, out[:, enc["input_ids"].shape[1]:]):
-            text = tok.decode(seq, skip_special_tokens=True)
+            text = T.answer_span(tok.decode(seq, skip_special_tokens=True))
             outcomes.append(int(T.reward(text, p.answer) == 1.0))
             formatted.append(int(well_formatted(text)))
             completions.append(text)
@@ -94,7 +96,7 @@ def sample_preferences(model_path: str, problems: list[T.Problem], k: int = 4, t
                                  num_return_sequences=k, pad_token_id=tok.pad_token_id)
         comps = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, p in enumerate(batch):
-            cs = [c.strip() for c in comps[j * k : (j + 1) * k]]
+            cs = [T.answer_span(c).strip() for c in comps[j * k : (j + 1) * k]]
             good = list(dict.fromkeys(c for c in cs if T.reward(c, p.answer) == 1.0 and c))
             bad = list(dict.fromkeys(c for c in cs if T.reward(c, p.answer) == 0.0 and c))
             if good:

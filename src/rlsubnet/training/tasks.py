@@ -112,8 +112,22 @@ def split_sizes(task: str, level: int = 1, seed: int = 0) -> dict[str, int]:
     return {s: len(_split(probs, s)) for s in ("train", "test")}
 
 
+SCORING = 2  # version of how a completion is scored (2: cut at TURN); part of every cached evaluation's key
+TURN = "\nQ:"  # the plain prompt format's next turn ("Q: ...\nA:"), where a base model's answer ends
+
+
+def answer_span(text: str) -> str:
+    """The completion up to the first new question (``"\\nQ:"``): a base model prompted with the plain
+    "Q: ...\\nA:" format does not stop after its answer but goes on to write the next question and answer, and
+    what it writes there is not its answer (lm-evaluation-harness cuts base-model generations at the format's
+    next-turn marker the same way). A chat model's completion has no such marker and is returned whole."""
+    i = text.find(TURN)
+    return text if i < 0 else text[:i]
+
+
 def extract_answer(text: str) -> int | None:
-    """The integer after the last "=", else the last integer in the text."""
+    """The integer after the last "=", else the last integer in the text (of its :func:`answer_span`)."""
+    text = answer_span(text)
     if "=" in text:
         m = _INT.search(text.rsplit("=", 1)[1])
         if m:
