@@ -71,6 +71,25 @@ def test_rerun_resumes_from_cache(tiny_study, capsys):
     assert again["rq1"]["rows"] == res["rq1"]["rows"] and again["rq4"] == res["rq4"]
 
 
+def test_seeds_option_runs_fewer_seeds_and_says_so(tiny_study):
+    """`--seeds 1` on a two-seed budget: RQ2 runs seed 0 alone (its runs come from the cache: same configuration),
+    and the Setup says the budget's own count."""
+    from rich.console import Console
+
+    from rlsubnet.report.study_report import render_setup
+
+    d, model, res = tiny_study
+    con = Console(record=True)
+    one = Study(str(d / "out1"), model=model, budget="tiny", reward="digits", lr_scale=100, only=("rq2",), seeds=1, console=con).run()
+    full_seeds = {t["seed"] for t in res["rq2"]["trajectories"] if t["variant"] == "full"}
+    assert len(full_seeds) == 2 and {t.seed for t in one.rq2.trajectories if t.variant == "full"} == {min(full_seeds)}
+    assert one.meta["budget_settings"]["seeds"] == 1 and one.meta["budget_seeds"] == 2
+    setup = "\n".join(b for b in render_setup(one, d / "figs").blocks if isinstance(b, str))
+    assert "`--seeds 1`, the budget's own is 2" in setup
+    with pytest.raises(InputError, match="--seeds"):
+        Study(str(d / "out2"), model=model, budget="tiny", seeds=0)
+
+
 @pytest.mark.slow
 def test_real_smollm2_generates_and_trains(tmp_path):
     from rlsubnet.io.gguf import convert_gguf, packaged_smollm2

@@ -509,6 +509,7 @@ def study(
     task2: str = typer.Option("compare", "--task2", help="second task, for the different-data overlap"),
     level: Optional[int] = typer.Option(None, "--level", help="task difficulty (default: the budget's, 2)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="training precision: mixed (default) | fp32 | bf16"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds for SFT/GRPO/DPO (RQ1, RQ5) and RQ2 (default: the budget's; 1 to 16)"),
 ) -> None:
     """Run the paper's study end to end and write report.html, report.md and results.json."""
     from .io.optional import need
@@ -517,7 +518,7 @@ def study(
     need("torch", "transformers", "trl", "accelerate", "datasets", "matplotlib", "gguf", what="the study")
     check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
-    results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision).run()
+    results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision, seeds=seeds).run()
     _write_report(results, out)
 
 

@@ -167,7 +167,9 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
              f"(peak {meta['lr']:g}, {_schedule_words(b)}, so Σlr = {schedule_sum(b['steps'], meta['lr'], b.get('lr_schedule', 'constant'), b.get('warmup_ratio', 0.0)):.2g}), "
              f"training precision {meta.get('precision', 'fp32')}"
              + (" (fp32 master weights, bf16 compute and sampling, checkpoints stored in the base dtype)" if meta.get("precision") == "mixed" else ""),
-             f"- seed {meta['seed']} ({b.get('seeds', 1)} seed(s) where the report gives mean ± sd), task `{meta['task']}` level {meta['level']}, "
+             f"- seed {meta['seed']} ({b.get('seeds', 1)} seed(s) where the report gives mean ± sd"
+             + (f"; `--seeds {b.get('seeds', 1)}`, the budget's own is {meta['budget_seeds']}"
+                if meta.get("budget_seeds") not in (None, b.get("seeds", 1)) else "") + f"), task `{meta['task']}` level {meta['level']}, "
              f"second task `{meta['task2']}`; accuracy on {meta.get('n_eval', b['n_eval'])} held-out problems, none a reordering of a training problem",
              f"- {meta['runs']} runs, {meta['elapsed_s'] / 60:.1f} minutes in all"]
     lines += _signal_lines(res)

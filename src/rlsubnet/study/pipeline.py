@@ -85,10 +85,14 @@ def packaged_model(name: str, cache: str | None = None) -> str:
 class Study:
     def __init__(self, out: str, model: str | None = None, budget: str = "quick", only: tuple | None = None, seed: int = 0,
                  task: str = "add", task2: str = "compare", level: int | None = None, console: Console | None = None,
-                 lr_scale: float = 1.0, reward: str = "exact", precision: str | None = None):
+                 lr_scale: float = 1.0, reward: str = "exact", precision: str | None = None, seeds: int | None = None):
         if budget not in BUDGETS:
             raise InputError(f"--budget: {budget!r} is not one of {', '.join(BUDGETS)}.")
         self.b = BUDGETS[budget]
+        if seeds is not None:  # fewer (or more) seeds than the budget's: the Setup and results say how many ran
+            if type(seeds) is not int or not 1 <= seeds <= 16:
+                raise InputError(f"--seeds: {seeds!r} must be an integer between 1 and 16.")
+            self.b = replace(self.b, seeds=seeds)
         self.budget = budget
         self.out = Path(out)
         self.con = console or Console()
@@ -361,7 +365,7 @@ class Study:
         for rq in self.rqs:
             getattr(self, rq)()
         self.results["meta"] = {
-            "model": self.model, "budget": self.budget, "budget_settings": asdict(self.b), "seed": self.seed,
+            "model": self.model, "budget": self.budget, "budget_settings": asdict(self.b), "budget_seeds": BUDGETS[self.budget].seeds, "seed": self.seed,
             "task": self.task, "task2": self.task2, "level": self.level, "rqs": list(self.rqs), "lr": self.lr,
             "elapsed_s": time.perf_counter() - t0, "runs": self.n_runs, "precision": self.precision,
             "n_eval": self.b.n_eval, "test_problems": T.split_sizes(self.task, self.level)["test"],
