@@ -78,6 +78,8 @@ class TrainConfig:
         for flag, default in (("lr_schedule", "constant"), ("warmup_ratio", 0.0), ("mask_order", "before-clip")):
             if d[flag] == default:
                 d.pop(flag)
+        if self.algo in GENERATIVE + ("ppo",):
+            d["scoring"] = T.SCORING  # the reward a sampling run trained on is part of what it is
         if self.mask:
             from ..masks.subnetwork import Subnetwork
 
