@@ -73,7 +73,7 @@ def test_rerun_resumes_from_cache(tiny_study, capsys):
 
 def test_seeds_option_runs_fewer_seeds_and_says_so(tiny_study):
     """`--seeds 1` on a two-seed budget: RQ2 runs seed 0 alone (its runs come from the cache: same configuration),
-    and the Setup says the budget's own count."""
+    and the Setup says the budget's own count, and the lr as the budget's times `--lr-scale`."""
     from rich.console import Console
 
     from rlsubnet.report.study_report import render_setup
@@ -86,6 +86,7 @@ def test_seeds_option_runs_fewer_seeds_and_says_so(tiny_study):
     assert one.meta["budget_settings"]["seeds"] == 1 and one.meta["budget_seeds"] == 2
     setup = "\n".join(b for b in render_setup(one, d / "figs").blocks if isinstance(b, str))
     assert "`--seeds 1`, the budget's own is 2" in setup
+    assert "peak 0.001, the budget's 1e-05 × 100 (`--lr-scale`)" in setup and one.meta["lr_scale"] == 100
     with pytest.raises(InputError, match="--seeds"):
         Study(str(d / "out2"), model=model, budget="tiny", seeds=0)
 

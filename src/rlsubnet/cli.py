@@ -510,6 +510,7 @@ def study(
     level: Optional[int] = typer.Option(None, "--level", help="task difficulty (default: the budget's, 2)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="training precision: mixed (default) | fp32 | bf16"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds for SFT/GRPO/DPO (RQ1, RQ5) and RQ2 (default: the budget's; 1 to 16)"),
+    lr_scale: float = typer.Option(1.0, "--lr-scale", help="every run's learning rate is the budget's times this (RQ5's 1×/4×/16× rows scale with it); the Setup states the lr"),
 ) -> None:
     """Run the paper's study end to end and write report.html, report.md and results.json."""
     from .io.optional import need
@@ -518,7 +519,8 @@ def study(
     need("torch", "transformers", "trl", "accelerate", "datasets", "matplotlib", "gguf", what="the study")
     check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
-    results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision, seeds=seeds).run()
+    results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision, seeds=seeds,
+                    lr_scale=lr_scale).run()
     _write_report(results, out)
 
 

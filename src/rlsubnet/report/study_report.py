@@ -164,7 +164,8 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
     b = meta["budget_settings"]
     lines = [f"- model: `{Path(meta['model']).name}` (no local paths in the report; `results.json` has the full one)",
              f"- budget: {meta['budget']}: {b['steps']} steps per run at one learning rate for every algorithm "
-             f"(peak {meta['lr']:g}, {_schedule_words(b)}, so Σlr = {schedule_sum(b['steps'], meta['lr'], b.get('lr_schedule', 'constant'), b.get('warmup_ratio', 0.0)):.2g}), "
+             f"(peak {meta['lr']:g}" + (f", the budget's {b['lr']:g} × {meta['lr_scale']:g} (`--lr-scale`)" if meta.get("lr_scale", 1.0) != 1.0 else "")
+             + f", {_schedule_words(b)}, so Σlr = {schedule_sum(b['steps'], meta['lr'], b.get('lr_schedule', 'constant'), b.get('warmup_ratio', 0.0)):.2g}), "
              f"training precision {meta.get('precision', 'fp32')}"
              + (" (fp32 master weights, bf16 compute and sampling, checkpoints stored in the base dtype)" if meta.get("precision") == "mixed" else ""),
              f"- seed {meta['seed']} ({b.get('seeds', 1)} seed(s) where the report gives mean ± sd"

@@ -8,6 +8,7 @@ are written atomically). Analyses are cached the same way under ``OUT/cache``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import MISSING, asdict, fields, replace
@@ -107,7 +108,9 @@ class Study:
         self.precision = precision or self.b.precision
         if self.precision not in ("fp32", "mixed", "bf16"):
             raise InputError(f"--precision: {self.precision!r} is not mixed, fp32 or bf16.")
-        self.lr_scale = lr_scale
+        if not isinstance(lr_scale, (int, float)) or not math.isfinite(lr_scale) or not 0 < lr_scale <= 1000:
+            raise InputError(f"--lr-scale: {lr_scale!r} must be a number above 0 and at most 1000.")
+        self.lr_scale = float(lr_scale)
         bad = [r for r in (only or ()) if r not in RQS]
         if bad:
             raise InputError(f"--only: {bad[0]!r} is not one of {', '.join(RQS)}.")
@@ -365,7 +368,8 @@ class Study:
         for rq in self.rqs:
             getattr(self, rq)()
         self.results["meta"] = {
-            "model": self.model, "budget": self.budget, "budget_settings": asdict(self.b), "budget_seeds": BUDGETS[self.budget].seeds, "seed": self.seed,
+            "model": self.model, "budget": self.budget, "budget_settings": asdict(self.b), "budget_seeds": BUDGETS[self.budget].seeds,
+            "lr_scale": self.lr_scale, "seed": self.seed,
             "task": self.task, "task2": self.task2, "level": self.level, "rqs": list(self.rqs), "lr": self.lr,
             "elapsed_s": time.perf_counter() - t0, "runs": self.n_runs, "precision": self.precision,
             "n_eval": self.b.n_eval, "test_problems": T.split_sizes(self.task, self.level)["test"],
