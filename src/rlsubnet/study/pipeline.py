@@ -198,8 +198,9 @@ class Study:
             run_training(cfg, progress=True, label=name)
         try:
             log = json.loads((d / "train_log.json").read_text(encoding="utf-8"))
-            assert isinstance(log, dict) and {"elapsed_s", "steps", "step_times"} <= set(log)
-        except (OSError, UnicodeDecodeError, ValueError, AssertionError):
+            if not (isinstance(log, dict) and {"elapsed_s", "steps", "step_times"} <= set(log)):
+                raise ValueError("wrong shape")  # not an assert: python -O would drop the check
+        except (OSError, UnicodeDecodeError, ValueError):
             raise InputError(f"{d / 'train_log.json'}: the cached run's log is corrupt or truncated; remove the folder {d} "
                              "to train that run again.") from None
         steps = log["steps"]
