@@ -87,6 +87,14 @@ def test_seeds_option_runs_fewer_seeds_and_says_so(tiny_study):
     setup = "\n".join(b for b in render_setup(one, d / "figs").blocks if isinstance(b, str))
     assert "`--seeds 1`, the budget's own is 2" in setup
     assert "peak 0.001, the budget's 1e-05 × 100 (`--lr-scale`)" in setup and one.meta["lr_scale"] == 100
+    # time: the runs' own training time (from their logs, though every run here came from the cache) and, apart,
+    # this invocation's wall time; a cached re-run must not report its few seconds as the study's cost
+    train_s = sum(r.elapsed_s for r in one.runs.values())
+    assert train_s > 0 and len(one.runs) == one.meta["runs"]
+    one.meta["elapsed_s"] = 6.0
+    setup = "\n".join(b for b in render_setup(one, d / "figs").blocks if isinstance(b, str))
+    assert f"{one.meta['runs']} runs, {train_s / 60:.1f} minutes of training in all" in setup
+    assert "this invocation took 0.1 minutes (runs found in the cache are not re-run)" in setup
     with pytest.raises(InputError, match="--seeds"):
         Study(str(d / "out2"), model=model, budget="tiny", seeds=0)
 

@@ -159,6 +159,15 @@ def _schedule_words(b: dict) -> str:
     return (f"{s} schedule" if s != "constant" else "constant") + (f" after {100 * w:.0f}% warmup" if w else "")
 
 
+def _time_line(res: StudyResults) -> str:
+    """How long it took: the runs' own training time (their logs; evaluation and sampling not included) and this
+    invocation's wall time, which is much shorter when runs came from the cache, so it is never the only figure."""
+    meta = res.meta
+    train_min = sum(r.elapsed_s for r in res.runs.values()) / 60
+    return (f"- {meta['runs']} runs, {train_min:.1f} minutes of training in all (the runs' own logs; sampling and evaluation "
+            f"not included); this invocation took {meta['elapsed_s'] / 60:.1f} minutes (runs found in the cache are not re-run)")
+
+
 def render_setup(res: StudyResults, figdir: Path) -> Section:
     meta = res.meta
     b = meta["budget_settings"]
@@ -172,7 +181,7 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
              + (f"; `--seeds {b.get('seeds', 1)}`, the budget's own is {meta['budget_seeds']}"
                 if meta.get("budget_seeds") not in (None, b.get("seeds", 1)) else "") + f"), task `{meta['task']}` level {meta['level']}, "
              f"second task `{meta['task2']}`; accuracy on {meta.get('n_eval', b['n_eval'])} held-out problems, none a reordering of a training problem",
-             f"- {meta['runs']} runs, {meta['elapsed_s'] / 60:.1f} minutes in all"]
+             _time_line(res)]
     lines += _signal_lines(res)
     note = quant_note(meta)
     if note:
