@@ -293,6 +293,13 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     for c in q["verdicts"]:
         assert c["p_holm"] >= c["p"] and c["verdict"] in ("higher", "lower", "inconclusive", "within jitter", "no interval")
     assert any(n["a"].startswith("full") for n in q["nulls"])
+    # the jitter at each point: two seeds here, so the largest difference between seeds at θ_full's step there
+    for pt in q["points"]:
+        at = f"@{pt['full_step']}"
+        seeds = [abs(n["diff"]) for n in q["nulls"] if n["point"] == pt["name"] and n["a"].endswith(at) and n["b"].endswith(at)]
+        assert seeds
+        for c in (c for c in q["verdicts"] if c["point"] == pt["name"]):
+            assert c["jitter"] == max(seeds) and c["jitter_source"] == "seeds"
     rp = q["replay"]["runs"]["grpo"]
     union = Subnetwork.load(d / "out" / "masks" / "grpo_union.safetensors")
     final = Subnetwork.load(d / "out" / "masks" / "grpo.safetensors")
@@ -465,6 +472,14 @@ def test_claims_are_decided_by_their_stated_rules(tiny_study, tmp_path):
     write_report(StudyResults.from_dict(_planted(res)), tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "- SFT: sparsity of SFT in-distribution is higher than SFT off-distribution by 6.0 points" in md, md[md.find("In- against"):][:400]
+    # the Summary says what the Claims table says, claim by claim (it once called a recovery that held "inconclusive")
+    summary = md[md.find("## Summary"):md.find("## Setup")]
+    for key, verdict in (("rq2.full_improves.peak", HOLDS), ("rq2.sub_recovers_full.peak", HOLDS),
+                         ("rq2.sub_beats_random_uniform.peak", HOLDS), ("rq2.sub_beats_random_magnitude.peak", INCONCLUSIVE)):
+        line = next(x for x in summary.splitlines() if got[key].statement in x)
+        assert f"**{verdict}: " in line, line
+        assert f"| {got[key].statement.replace('|', chr(92) + '|')} | {verdict}: " in md  # a table cell escapes its pipes
+    assert "recovers θ_full's accuracy (peak point) — **holds: -2.0 points [-4.0, +0.0]** (the margin: −5.0 points" in summary
     # t interval over three seeds (t_0.975 with 2 degrees of freedom = 4.302653)
     v, m, lo, hi = threshold([0.70, 0.72, 0.74], 0.5)
     assert v == HOLDS and m == pytest.approx(0.72) and lo == pytest.approx(0.72 - 4.302653 * 0.02 / 3 ** 0.5, rel=1e-6)

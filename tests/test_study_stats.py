@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rlsubnet.report.study_report import claim, half_ulp_bf16
+from rlsubnet.study.rq2 import apply_jitter
 from rlsubnet.study.stats import Comparison, holm, pooled_bootstrap, seed_difference
 
 
@@ -71,6 +72,27 @@ def test_jitter_makes_a_small_effect_no_effect():
     apply_jitter(cs, 0.06)
     assert [c["verdict"] for c in cs] == ["within jitter", "higher"]
     assert "not an effect" in claim(cs[0], "θ_sub against θ_full", "accuracy")
+
+
+def test_jitter_is_seed_to_seed_or_the_flatter_neighbour():
+    """One seed: Gemma-3-270m's θ_full peaked at step 8 (39.5%) from 16.5% at step 4 and fell to 32.5% at step 12; the
+    climb (23 points) is the trajectory, not noise, so the jitter is the flatter side, 7 points. With a second seed,
+    the seed-to-seed difference at the peak step is the noise, whatever the neighbours do."""
+    from rlsubnet.study.rq2 import jitter_of
+
+    null = lambda a, b, d: {"a": a, "b": b, "diff": d}
+    one = [null("full s0@8", "full s0@4", 0.165 - 0.395), null("full s0@8", "full s0@12", 0.325 - 0.395)]
+    assert jitter_of(one) == (pytest.approx(0.07), "neighbouring checkpoint")
+    two = one + [null("full s1@8", "full s1@4", -0.30), null("full s1@8", "full s1@12", -0.20),
+                 null("full s0@8", "full s1@8", -0.01), null("full s0@8", "full s2@8", 0.025)]
+    assert jitter_of(two) == (pytest.approx(0.025), "seeds")
+    final = [null("full s0@32", "full s0@28", 0.06)]  # the last step has one neighbour
+    assert jitter_of(final) == (pytest.approx(0.06), "neighbouring checkpoint")
+    assert jitter_of([]) == (None, None) and jitter_of([null("full", "sub", 0.3)]) == (None, None)
+    cs = [Comparison("accuracy", "full", "sub", -0.05, -0.08, -0.02, 200, "x", "lower", p=0.001, p_holm=0.01, family=9).to_dict()]
+    apply_jitter(cs, *jitter_of(one))
+    assert cs[0]["verdict"] == "within jitter" and cs[0]["jitter_source"] == "neighbouring checkpoint"
+    assert "7.0 points to its flatter neighbouring checkpoint, one seed only" in claim(cs[0], "θ_sub against θ_full", "accuracy")
 
 
 def _traj(variant, seed, accs, losses):

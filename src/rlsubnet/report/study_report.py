@@ -81,6 +81,13 @@ def _ci(c: dict, digits: int = 1) -> str:
     return f"{100 * c['diff']:+.{digits}f} points [{100 * c['lo']:+.{digits}f}, {100 * c['hi']:+.{digits}f}]"
 
 
+def _jitter_words(c: dict) -> str:
+    """Where θ_full's jitter in comparison ``c`` came from (results written before ``jitter_source`` say both)."""
+    return {"seeds": "between its seeds at the same step",
+            "neighbouring checkpoint": "to its flatter neighbouring checkpoint, one seed only: an upper bound on the noise"}.get(
+        c.get("jitter_source"), "between its neighbouring checkpoints or seeds")
+
+
 def claim(c: dict, subject: str, measure: str, names: dict | None = None) -> str:
     """One sentence from a comparison: the direction only when its interval excludes 0 (and, where a family was
     corrected, its Holm-adjusted p-value is below 0.05, and it exceeds θ_full's own jitter), else "inconclusive"."""
@@ -91,7 +98,7 @@ def claim(c: dict, subject: str, measure: str, names: dict | None = None) -> str
         return f"{subject}: no interval — {measure} {b} − {a} = {_ci(c)}, and every seed gave the same value ({c['method']})"
     if c["verdict"] == "within jitter":
         return (f"{subject}: not an effect — {measure} {b} − {a} = {_ci(c)}, no larger than θ_full's own jitter "
-                f"({100 * c['jitter']:.1f} points between its neighbouring checkpoints or seeds)")
+                f"({100 * c['jitter']:.1f} points {_jitter_words(c)})")
     if c["verdict"] == "inconclusive":
         if c.get("lo") is None:
             return f"{subject}: inconclusive — {measure} {_ci(c)} and no interval ({c['method']})"
@@ -439,8 +446,9 @@ def render_rq2(res: StudyResults, figdir: Path) -> Section:
                 if c["point"] == pt.name and (c["a"], c["b"]) in (("init", "full"), ("full", "sub"), ("random_magnitude", "sub"), ("random_uniform", "sub"), ("full", "union")):
                     bullets.append("  - " + claim(c, f"{_vname(c['b'])} against {_vname(c['a'])}", "accuracy", VARIANT))
         sec.add(f"**Verdicts.** Differences pooled over seeds and problems (bootstrap over seeds × problems); {fam} comparisons "
-                "are drawn in all, with Holm's correction over them; a difference no larger than θ_full's own jitter (the same "
-                "runs one checkpoint apart, or two seeds at the same step) is not called an effect.",
+                "are drawn in all, with Holm's correction over them; a difference no larger than θ_full's own jitter (two seeds "
+                "at the same step; with one seed, the run against its flatter neighbouring checkpoint, which also holds the "
+                "trajectory's trend and so overstates the noise) is not called an effect.",
                 "\n".join(b.replace("  - ", "- ↳ ") for b in bullets))
         sec.add("Every comparison (accuracy points; p: two-sided bootstrap; Holm: corrected over the whole family):",
                 Table(["point", "difference", "value [95% interval]", "p", "Holm p", "verdict"],
@@ -660,6 +668,32 @@ def render_sync(res: StudyResults, figdir: Path) -> Section | None:
 RENDERERS = (("rq1", render_rq1), ("rq2", render_rq2), ("rq4", render_rq4), ("rq5", render_rq5))
 
 
+SUMMARY_CLAIMS = ("rq2.full_improves.peak", "rq2.sub_recovers_full.peak", "rq2.sub_beats_random_uniform.peak",
+                  "rq2.sub_beats_random_magnitude.peak")
+
+
+def _rq2_summary(res: StudyResults) -> list[str]:
+    """RQ2 at θ_full's peak in the Summary, decided by the same rules as the Claims table (:mod:`rlsubnet.study.claims`),
+    so that the two never disagree; recovery states its margin, θ_full's jitter, and where that came from."""
+    from ..study.claims import NOT_MEASURED, claims
+    from .compare_report import describe
+
+    by = {c.key: c for c in claims(res.to_dict())}
+    out = []
+    for key in SUMMARY_CLAIMS:
+        c = by.get(key)
+        if c is None or c.verdict == NOT_MEASURED:
+            continue
+        line = f"- **RQ2 at θ_full's peak**: {c.statement} — **{describe(c)}**"
+        if key.startswith("rq2.sub_recovers_full."):
+            cmp = next((v for v in res.rq2.verdicts if v.get("point") == "peak" and (v.get("a"), v.get("b")) == ("full", "sub")
+                        and v.get("jitter") is not None), None)
+            if cmp is not None:
+                line += f" (the margin: −{100 * cmp['jitter']:.1f} points, θ_full's own jitter {_jitter_words(cmp)})"
+        out.append(line)
+    return out
+
+
 def headline(res: StudyResults) -> Section:
     """The report in a few bullets: what was measured, and which claims held, each with its interval."""
     meta = res.meta
@@ -674,9 +708,7 @@ def headline(res: StudyResults) -> Section:
         out.append(f"- **RQ1 sparsity**: {span(sp)} of parameters bit-identical across {len(rs)} algorithms"
                    + (f"; the precision floor alone accounts for {span(fl)}" if fl else ""))
     if res.rq2 is not None and res.rq2.verdicts:
-        for c in res.rq2.verdicts:
-            if c["point"] == "peak" and (c["a"], c["b"]) in (("full", "sub"), ("init", "full")):
-                out.append("- **RQ2 at θ_full's peak**: " + claim(c, f"{_vname(c['b'])} against {_vname(c['a'])}", "accuracy", VARIANT))
+        out += _rq2_summary(res)
     elif res.rq2 is not None and res.rq2.rows:
         out.append("- **RQ2**: endpoint comparisons only (results written before trajectories existed); see the section")
     if res.rq4 is not None and res.rq4.rows:

@@ -8,8 +8,9 @@ study has one, and says which rule decided it:
   Holm's correction and exceeds θ_full's own jitter: the study's verdict ``higher``), ``fails`` when it lies below 0,
   else ``inconclusive`` (no interval included);
 - *recovery* (θ_sub against θ_full, non-inferiority): ``holds`` when the whole interval of θ_sub − θ_full lies at or
-  above minus θ_full's own jitter (its neighbouring checkpoints, its other seeds: the margin), ``fails`` when the
-  study finds θ_sub lower (interval below 0, Holm, beyond the jitter), else ``inconclusive``;
+  above minus θ_full's own jitter (seed to seed at the point; with one seed, its flatter neighbouring checkpoint:
+  the margin), ``fails`` when the study finds θ_sub lower (interval below 0, Holm, beyond the jitter), else
+  ``inconclusive``;
 - *threshold* (a measured fraction against a stated bound): over seeds, a t interval of the mean; ``holds`` when it
   lies above the bound, ``fails`` when it lies below, ``inconclusive`` when it straddles it or there is one seed.
 - RQ4's overlap against magnitude-matched random masks: a normal interval from the expected intersection and its
@@ -98,7 +99,8 @@ def _from_cmp(key, rq, statement, rule, cmp, decide) -> Claim:
     if cmp.get("p_holm") is not None:
         how += f", Holm p = {cmp['p_holm']:.2g} over {cmp.get('family')} tests"
     if cmp.get("jitter") is not None:
-        how += f", θ_full's jitter {100 * cmp['jitter']:.1f} points"
+        how += f", θ_full's jitter {100 * cmp['jitter']:.1f} points" + {
+            "seeds": " (seed to seed)", "neighbouring checkpoint": " (one seed: its flatter neighbouring checkpoint)"}.get(cmp.get("jitter_source"), "")
     return Claim(key, rq, statement, rule, v, cmp["diff"], cmp.get("lo"), cmp.get("hi"), "points", f"{what} ({how})")
 
 
