@@ -480,6 +480,10 @@ def test_claims_are_decided_by_their_stated_rules(tiny_study, tmp_path):
         assert f"**{verdict}: " in line, line
         assert f"| {got[key].statement.replace('|', chr(92) + '|')} | {verdict}: " in md  # a table cell escapes its pipes
     assert "recovers θ_full's accuracy (peak point) — **holds: -2.0 points [-4.0, +0.0]** (the margin: −5.0 points" in summary
+    # the RQ2 section's test for a difference says the recovery reading beside it: inconclusive there, recovery holds
+    rq2 = md[md.find("**Verdicts.**"):]
+    assert "θ_sub − θ_full = -2.0 points [-4.0, +0.0], an interval that includes 0; as recovery (the whole interval at or above −5.0 points, θ_full's jitter): **holds**" in rq2
+    assert "; as recovery (the whole interval at or above −5.0 points, θ_full's jitter): **fails**" in rq2  # the final point, lower
     # t interval over three seeds (t_0.975 with 2 degrees of freedom = 4.302653)
     v, m, lo, hi = threshold([0.70, 0.72, 0.74], 0.5)
     assert v == HOLDS and m == pytest.approx(0.72) and lo == pytest.approx(0.72 - 4.302653 * 0.02 / 3 ** 0.5, rel=1e-6)

@@ -175,6 +175,15 @@ def _time_line(res: StudyResults) -> str:
             f"not included); this invocation took {meta['elapsed_s'] / 60:.1f} minutes (runs found in the cache are not re-run)")
 
 
+def _recovery_words(c: dict) -> str:
+    """θ_sub − θ_full read as the paper's recovery claim (non-inferiority, :func:`rlsubnet.study.claims.recovery_verdict`),
+    beside the test for a difference, so that "inconclusive" there is not read as "not recovered"."""
+    from ..study.claims import recovery_verdict
+
+    margin = f"−{100 * c['jitter']:.1f} points" if c.get("jitter") is not None else "0"
+    return f"; as recovery (the whole interval at or above {margin}, θ_full's jitter): **{recovery_verdict(c)}**"
+
+
 def render_setup(res: StudyResults, figdir: Path) -> Section:
     meta = res.meta
     b = meta["budget_settings"]
@@ -444,7 +453,8 @@ def render_rq2(res: StudyResults, figdir: Path) -> Section:
             bullets.append(f"- **{pt.name}** — {pt.why}" + (f" (steps: {steps})" if steps else ""))
             for c in rq.verdicts:
                 if c["point"] == pt.name and (c["a"], c["b"]) in (("init", "full"), ("full", "sub"), ("random_magnitude", "sub"), ("random_uniform", "sub"), ("full", "union")):
-                    bullets.append("  - " + claim(c, f"{_vname(c['b'])} against {_vname(c['a'])}", "accuracy", VARIANT))
+                    bullets.append("  - " + claim(c, f"{_vname(c['b'])} against {_vname(c['a'])}", "accuracy", VARIANT)
+                                   + (_recovery_words(c) if (c["a"], c["b"]) == ("full", "sub") else ""))
         sec.add(f"**Verdicts.** Differences pooled over seeds and problems (bootstrap over seeds × problems); {fam} comparisons "
                 "are drawn in all, with Holm's correction over them; a difference no larger than θ_full's own jitter (two seeds "
                 "at the same step; with one seed, the run against its flatter neighbouring checkpoint, which also holds the "

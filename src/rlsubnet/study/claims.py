@@ -75,7 +75,7 @@ def _superiority(cmp: dict | None) -> str:
     return {"higher": HOLDS, "lower": FAILS}.get(cmp.get("verdict"), INCONCLUSIVE)
 
 
-def _recovery(cmp: dict | None) -> str:
+def recovery_verdict(cmp: dict | None) -> str:
     """Non-inferiority with θ_full's own jitter as the margin: the whole interval of θ_sub − θ_full at or above
     −jitter holds; a difference the study calls ``lower`` (interval below 0, Holm, beyond the jitter) fails."""
     if not cmp:
@@ -181,7 +181,7 @@ def _rq2(r: dict | None) -> list[Claim]:
         out.append(_from_cmp(f"rq2.sub_recovers_full.{p}", "rq2",
                              f"training only θ_full's subnetwork (θ_sub) recovers θ_full's accuracy ({p} point)",
                              "recovery (non-inferiority): the interval of θ_sub − θ_full lies at or above −(θ_full's jitter); fails when lower",
-                             find(p, "full", "sub"), _recovery))
+                             find(p, "full", "sub"), recovery_verdict))
     for ctl, name in (("random_uniform", "a uniform random mask"), ("random_magnitude", "a random mask matched per tensor × |w0| bin")):
         out.append(_from_cmp(f"rq2.sub_beats_{ctl}.peak", "rq2",
                              f"θ_sub is more accurate than training {name} of the same density (peak point): the subnetwork, not its size, matters",
