@@ -180,8 +180,8 @@ def _recovery_words(c: dict) -> str:
     beside the test for a difference, so that "inconclusive" there is not read as "not recovered"."""
     from ..study.claims import recovery_verdict
 
-    margin = f"−{100 * c['jitter']:.1f} points" if c.get("jitter") is not None else "0"
-    return f"; as recovery (the whole interval at or above {margin}, θ_full's jitter): **{recovery_verdict(c)}**"
+    margin = f"−{100 * c['jitter']:.1f} points, θ_full's jitter" if c.get("jitter") is not None else "0, no jitter measured"
+    return f"; as recovery (the whole interval at or above {margin}): **{recovery_verdict(c)}**"
 
 
 def render_setup(res: StudyResults, figdir: Path) -> Section:
