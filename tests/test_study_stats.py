@@ -75,7 +75,7 @@ def test_jitter_makes_a_small_effect_no_effect():
 
 
 def test_jitter_is_seed_to_seed_or_the_flatter_neighbour():
-    """One seed: Gemma-3-270m's θ_full peaked at step 8 (39.5%) from 16.5% at step 4 and fell to 32.5% at step 12; the
+    """One seed: Gemma-3-270m's θ_full (stop 30's run) peaked at step 8 (39.5%) from 16.5% at step 4 and fell to 32.5% at step 12; the
     climb (23 points) is the trajectory, not noise, so the jitter is the flatter side, 7 points. With a second seed,
     the seed-to-seed difference at the peak step is the noise, whatever the neighbours do."""
     from rlsubnet.study.rq2 import jitter_of
