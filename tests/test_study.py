@@ -546,3 +546,74 @@ def test_study_compare_puts_studies_side_by_side(tiny_study, tmp_path):
     assert seen["backslashes"] == "0" and seen["stars"] == "0"
     r = run("study-compare", other, "--out", other, "--label", "x")  # compare.json beside results.json: allowed, results untouched
     assert r.returncode == 0 and hashlib.sha256((other / "results.json").read_bytes()).hexdigest() == before[1]
+
+
+def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
+    """Seeds run apart (`--only rq2 --only-seeds K`) and joined by ``rlsubnet study-merge`` are decided exactly as one
+    study of both seeds decides them: the same points, verdicts (pooled, Holm, jitter), nulls and means over seeds.
+    Records that are not seeds of one study are refused in one sentence naming the file, exit 2."""
+    import hashlib
+    import shutil
+
+    from rich.console import Console
+
+    from rlsubnet.report.study_report import render_setup
+    from rlsubnet.study.claims import load_study
+    from rlsubnet.study.merge import merge_records
+
+    from conftest import run
+
+    d, model, _ = tiny_study
+    kw = dict(model=model, budget="tiny", reward="digits", lr_scale=100, only=("rq2",))
+    ref = Study(str(tmp_path / "both"), console=Console(quiet=True), **kw).run().to_dict()
+    for k in (0, 1):  # the same content-keyed runs: the split studies train nothing
+        for sub in ("runs", "cache", "masks"):
+            shutil.copytree(tmp_path / "both" / sub, tmp_path / f"s{k}" / sub)
+        con = Console(record=True)
+        one = Study(str(tmp_path / f"s{k}"), console=con, only_seeds=(k,), **kw).run()
+        assert "steps, lr" not in con.export_text() and one.meta["seeds_run"] == [k]
+        assert {t.seed for t in one.rq2.trajectories} == {k}
+    with pytest.raises(InputError, match="--only-seeds"):
+        Study(str(tmp_path / "x"), model=model, budget="tiny", only_seeds=(0,))  # every RQ: not mergeable
+    with pytest.raises(InputError, match="--only-seeds"):
+        Study(str(tmp_path / "x"), only_seeds=(2,), **kw)  # the tiny budget has seeds 0 and 1
+
+    ins = [tmp_path / f"s{k}" / "results.json" for k in (1, 0)]  # any order
+    before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in ins]
+    r = run("study-merge", *ins, "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in ins] == before
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text(), parse_constant=lambda x: pytest.fail(x))
+    for key in ("points", "verdicts", "nulls", "across_seeds", "trajectories", "rows", "replay", "data"):
+        assert merged["rq2"][key] == ref["rq2"][key], key
+    where = lambda recs: {n: {k: v for k, v in r.items() if k not in ("model", "dir", "mask", "saved")} for n, r in recs.items()}
+    assert where(merged["accuracy"]) == where(ref["accuracy"]) and where(merged["runs"]) == where(ref["runs"])  # but the folders
+    assert any(v["jitter_source"] == "seeds" for v in merged["rq2"]["verdicts"])  # pooled over both seeds
+    assert merged["meta"]["seeds_run"] == [0, 1] and merged["meta"]["budget_settings"]["seeds"] == 2
+    assert [m["seeds"] for m in merged["meta"]["merged_from"]] == [[0], [1]]
+    from rlsubnet.study.results import StudyResults
+
+    setup = "\n".join(b for b in render_setup(StudyResults.from_dict(merged), tmp_path / "figs").blocks if isinstance(b, str))
+    assert "**merged** (`rlsubnet study-merge`) from 2 studies" in setup and "seed 1 from `s1`" in setup
+    assert "Claims, one by one" in (tmp_path / "merged" / "report.md").read_text()
+
+    # refused: a seed twice; another lr; another θ_init evaluation; a record with other questions
+    recs = [load_study(p) for p in ins]
+    with pytest.raises(InputError, match="seed 1 is in"):
+        merge_records([recs[0], recs[0]])
+    lr = json.loads(json.dumps(recs[1][1]))
+    lr["meta"]["lr"] *= 2
+    with pytest.raises(InputError, match="meta.lr"):
+        merge_records([recs[0], ("lr.json", lr)])
+    init = json.loads(json.dumps(recs[1][1]))
+    init["accuracy"]["init"]["outcomes"][0] ^= 1
+    with pytest.raises(InputError, match="θ_init's per-problem outcomes differ"):
+        merge_records([recs[0], ("init.json", init)])
+    pref = json.loads(json.dumps(recs[1][1]))
+    (tmp_path / "pref").mkdir()
+    pref["rq2"]["every"] = 3
+    (tmp_path / "pref" / "results.json").write_text(json.dumps(pref))
+    for bad, words in ((d / "out", "has rq1"), (tmp_path / "pref", "rq2.every is")):
+        r = run("study-merge", ins[0], bad, "--out", tmp_path / "m2")
+        assert r.returncode == 2 and words in r.stderr and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "m2").exists()

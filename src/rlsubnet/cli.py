@@ -511,6 +511,7 @@ def study(
     precision: Optional[str] = typer.Option(None, "--precision", help="training precision: mixed (default) | fp32 | bf16"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds for SFT/GRPO/DPO (RQ1, RQ5) and RQ2 (default: the budget's; 1 to 16)"),
     lr_scale: float = typer.Option(1.0, "--lr-scale", help="every run's learning rate is the budget's times this (RQ5's 1×/4×/16× rows scale with it); the Setup states the lr"),
+    only_seeds: Optional[str] = typer.Option(None, "--only-seeds", help="with --only rq2: run only these of the --seeds (0-based, comma-separated), to split a study across machines; rlsubnet study-merge joins the records"),
 ) -> None:
     """Run the paper's study end to end and write report.html, report.md and results.json."""
     from .io.optional import need
@@ -519,9 +520,35 @@ def study(
     need("torch", "transformers", "trl", "accelerate", "datasets", "matplotlib", "gguf", what="the study")
     check_outputs({"--out": out}, _inputs(model))
     rqs = tuple(x.strip() for x in only.split(",") if x.strip()) if only else None
+    ks = None
+    if only_seeds is not None:
+        try:
+            ks = tuple(int(x) for x in only_seeds.split(","))
+        except ValueError:
+            raise InputError(f"--only-seeds: {only_seeds!r} is not a comma-separated list of seed numbers.") from None
     results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision, seeds=seeds,
-                    lr_scale=lr_scale).run()
+                    lr_scale=lr_scale, only_seeds=ks).run()
     _write_report(results, out)
+
+
+@app.command("study-merge")
+@clean_errors
+def study_merge(
+    records: List[str] = typer.Argument(..., help="RQ2 study folders (or their results.json), each a different set of seeds of one study"),
+    out: str = typer.Option("merge-out", "--out", help="output folder: results.json, report.md, report.html, figures/"),
+) -> None:
+    """Join RQ2 records whose seeds ran apart (`study --only rq2 --only-seeds K`) into one study pooled over every seed."""
+    from .io.atomic import write_text
+    from .io.jsonout import dumps
+    from .study.claims import load_study
+
+    loaded = [load_study(x) for x in records]  # each checked (size, strict JSON, schema) before anything is merged
+    check_outputs({f"--out ({n})": str(Path(out) / n) for n in ("results.json", "report.md", "report.html")}, _inputs(*(f for f, _ in loaded)))
+    from .study.merge import merge_records
+
+    res = merge_records(loaded)
+    write_text(Path(out) / "results.json", dumps(res.to_dict(), indent=2, default=str) + "\n")
+    _write_report(res, out)
 
 
 @app.command("study-compare")

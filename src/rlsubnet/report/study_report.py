@@ -171,6 +171,9 @@ def _time_line(res: StudyResults) -> str:
     invocation's wall time, which is much shorter when runs came from the cache, so it is never the only figure."""
     meta = res.meta
     train_min = sum(r.elapsed_s for r in res.runs.values()) / 60
+    if meta.get("merged_from"):
+        return (f"- {meta['runs']} runs, {train_min:.1f} minutes of training in all (the runs' own logs; sampling and evaluation "
+                f"not included); the merged studies' own invocations took {meta['elapsed_s'] / 60:.1f} minutes in all")
     return (f"- {meta['runs']} runs, {train_min:.1f} minutes of training in all (the runs' own logs; sampling and evaluation "
             f"not included); this invocation took {meta['elapsed_s'] / 60:.1f} minutes (runs found in the cache are not re-run)")
 
@@ -198,6 +201,13 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
                 if meta.get("budget_seeds") not in (None, b.get("seeds", 1)) else "") + f"), task `{meta['task']}` level {meta['level']}, "
              f"second task `{meta['task2']}`; accuracy on {meta.get('n_eval', b['n_eval'])} held-out problems, none a reordering of a training problem",
              _time_line(res)]
+    if meta.get("merged_from"):
+        parts = [f"seed{'s' if len(m['seeds']) > 1 else ''} {', '.join(map(str, m['seeds']))} from `{m['record']}` "
+                 f"({m['elapsed_s'] / 60:.0f} minutes)" for m in meta["merged_from"]]
+        lines.append(f"- **merged** (`rlsubnet study-merge`) from {len(parts)} studies whose seeds ran apart: " + "; ".join(parts)
+                     + ". They were checked to share the model, budget, lr, task, precision, preference pairs and θ_init's "
+                     "per-problem outcomes; RQ2's points, verdicts and nulls are decided again over every seed"
+                     + "".join(f"; {n}" for n in meta.get("merge_notes") or []))
     lines += _signal_lines(res)
     note = quant_note(meta)
     if note:

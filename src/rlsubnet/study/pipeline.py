@@ -86,7 +86,8 @@ def packaged_model(name: str, cache: str | None = None) -> str:
 class Study:
     def __init__(self, out: str, model: str | None = None, budget: str = "quick", only: tuple | None = None, seed: int = 0,
                  task: str = "add", task2: str = "compare", level: int | None = None, console: Console | None = None,
-                 lr_scale: float = 1.0, reward: str = "exact", precision: str | None = None, seeds: int | None = None):
+                 lr_scale: float = 1.0, reward: str = "exact", precision: str | None = None, seeds: int | None = None,
+                 only_seeds: tuple | None = None):
         if budget not in BUDGETS:
             raise InputError(f"--budget: {budget!r} is not one of {', '.join(BUDGETS)}.")
         self.b = BUDGETS[budget]
@@ -115,6 +116,17 @@ class Study:
         if bad:
             raise InputError(f"--only: {bad[0]!r} is not one of {', '.join(RQS)}.")
         self.rqs = tuple(r for r in RQS if r in only) if only else self.b.rqs
+        # RQ2's seeds split across machines or sessions: this study runs only these (0-based, of the budget's
+        # --seeds); `rlsubnet study-merge` joins the records into one study pooled over all of them
+        self.seed_ks = tuple(range(self.b.seeds))
+        if only_seeds is not None:
+            ks = tuple(only_seeds)
+            if not ks or any(type(k) is not int or not 0 <= k < self.b.seeds for k in ks) or len(set(ks)) != len(ks):
+                raise InputError(f"--only-seeds: {','.join(map(str, ks)) or 'nothing'} must be distinct seeds from 0 to "
+                                 f"{self.b.seeds - 1} (the study's --seeds is {self.b.seeds}).")
+            if self.rqs != ("rq2",):
+                raise InputError("--only-seeds splits RQ2's seeds only: give it with --only rq2 (RQ1, RQ4 and RQ5 are not merged).")
+            self.seed_ks = tuple(sorted(ks))
         self.model_arg = model
         self.model = ""
         self.results: dict = {"runs": {}, "diffs": {}, "accuracy": {}}
@@ -295,7 +307,9 @@ class Study:
         self.results["preferences"] = {"in_distribution_pairs": len(self._pref["prompt"]),
                                        "distinct_prompts": len(set(self._pref["prompt"])), "prompts_sampled": n,
                                        "samples_per_prompt": b.pref_k, "min_pairs": b.min_pairs,
-                                       "correct_samples": len(self._pref["correct_samples"]["prompt"])}
+                                       "correct_samples": len(self._pref["correct_samples"]["prompt"]),
+                                       # what study-merge checks: seeds run apart trained on the same pairs
+                                       "pairs_digest": pairs_digest(self._pref)}
         return self._pref
 
     def offdist_preferences(self, task: str | None = None) -> dict:
@@ -370,7 +384,7 @@ class Study:
             getattr(self, rq)()
         self.results["meta"] = {
             "model": self.model, "budget": self.budget, "budget_settings": asdict(self.b), "budget_seeds": BUDGETS[self.budget].seeds,
-            "lr_scale": self.lr_scale, "seed": self.seed,
+            "lr_scale": self.lr_scale, "seed": self.seed, "seeds_run": list(self.seed_ks),
             "task": self.task, "task2": self.task2, "level": self.level, "rqs": list(self.rqs), "lr": self.lr,
             "elapsed_s": time.perf_counter() - t0, "runs": self.n_runs, "precision": self.precision,
             "n_eval": self.b.n_eval, "test_problems": T.split_sizes(self.task, self.level)["test"],
@@ -384,6 +398,14 @@ class Study:
         self.con.print(f"wrote {safe(self.out / 'results.json')}")
         return result  # rendering is the report layer's job (the CLI hands result.to_dict() to write_report)
 
+
+
+def pairs_digest(pref: dict) -> str:
+    """sha256 of the preference pairs (prompt, chosen, rejected, in order): equal digests, equal training data."""
+    import hashlib
+
+    rows = [pref["prompt"], pref["chosen"], pref["rejected"]]
+    return hashlib.sha256(dumps(rows, indent=None).encode("utf-8")).hexdigest()
 
 
 def summarize_diff(r, lr_sum: float | None) -> DiffSummary:

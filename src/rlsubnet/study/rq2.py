@@ -110,9 +110,9 @@ def replay_numbers(study, name: str, full_dir: str, close_sub) -> dict:
     return out
 
 
-def _outcomes(study, traj: Trajectory, step: int) -> list | None:
+def _outcomes(acc: dict, traj: Trajectory, step: int) -> list | None:
     p = traj.at(step)
-    return study.results["accuracy"][p.record].outcomes if p is not None else None
+    return acc[p.record].outcomes if p is not None else None
 
 
 def choose_points(trajs: list[Trajectory], steps: list[int], algo: str) -> list[RQ2Point]:
@@ -147,11 +147,12 @@ def choose_points(trajs: list[Trajectory], steps: list[int], algo: str) -> list[
     return pts
 
 
-def compare_at(study, trajs: list[Trajectory], point: RQ2Point, controls: list[str], seed: int = 0) -> list[Comparison]:
-    """Pooled comparisons at one point: each model against θ_init and θ_full, and θ_sub against each control."""
+def compare_at(acc: dict, trajs: list[Trajectory], point: RQ2Point, controls: list[str], seed: int = 0) -> list[Comparison]:
+    """Pooled comparisons at one point: each model against θ_init and θ_full, and θ_sub against each control
+    (``acc``: the study's accuracy records by name, with their per-problem outcomes)."""
     by = {(t.variant, t.seed): t for t in trajs}
     seeds = sorted({t.seed for t in trajs if t.variant == "full"})
-    init = study.results["accuracy"]["init"].outcomes
+    init = acc["init"].outcomes
 
     def outs(v: str, k: int):
         if v == "init":
@@ -161,7 +162,7 @@ def compare_at(study, trajs: list[Trajectory], point: RQ2Point, controls: list[s
             return None
         ss = point.steps.get(v) or []
         vs = [x.seed for x in trajs if x.variant == v]
-        return _outcomes(study, t, ss[vs.index(k)] if k in vs and vs.index(k) < len(ss) else point.full_step)
+        return _outcomes(acc, t, ss[vs.index(k)] if k in vs and vs.index(k) < len(ss) else point.full_step)
 
     # at matched progress θ_full sits at its peak: θ_full − θ_init is the peak's comparison, not drawn twice
     pairs_of = [("full", "sub"), ("init", "sub")] if point.name == "matched" else [("init", "full"), ("full", "sub"), ("init", "sub")]
@@ -176,7 +177,7 @@ def compare_at(study, trajs: list[Trajectory], point: RQ2Point, controls: list[s
     return out
 
 
-def nulls_at(study, trajs: list[Trajectory], point: RQ2Point, every: int, seed: int = 0) -> list[Comparison]:
+def nulls_at(acc: dict, trajs: list[Trajectory], point: RQ2Point, every: int, seed: int = 0) -> list[Comparison]:
     """θ_full against θ_full', run by run: each seed's θ_full one checkpoint before and after the point, and every
     pair of seeds at the point (paired over problems; pooling would let opposite signs cancel, and a cycle of seed
     pairs sums to zero by construction)."""
@@ -186,12 +187,12 @@ def nulls_at(study, trajs: list[Trajectory], point: RQ2Point, every: int, seed: 
     for t in full:
         for other in (s - every, s + every):
             if other > 0 and t.at(other) is not None and t.at(s) is not None:
-                out.append(paired_bootstrap(_outcomes(study, t, s), _outcomes(study, t, other), "accuracy",
+                out.append(paired_bootstrap(_outcomes(acc, t, s), _outcomes(acc, t, other), "accuracy",
                                             (f"full s{t.seed}@{s}", f"full s{t.seed}@{other}"), seed=seed))
     for i in range(len(full)):
         for j in range(i + 1, len(full)):
             if full[i].at(s) is not None and full[j].at(s) is not None:
-                out.append(paired_bootstrap(_outcomes(study, full[i], s), _outcomes(study, full[j], s), "accuracy",
+                out.append(paired_bootstrap(_outcomes(acc, full[i], s), _outcomes(acc, full[j], s), "accuracy",
                                             (f"full s{full[i].seed}@{s}", f"full s{full[j].seed}@{s}"), seed=seed))
     return out
 
@@ -244,7 +245,7 @@ def run_rq2(study) -> RQ2:
     init_acc = study.results["accuracy"]["init"]
     rows, trajs, replay = [], [], {}
     for algo in b.rq2_algos:
-        for k in range(b.seeds):
+        for k in study.seed_ks:
             name = study.run_name(algo, k)
             cfg = study.main_config(algo, k)
             full = study.train(name, cfg)
@@ -269,17 +270,28 @@ def run_rq2(study) -> RQ2:
                 trajs.append(trajectory(study, algo, v, cfg.seed, f"{name}_{v}", models[v], every))
             replay[name] = replay_numbers(study, name, full, close_raw["sub"])
             rows.append(_endpoint_row(study, algo, k, cfg, name, models, variants, close, init_acc))
-    # verdicts: at stated points, pooled over seeds, Holm over all of them, jitter from θ_full against itself
+    points, verdicts, nulls = decide(study.results["accuracy"], trajs, b.rq2_algos, every)
+    agg = across_seeds(rows, b.rq2_algos)
+    return RQ2(rows=rows, across_seeds=agg, every=every, trajectories=trajs, points=points, verdicts=verdicts, nulls=nulls,
+               replay={"mask_order": b.mask_order, "runs": replay}, data=_data_summary(study, trajs))
+
+
+def decide(acc: dict, trajs: list[Trajectory], algos, every: int) -> tuple[list[RQ2Point], list[dict], list[dict]]:
+    """RQ2's points, verdicts and nulls from the trajectories and their accuracy records alone (so that seeds run
+    on different machines and joined by ``rlsubnet study-merge`` are decided exactly as one study decides them):
+    at stated points, pooled over seeds, Holm over every comparison drawn, jitter from θ_full against itself."""
     verdicts, nulls, points = [], [], []
     controls = [v for v in dict.fromkeys(t.variant for t in trajs) if v.startswith("random_") or v == "union"]
-    for algo in b.rq2_algos:
+    for algo in algos:
         at = [t for t in trajs if t.algo == algo]
         steps = sorted({p.step for t in at for p in t.points if p.step > 0})
+        if not steps:
+            continue
         for pt in choose_points(at, steps, algo):
             points.append(pt)
-            ns = [dict(n.to_dict(), point=pt.name, algo=algo) for n in nulls_at(study, at, pt, every)]
+            ns = [dict(n.to_dict(), point=pt.name, algo=algo) for n in nulls_at(acc, at, pt, every)]
             nulls += ns
-            cs = compare_at(study, at, pt, [c for c in controls if any(t.variant == c for t in at)])
+            cs = compare_at(acc, at, pt, [c for c in controls if any(t.variant == c for t in at)])
             verdicts.append((pt, algo, cs, jitter_of(ns)))
     holm([c for _, _, cs, _ in verdicts for c in cs])
     out = []
@@ -287,16 +299,22 @@ def run_rq2(study) -> RQ2:
         ds = [dict(c.to_dict(), point=pt.name, algo=algo) for c in cs]
         apply_jitter(ds, jitter, source)
         out += ds
+    return points, out, nulls
+
+
+def across_seeds(rows: list[RQ2Row], algos) -> dict:
+    """Mean ± sd over seeds of each model's final accuracy and closeness to θ_full, per algorithm."""
     agg = {}
-    for algo in b.rq2_algos:
+    for algo in algos:
         rs = [r for r in rows if r.algo == algo]
+        if not rs:
+            continue
         agg[algo] = {v: {"accuracy": mean_sd([r.accuracy[v]["accuracy"] for r in rs if v in r.accuracy]),
                          "rel_l2": mean_sd([r.closeness_to_full[v]["rel_l2"] for r in rs if v in r.closeness_to_full]) if v not in ("init", "full") else None,
                          "inside_1e-5": mean_sd([equal_at(r.closeness_to_full[v]["inside_mask"], 1e-5) for r in rs if v in r.closeness_to_full])
                          if v not in ("init", "full") else None}
                      for v in rs[0].accuracy}
-    return RQ2(rows=rows, across_seeds=agg, every=every, trajectories=trajs, points=points, verdicts=out, nulls=nulls,
-               replay={"mask_order": b.mask_order, "runs": replay}, data=_data_summary(study, trajs))
+    return agg
 
 
 def _data_summary(study, trajs: list[Trajectory]) -> dict:

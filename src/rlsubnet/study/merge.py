@@ -1,0 +1,128 @@
+"""Join RQ2 records of one study whose seeds ran apart (``rlsubnet study --only rq2 --only-seeds K`` on several
+machines or sessions) into the study that would have run them together: its verdicts pooled over every seed.
+
+A record is trusted only after it is checked against the others: the same model, budget, learning rate, task,
+precision and evaluation (θ_init's per-problem outcomes must agree bit for bit, which pins the model, the test
+problems and the evaluation), the same preference pairs (their sha256, or their counts for records written
+before the digest existed, which the merged record then says), the same checkpoint interval and mask order,
+and no seed twice. Points, verdicts and nulls are then decided again by :func:`rlsubnet.study.rq2.decide` from
+the trajectories and per-problem outcomes — the very function a study runs — so a merge of seeds run apart
+equals one study of the same seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from ..io.errors import InputError
+from .results import StudyResults
+from .rq2 import across_seeds, decide
+
+# budget settings every record must share (the number of seeds is what the merge changes)
+_META_SAME = ("budget", "lr", "lr_scale", "seed", "task", "level", "precision", "n_eval", "test_problems")
+_DATA_SAME = ("steps", "lr", "lr_schedule", "warmup_ratio", "every", "pairs", "distinct_prompts", "examples", "epochs", "min_pairs")
+
+
+def _where(path: str) -> str:
+    """A record named by its folder (a report carries no home paths)."""
+    p = Path(path)
+    return p.parent.name if p.name == "results.json" else p.name
+
+
+def _seeds_of(d: dict) -> list[int]:
+    return sorted({t["seed"] for t in d["rq2"]["trajectories"] if t["variant"] == "full"})
+
+
+def _check_one(path: str, d: dict) -> None:
+    others = [rq for rq in ("rq1", "rq4", "rq5") if d.get(rq) is not None]
+    if others:
+        raise InputError(f"{path}: has {', '.join(others)}; study-merge joins records of RQ2 alone "
+                         "(`rlsubnet study --only rq2 --only-seeds K`).")
+    rq2 = d.get("rq2")
+    if not rq2 or not rq2.get("trajectories") or not rq2.get("every"):
+        raise InputError(f"{path}: no RQ2 trajectories (a study of another version, or RQ2 did not run).")
+    if "init" not in d["accuracy"] or not d["accuracy"]["init"].get("outcomes"):
+        raise InputError(f"{path}: no per-problem outcomes of θ_init, against which the records are checked.")
+
+
+def _same(what: str, a, b, pa: str, pb: str) -> None:
+    if a != b:
+        raise InputError(f"{pb}: {what} is {b!r}, but {a!r} in {pa}: not seeds of one study.")
+
+
+def merge_records(records: list[tuple[str, dict]]) -> StudyResults:
+    """One study's results from ``[(path, results.json as a dict)]``, each a disjoint set of RQ2's seeds."""
+    if len(records) < 2:
+        raise InputError("study-merge: give at least two records to join.")
+    for path, d in records:
+        _check_one(path, d)
+    records = sorted(records, key=lambda r: _seeds_of(r[1])[0])
+    (p0, d0), notes = records[0], []
+    m0 = d0["meta"]
+    seen: dict[int, str] = {}
+    for path, d in records:
+        m = d["meta"]
+        for k in _META_SAME:
+            _same(f"meta.{k}", m0.get(k), m.get(k), p0, path)
+        _same("the model", Path(m0["model"]).name, Path(m["model"]).name, p0, path)
+        b0 = {k: v for k, v in m0["budget_settings"].items() if k != "seeds"}
+        _same("the budget's settings", b0, {k: v for k, v in m["budget_settings"].items() if k != "seeds"}, p0, path)
+        i0, i = d0["accuracy"]["init"], d["accuracy"]["init"]
+        _same("the test problems' digest", i0.get("problems_digest"), i.get("problems_digest"), p0, path)
+        if i0["outcomes"] != i["outcomes"]:
+            raise InputError(f"{path}: θ_init's per-problem outcomes differ from {p0}'s (another model, test set or "
+                             "evaluation): seeds evaluated apart cannot be pooled.")
+        _same("rq2.every", d0["rq2"]["every"], d["rq2"]["every"], p0, path)
+        _same("the mask order", (d0["rq2"].get("replay") or {}).get("mask_order"), (d["rq2"].get("replay") or {}).get("mask_order"), p0, path)
+        da, db = d0["rq2"].get("data") or {}, d["rq2"].get("data") or {}
+        for k in _DATA_SAME:
+            _same(f"rq2.data.{k}", da.get(k), db.get(k), p0, path)
+        fa, fb = d0.get("preferences") or {}, d.get("preferences") or {}
+        if fa.get("pairs_digest") and fb.get("pairs_digest"):
+            _same("the preference pairs' sha256", fa["pairs_digest"], fb["pairs_digest"], p0, path)
+        elif fa or fb:
+            for k in ("in_distribution_pairs", "distinct_prompts", "prompts_sampled"):
+                _same(f"preferences.{k}", fa.get(k), fb.get(k), p0, path)
+            lacking = [_where(p) for p, f in ((p0, fa), (path, fb)) if not f.get("pairs_digest")]
+            notes.append(f"the preference pairs of {' and '.join(lacking)} carry no sha256 (written by an earlier version): "
+                         "the records' pairs are compared by their counts only")
+        for s in _seeds_of(d):
+            if s in seen:
+                raise InputError(f"{path}: seed {s} is in {seen[s]} too; each seed is merged once.")
+            seen[s] = path
+    out = copy.deepcopy(d0)
+    for path, d in records[1:]:
+        for part in ("runs", "diffs", "accuracy"):
+            for name, v in d[part].items():
+                if name in out[part] and out[part][name] != v and not (part == "accuracy" and name == "init"):
+                    raise InputError(f"{path}: {part}.{name} differs from the same entry in {p0}.")
+                out[part].setdefault(name, v)
+        r, o = d["rq2"], out["rq2"]
+        o["rows"] += r["rows"]
+        o["trajectories"] += r["trajectories"]
+        if r.get("replay") and o.get("replay"):
+            o["replay"]["runs"].update(r["replay"].get("runs") or {})
+        if r.get("data") and o.get("data"):
+            o["data"]["final"].update(r["data"].get("final") or {})
+    algos = tuple(dict.fromkeys(t["algo"] for t in out["rq2"]["trajectories"]))
+    o = out["rq2"]
+    o["trajectories"].sort(key=lambda t: (algos.index(t["algo"]), t["seed"]))  # stable: a seed's variants keep their order
+    o["rows"].sort(key=lambda r: (algos.index(r["algo"]), r["seed"]))
+    res = StudyResults.from_dict(out, "merged results")
+    points, verdicts, nulls = decide(res.accuracy, res.rq2.trajectories, algos, res.rq2.every)
+    res.rq2.points, res.rq2.verdicts, res.rq2.nulls = points, verdicts, nulls
+    res.rq2.across_seeds = across_seeds(res.rq2.rows, algos)
+    base = m0.get("seed", 0)
+    meta = res.meta
+    meta["seeds_run"] = [s - base for s in sorted(seen)]
+    meta["budget_settings"] = dict(meta["budget_settings"], seeds=len(seen))
+    meta["runs"] = sum(d["meta"]["runs"] for _, d in records)
+    meta["elapsed_s"] = sum(d["meta"]["elapsed_s"] for _, d in records)
+    meta["merged_from"] = [{"record": _where(p), "seeds": _seeds_of(d), "runs": d["meta"]["runs"], "elapsed_s": d["meta"]["elapsed_s"],
+                            "pairs_digest": (d.get("preferences") or {}).get("pairs_digest")} for p, d in records]
+    meta["merge_notes"] = list(dict.fromkeys(notes))
+    digests = [f["pairs_digest"] for f in meta["merged_from"] if f["pairs_digest"]]
+    if res.preferences is not None and digests:
+        res.preferences["pairs_digest"] = digests[0]
+    return res
