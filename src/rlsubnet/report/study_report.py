@@ -197,7 +197,9 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
              f"training precision {meta.get('precision', 'fp32')}"
              + (" (fp32 master weights, bf16 compute and sampling, checkpoints stored in the base dtype)" if meta.get("precision") == "mixed" else ""),
              f"- seed {meta['seed']} ({b.get('seeds', 1)} seed(s) where the report gives mean ± sd"
-             + (f"; `--seeds {b.get('seeds', 1)}`, the budget's own is {meta['budget_seeds']}"
+             + (f"; {b.get('seeds', 1)} of the budget's {meta['budget_seeds']}, merged" if meta.get("merged_from")
+                and meta.get("budget_seeds") not in (None, b.get("seeds", 1))
+                else f"; `--seeds {b.get('seeds', 1)}`, the budget's own is {meta['budget_seeds']}"
                 if meta.get("budget_seeds") not in (None, b.get("seeds", 1)) else "") + f"), task `{meta['task']}` level {meta['level']}, "
              f"second task `{meta['task2']}`; accuracy on {meta.get('n_eval', b['n_eval'])} held-out problems, none a reordering of a training problem",
              _time_line(res)]
