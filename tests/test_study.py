@@ -614,6 +614,14 @@ def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
     init["accuracy"]["init"]["outcomes"][0] ^= 1
     with pytest.raises(InputError, match="θ_init's per-problem outcomes differ"):
         merge_records([recs[0], ("init.json", init)])
+    old = json.loads(json.dumps(recs[1][1]))  # a record written before the pairs' sha256: compared by counts, and said
+    del old["preferences"]["pairs_digest"]
+    m = merge_records([recs[0], ("old/results.json", old)])
+    assert m.preferences["pairs_digest"] is None and "the preference pairs of old carry no sha256" in m.meta["merge_notes"][0]
+    assert merged["preferences"]["pairs_digest"] == recs[0][1]["preferences"]["pairs_digest"]
+    old["preferences"]["in_distribution_pairs"] += 1
+    with pytest.raises(InputError, match="preferences.in_distribution_pairs"):
+        merge_records([recs[0], ("old/results.json", old)])
     pref = json.loads(json.dumps(recs[1][1]))
     (tmp_path / "pref").mkdir()
     pref["rq2"]["every"] = 3

@@ -84,7 +84,7 @@ def merge_records(records: list[tuple[str, dict]]) -> StudyResults:
         elif fa or fb:
             for k in ("in_distribution_pairs", "distinct_prompts", "prompts_sampled"):
                 _same(f"preferences.{k}", fa.get(k), fb.get(k), p0, path)
-            lacking = [_where(p) for p, f in ((p0, fa), (path, fb)) if not f.get("pairs_digest")]
+            lacking = list(dict.fromkeys(_where(p) for p, f in ((p0, fa), (path, fb)) if not f.get("pairs_digest")))
             notes.append(f"the preference pairs of {' and '.join(lacking)} carry no sha256 (written by an earlier version): "
                          "the records' pairs are compared by their counts only")
         for s in _seeds_of(d):
@@ -122,7 +122,7 @@ def merge_records(records: list[tuple[str, dict]]) -> StudyResults:
     meta["merged_from"] = [{"record": _where(p), "seeds": _seeds_of(d), "runs": d["meta"]["runs"], "elapsed_s": d["meta"]["elapsed_s"],
                             "pairs_digest": (d.get("preferences") or {}).get("pairs_digest")} for p, d in records]
     meta["merge_notes"] = list(dict.fromkeys(notes))
-    digests = [f["pairs_digest"] for f in meta["merged_from"] if f["pairs_digest"]]
-    if res.preferences is not None and digests:
-        res.preferences["pairs_digest"] = digests[0]
+    digests = {f["pairs_digest"] for f in meta["merged_from"]}
+    if res.preferences is not None:  # the merged pairs have a digest only where every record's pairs had it
+        res.preferences["pairs_digest"] = digests.pop() if len(digests) == 1 else None
     return res
