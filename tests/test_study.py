@@ -606,14 +606,27 @@ def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
     recs = [load_study(p) for p in ins]
     with pytest.raises(InputError, match="seed 1 is in"):
         merge_records([recs[0], recs[0]])
+    assert recs[0][1]["meta"]["model_digest"] == recs[1][1]["meta"]["model_digest"] and recs[0][1]["meta"]["hardware"]["torch"]
+    other = json.loads(json.dumps(recs[1][1]))
+    other["meta"]["model_digest"] = "0" * 16
+    with pytest.raises(InputError, match="the model's content key"):
+        merge_records([recs[0], ("model.json", other)])
     lr = json.loads(json.dumps(recs[1][1]))
     lr["meta"]["lr"] *= 2
     with pytest.raises(InputError, match="meta.lr"):
         merge_records([recs[0], ("lr.json", lr)])
+    # θ_init evaluated on another machine, one outcome apart: each seed is compared with its own θ_init, and said
     init = json.loads(json.dumps(recs[1][1]))
     init["accuracy"]["init"]["outcomes"][0] ^= 1
-    with pytest.raises(InputError, match="θ_init's per-problem outcomes differ"):
-        merge_records([recs[0], ("init.json", init)])
+    m = merge_records([recs[0], ("other/results.json", init)])
+    assert "θ_init as evaluated with `s1` differs from `other`'s in 0 of 8 completions and 1 outcomes" in " ".join(m.meta["merge_notes"])
+    acc = {n: r.outcomes for n, r in m.accuracy.items()}
+    assert acc["init@s1"] == recs[0][1]["accuracy"]["init"]["outcomes"] and acc["init"] == init["accuracy"]["init"]["outcomes"]
+    peak = next(p for p in m.rq2.points if p.name == "peak")
+    got = next(v for v in m.rq2.verdicts if v["point"] == "peak" and (v["a"], v["b"]) == ("init", "full"))
+    by = {t.seed: t for t in m.rq2.trajectories if t.variant == "full"}
+    want = np.mean([np.mean(np.subtract(acc[by[k].at(peak.full_step).record], acc[by[k].at(0).record])) for k in (0, 1)])
+    assert by[1].at(0).record == "init@s1" and got["diff"] == pytest.approx(want)
     old = json.loads(json.dumps(recs[1][1]))  # a record written before the pairs' sha256: compared by counts, and said
     del old["preferences"]["pairs_digest"]
     m = merge_records([recs[0], ("old/results.json", old)])

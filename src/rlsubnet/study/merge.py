@@ -1,13 +1,16 @@
 """Join RQ2 records of one study whose seeds ran apart (``rlsubnet study --only rq2 --only-seeds K`` on several
 machines or sessions) into the study that would have run them together: its verdicts pooled over every seed.
 
-A record is trusted only after it is checked against the others: the same model, budget, learning rate, task,
-precision and evaluation (θ_init's per-problem outcomes must agree bit for bit, which pins the model, the test
-problems and the evaluation), the same preference pairs (their sha256, or their counts for records written
-before the digest existed, which the merged record then says), the same checkpoint interval and mask order,
-and no seed twice. Points, verdicts and nulls are then decided again by :func:`rlsubnet.study.rq2.decide` from
-the trajectories and per-problem outcomes — the very function a study runs — so a merge of seeds run apart
-equals one study of the same seeds.
+A record is trusted only after it is checked against the others: the same model (its content key; for records
+written before it existed, its name and bf16 fingerprint), budget, learning rate, task, precision, test problems
+(their digest), preference pairs (their sha256, or their counts for records written before the digest existed),
+checkpoint interval and mask order, and no seed twice. θ_init is evaluated again by each record, on its own
+machine: greedy decoding under bf16 autocast is not bit-identical across CPU models and kernels (Gemma-3-270m's
+θ_init: 20 of 200 completions differed between two sessions), so where a record's θ_init differs from the first's,
+its seeds are compared with their own θ_init and the merged record says by how much (``meta.merge_notes``). Points,
+verdicts and nulls are then decided again by :func:`rlsubnet.study.rq2.decide` from the trajectories and
+per-problem outcomes — the very function a study runs — so a merge of seeds run apart equals one study of the
+same seeds.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ def _where(path: str) -> str:
     """A record named by its folder (a report carries no home paths)."""
     p = Path(path)
     return p.parent.name if p.name == "results.json" else p.name
+
+
+def _hw(meta: dict) -> str:
+    h = meta.get("hardware")
+    if not h:
+        return "hardware not recorded"
+    return f"{h.get('gpu') or h.get('cpu')}, torch {h.get('torch')}"
 
 
 def _seeds_of(d: dict) -> list[int]:
@@ -68,11 +78,16 @@ def merge_records(records: list[tuple[str, dict]]) -> StudyResults:
         _same("the model", Path(m0["model"]).name, Path(m["model"]).name, p0, path)
         b0 = {k: v for k, v in m0["budget_settings"].items() if k != "seeds"}
         _same("the budget's settings", b0, {k: v for k, v in m["budget_settings"].items() if k != "seeds"}, p0, path)
+        if m0.get("model_digest") and m.get("model_digest"):
+            _same("the model's content key", m0["model_digest"], m["model_digest"], p0, path)
+        elif path != p0:
+            _same("the model's bf16 fingerprint (quantized_source)", m0.get("quantized_source"), m.get("quantized_source"), p0, path)
+            notes.append(f"{' and '.join(dict.fromkeys(_where(p) for p, x in ((p0, m0), (path, m)) if not x.get('model_digest')))} "
+                         "carry no content key of the model (an earlier version): the model is compared by its name"
+                         + (" and bf16 fingerprint" if m0.get("quantized_source") else ""))
         i0, i = d0["accuracy"]["init"], d["accuracy"]["init"]
         _same("the test problems' digest", i0.get("problems_digest"), i.get("problems_digest"), p0, path)
-        if i0["outcomes"] != i["outcomes"]:
-            raise InputError(f"{path}: θ_init's per-problem outcomes differ from {p0}'s (another model, test set or "
-                             "evaluation): seeds evaluated apart cannot be pooled.")
+        _same("the number of test problems", len(i0["outcomes"]), len(i["outcomes"]), p0, path)
         _same("rq2.every", d0["rq2"]["every"], d["rq2"]["every"], p0, path)
         _same("the mask order", (d0["rq2"].get("replay") or {}).get("mask_order"), (d["rq2"].get("replay") or {}).get("mask_order"), p0, path)
         da, db = d0["rq2"].get("data") or {}, d["rq2"].get("data") or {}
@@ -93,9 +108,26 @@ def merge_records(records: list[tuple[str, dict]]) -> StudyResults:
             seen[s] = path
     out = copy.deepcopy(d0)
     for path, d in records[1:]:
+        d = copy.deepcopy(d)
+        i0, i = d0["accuracy"]["init"], d["accuracy"]["init"]
+        if i["completions"] != i0["completions"] or i["outcomes"] != i0["outcomes"]:
+            # θ_init evaluated again where these seeds ran, and not bit for bit the same (greedy decoding under bf16
+            # autocast differs across CPU models and kernels): these seeds are compared with their own θ_init
+            own = f"init@{_where(path)}"
+            d["accuracy"][own] = d["accuracy"].pop("init")
+            for t in d["rq2"]["trajectories"]:
+                for pt in t["points"]:
+                    if pt["record"] == "init":
+                        pt["record"] = own
+            diff_c = sum(x != y for x, y in zip(i["completions"], i0["completions"]))
+            diff_o = sum(x != y for x, y in zip(i["outcomes"], i0["outcomes"]))
+            notes.append(f"θ_init as evaluated with `{_where(path)}` differs from `{_where(p0)}`'s in {diff_c} of "
+                         f"{len(i0['outcomes'])} completions and {diff_o} outcomes (accuracy {100 * i['accuracy']:.1f}% "
+                         f"against {100 * i0['accuracy']:.1f}%; {_hw(d['meta'])} against {_hw(m0)}): each seed is "
+                         "compared with the θ_init of its own record")
         for part in ("runs", "diffs", "accuracy"):
             for name, v in d[part].items():
-                if name in out[part] and out[part][name] != v and not (part == "accuracy" and name == "init"):
+                if name in out[part] and out[part][name] != v:
                     raise InputError(f"{path}: {part}.{name} differs from the same entry in {p0}.")
                 out[part].setdefault(name, v)
         r, o = d["rq2"], out["rq2"]
@@ -120,7 +152,10 @@ def merge_records(records: list[tuple[str, dict]]) -> StudyResults:
     meta["runs"] = sum(d["meta"]["runs"] for _, d in records)
     meta["elapsed_s"] = sum(d["meta"]["elapsed_s"] for _, d in records)
     meta["merged_from"] = [{"record": _where(p), "seeds": _seeds_of(d), "runs": d["meta"]["runs"], "elapsed_s": d["meta"]["elapsed_s"],
-                            "pairs_digest": (d.get("preferences") or {}).get("pairs_digest")} for p, d in records]
+                            "pairs_digest": (d.get("preferences") or {}).get("pairs_digest"), "hardware": d["meta"].get("hardware")}
+                           for p, d in records]
+    digests_m = {d["meta"].get("model_digest") for _, d in records}
+    meta["model_digest"] = digests_m.pop() if len(digests_m) == 1 else None
     meta["merge_notes"] = list(dict.fromkeys(notes))
     digests = {f["pairs_digest"] for f in meta["merged_from"]}
     if res.preferences is not None:  # the merged pairs have a digest only where every record's pairs had it

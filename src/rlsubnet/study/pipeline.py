@@ -389,6 +389,9 @@ class Study:
             "elapsed_s": time.perf_counter() - t0, "runs": self.n_runs, "precision": self.precision,
             "n_eval": self.b.n_eval, "test_problems": T.split_sizes(self.task, self.level)["test"],
             "quantized_source": _quant_source(self.model),
+            # what `study-merge` checks and states: the weights' content key, and where the numbers were computed
+            # (greedy decoding under bf16 autocast is not bit-identical across CPU models and kernels)
+            "model_digest": self.key_of(self.model), "hardware": hardware(),
         }
         from . import paper
 
@@ -398,6 +401,21 @@ class Study:
         self.con.print(f"wrote {safe(self.out / 'results.json')}")
         return result  # rendering is the report layer's job (the CLI hands result.to_dict() to write_report)
 
+
+
+def hardware() -> dict:
+    """The machine a study's numbers came from: CPU model and count, torch and its threads, the GPU if one was used."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def pairs_digest(pref: dict) -> str:

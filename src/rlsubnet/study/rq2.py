@@ -152,11 +152,11 @@ def compare_at(acc: dict, trajs: list[Trajectory], point: RQ2Point, controls: li
     (``acc``: the study's accuracy records by name, with their per-problem outcomes)."""
     by = {(t.variant, t.seed): t for t in trajs}
     seeds = sorted({t.seed for t in trajs if t.variant == "full"})
-    init = acc["init"].outcomes
 
     def outs(v: str, k: int):
-        if v == "init":
-            return init
+        if v == "init":  # θ_init as evaluated where seed k ran (its θ_full's step 0; one record in one study)
+            p0 = by[("full", k)].at(0) if ("full", k) in by else None
+            return acc[p0.record if p0 is not None else "init"].outcomes
         t = by.get((v, k))
         if t is None:
             return None
