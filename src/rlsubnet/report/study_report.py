@@ -207,8 +207,8 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
         parts = [f"seed{'s' if len(m['seeds']) > 1 else ''} {', '.join(map(str, m['seeds']))} from `{m['record']}` "
                  f"({m['elapsed_s'] / 60:.0f} minutes)" for m in meta["merged_from"]]
         lines.append(f"- **merged** (`rlsubnet study-merge`) from {len(parts)} studies whose seeds ran apart: " + "; ".join(parts)
-                     + ". They were checked to share the model, budget, lr, task, precision, preference pairs and θ_init's "
-                     "per-problem outcomes; RQ2's points, verdicts and nulls are decided again over every seed"
+                     + ". They were checked to share the model, budget, lr, task, precision, test problems and preference "
+                     "pairs; RQ2's points, verdicts and nulls are decided again over every seed"
                      + "".join(f"; {n}" for n in meta.get("merge_notes") or []))
     lines += _signal_lines(res)
     note = quant_note(meta)
