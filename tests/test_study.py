@@ -309,6 +309,17 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     assert "**Operating point.**" in md and "**Verdicts.**" in md and "θ_sub on the union mask" in md
     assert (d / "out" / "figures" / "rq2_trajectory_grpo.png").exists() and (d / "out" / "figures" / "rq2_progress_grpo.png").exists()
     assert "/tmp/" not in md and str(d) not in md  # no local paths in the report
+    # two seeds: beside the means, every run seed by seed, its numbers the trajectories'
+    block = md[md.index("GRPO: the same, seed by seed:"):]
+    head = next(ln for ln in block.splitlines() if ln.startswith("| step"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert "θ_full s0" in cols and "θ_full s1" in cols and "θ_sub on the union mask s0" in cols
+    by = {(t["variant"], t["seed"]): t for t in q["trajectories"]}
+    row1 = next(ln for ln in block.splitlines() if ln.startswith("| 1 |"))
+    cells = [c.strip() for c in row1.strip("|").split("|")]
+    for v, k in (("full", 1), ("sub", 0)):
+        want = next(p["accuracy"] for p in by[(v, k)]["points"] if p["step"] == 1)
+        assert cells[cols.index(f"{'θ_full' if v == 'full' else 'θ_sub'} s{k}")] == f"{100 * want:.1f}%"
 
 
 def test_report_reads_right_in_a_real_browser(tiny_study, tmp_path):

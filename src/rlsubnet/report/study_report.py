@@ -389,6 +389,11 @@ def _rq2_trajectories(rq, algo: str, figdir: Path, sec: Section) -> None:
     peak = next((p.full_step for p in rq.points if p.name == "peak"), None)
     sec.add(f"{algo.upper()}: held-out accuracy along training (mean over seeds; step 0 is θ_init), a checkpoint every {_n(rq.every, 'step')}:",
             Table(head, rows))
+    if len(seeds) > 1:  # the spread the means hide: every run, seed by seed
+        order = sorted(ts, key=lambda t: (variants.index(t.variant), t.seed))
+        sec.add(f"{algo.upper()}: the same, seed by seed:",
+                Table(["step"] + [f"{VARIANT.get(t.variant, t.variant)} s{t.seed}" for t in order],
+                      [[s] + [pct(t.at(s).accuracy, 1) if t.at(s) is not None else "–" for t in order] for s in steps]))
     series = {VARIANT.get(v, v): [mean_at(v, s) for s in steps] for v in variants}
     sec.figures.append(line_chart(figdir / f"rq2_trajectory_{algo}.png", steps, series,
                                   f"{algo.upper()}: accuracy along training (mean over seeds)", "training step", "held-out accuracy",
