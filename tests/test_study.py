@@ -585,7 +585,7 @@ def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
         assert "steps, lr" not in con.export_text() and one.meta["seeds_run"] == [k]
         assert {t.seed for t in one.rq2.trajectories} == {k}
     with pytest.raises(InputError, match="--only-seeds"):
-        Study(str(tmp_path / "x"), model=model, budget="tiny", only_seeds=(0,))  # every RQ: not mergeable
+        Study(str(tmp_path / "x"), model=model, budget="tiny", only_seeds=(1,))  # RQ4 runs once, with seed 0
     with pytest.raises(InputError, match="--only-seeds"):
         Study(str(tmp_path / "x"), only_seeds=(2,), **kw)  # the tiny budget has seeds 0 and 1
 
@@ -650,7 +650,101 @@ def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
     (tmp_path / "pref").mkdir()
     pref["rq2"]["every"] = 3
     (tmp_path / "pref" / "results.json").write_text(json.dumps(pref))
-    for bad, words in ((d / "out", "has rq1"), (tmp_path / "pref", "rq2.every is")):
+    for bad, words in ((d / "out", "seed 1 is in"), (tmp_path / "pref", "rq2.every is")):
         r = run("study-merge", ins[0], bad, "--out", tmp_path / "m2")
         assert r.returncode == 2 and words in r.stderr and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "m2").exists()
+
+
+def test_study_merge_joins_questions_and_seeds_run_apart(tiny_study, tmp_path):
+    """A study's questions and seeds run apart — RQ1/RQ4/RQ5 with seed 0, RQ1/RQ5 with seed 1, RQ2 with both — and
+    joined by ``study-merge`` equal the study that ran them together: RQ1's rows and SFT-against-RL comparisons,
+    RQ4's overlaps, RQ5's ablations and in- vs off-distribution comparisons, RQ2's verdicts. A part twice is refused."""
+    import shutil
+
+    from rich.console import Console
+
+    from rlsubnet.report.study_report import render_rq5, render_setup
+    from rlsubnet.study.claims import load_study
+    from rlsubnet.study.merge import merge_records
+    from rlsubnet.study.results import StudyResults
+
+    from conftest import run
+
+    d, model, ref = tiny_study
+    kw = dict(model=model, budget="tiny", reward="digits", lr_scale=100, console=Console(quiet=True))
+    with pytest.raises(InputError, match="RQ4 runs once, with seed 0"):
+        Study(str(tmp_path / "x"), only=("rq4",), only_seeds=(1,), **kw)
+    parts = {"a": dict(only=("rq1", "rq4", "rq5"), only_seeds=(0,)), "b": dict(only=("rq1", "rq5"), only_seeds=(1,)),
+             "c": dict(only=("rq2",))}
+    for name, p in parts.items():  # the content-keyed runs of the whole study; a configuration it lacks trains anew
+        for sub in ("runs", "cache", "masks"):
+            shutil.copytree(d / "out" / sub, tmp_path / name / sub)
+        Study(str(tmp_path / name), **p, **kw).run()
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert b["rq5"]["kl"] is None and b["rq5"]["lr"] == [] and {r["seed"] for x in b["rq5"]["distribution"] for r in x["seeds"]} == {1}
+    assert [r["algo"] for r in b["rq1"]["rows"]] == ["sft", "grpo", "dpo"] and b["meta"]["seeds_run"] == [1]
+    sec = render_rq5(StudyResults.from_dict(b), tmp_path / "figs")  # a record without seed 0's ablations still renders
+    assert "run with seed 0, which this record does not have" in sec.blocks[0]
+
+    ins = [tmp_path / n / "results.json" for n in ("b", "a", "c")]
+    r = run("study-merge", *ins, "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "merged" / "results.json").read_text(), parse_constant=lambda x: pytest.fail(x))
+    assert m["meta"]["rqs"] == ["rq1", "rq2", "rq4", "rq5"] and m["meta"]["seeds_run"] == [0, 1]
+    assert m["meta"]["seeds_by_rq"] == {"rq1": [0, 1], "rq2": [0, 1], "rq4": [0], "rq5": [0, 1]}
+    strip = lambda x: {k: v for k, v in x.items() if k not in ("run", "a", "b")} if isinstance(x, dict) else x
+    for key in ("points", "verdicts", "nulls", "across_seeds"):
+        assert m["rq2"][key] == ref["rq2"][key], key
+    for got, want in zip(m["rq1"]["rows"], ref["rq1"]["rows"], strict=True):  # every algorithm, every seed, in order
+        assert strip(got) == strip(want) and [strip(x) for x in got["seeds"]] == [strip(x) for x in want["seeds"]], got["algo"]
+    assert m["rq1"]["comparisons"] == ref["rq1"]["comparisons"] and any(c["lo"] is not None for c in m["rq1"]["comparisons"])
+    assert [strip(x) for x in m["rq4"]["rows"]] == [strip(x) for x in ref["rq4"]["rows"]]
+    for key in ("kl", "clip", "lr", "precision", "training_precision", "steps", "ever_updated_outside_final", "distribution_comparisons"):
+        assert m["rq5"][key] == ref["rq5"][key], key
+    for got, want in zip(m["rq5"]["distribution"], ref["rq5"]["distribution"], strict=True):
+        assert strip(got) == strip(want) and [strip(x) for x in got["seeds"]] == [strip(x) for x in want["seeds"]], got["name"]
+    # every run a row names is in the merged tables; a run trained again elsewhere that differs is kept under NAME@RECORD
+    named = [x["run"] for row in m["rq1"]["rows"] for x in row["seeds"]] + [x["run"] for row in m["rq5"]["distribution"] for x in row["seeds"]]
+    assert all(n in m["runs"] and n in m["diffs"] for n in named), [n for n in named if n not in m["runs"]]
+    for n in named:
+        if "@" in n:
+            assert n.split("@")[0] in m["runs"] and any(f"kept as `{n}`" in x for x in m["meta"]["merge_notes"])
+    setup = "\n".join(x for x in render_setup(StudyResults.from_dict(m), tmp_path / "figs").blocks if isinstance(x, str))
+    assert "from 3 studies whose questions and seeds ran apart" in setup and "RQ1 seed 1, RQ5 seed 1 from `b`" in setup
+    assert "RQ1's means and SFT-against-RL comparisons, RQ2's points, verdicts and nulls" in setup
+    assert "Claims, one by one" in (tmp_path / "merged" / "report.md").read_text()
+
+    recs = {n: load_study(tmp_path / n / "results.json") for n in ("a", "b", "c")}
+    with pytest.raises(InputError, match="RQ1's SFT seed 1 is in"):
+        merge_records([recs["b"], recs["c"], recs["b"]])
+    rq4 = json.loads(json.dumps(recs["a"][1]))
+    del rq4["rq1"], rq4["rq5"]
+    with pytest.raises(InputError, match="RQ4 .it runs once, with seed 0. is in"):
+        merge_records([recs["a"], ("rq4/results.json", rq4)])
+    assert m["meta"]["merge_notes"] == []  # here every run trained again reproduced bit for bit, so none was renamed
+    # a run of one configuration trained again elsewhere and not the same (another machine): RQ2 keeps the name, the
+    # other record's entry becomes NAME@RECORD and that record's rows refer to it (RQ1 here)
+    b2 = json.loads(json.dumps(recs["b"][1]))
+    b2["runs"]["grpo_s1"]["loss"][0] += 1.0
+    b2["diffs"]["grpo_s1"]["changed"] += 1
+    j = merge_records([recs["a"], ("b2/results.json", b2), recs["c"]])
+    row = next(r for r in j.rq1.rows if r.algo == "grpo")
+    assert [x["run"] for x in row.seeds] == ["grpo", "grpo_s1@b2"] and j.diffs["grpo_s1@b2"].changed == b2["diffs"]["grpo_s1"]["changed"]
+    assert j.runs["grpo_s1"].loss == recs["c"][1]["runs"]["grpo_s1"]["loss"] and "kept as `grpo_s1@b2`" in j.meta["merge_notes"][0]
+    # ... and where the earlier record's RQ4 holds the name that a later record's RQ2 uses, the earlier one moves
+    for name, p in {"e": dict(only=("rq2", "rq4"), only_seeds=(0,)), "f": dict(only=("rq2",), only_seeds=(1,))}.items():
+        for sub in ("runs", "cache", "masks"):
+            shutil.copytree(d / "out" / sub, tmp_path / name / sub)
+        Study(str(tmp_path / name), **p, **kw).run()
+    e, f = load_study(tmp_path / "e" / "results.json"), load_study(tmp_path / "f" / "results.json")
+    assert merge_records([e, f]).meta["merge_notes"] == []
+    f2 = json.loads(json.dumps(f[1]))
+    f2["runs"]["grpo_s1"]["loss"][0] += 1.0
+    j = merge_records([("f2/results.json", f2), e])
+    assert [(r.a, r.b) for r in j.rq4.rows][0] == ("grpo", "grpo_s1@e") and j.runs["grpo_s1"].loss == f2["runs"]["grpo_s1"]["loss"]
+    assert j.runs["grpo_s1@e"].loss == e[1]["runs"]["grpo_s1"]["loss"] and j.rq2.verdicts == merge_records([e, f]).rq2.verdicts
+    other = json.loads(json.dumps(recs["b"][1]))
+    other["rq5"]["distribution"][0]["examples"] += 1
+    with pytest.raises(InputError, match="trained on .* examples, but"):
+        merge_records([recs["a"], ("other/results.json", other)])

@@ -511,7 +511,7 @@ def study(
     precision: Optional[str] = typer.Option(None, "--precision", help="training precision: mixed (default) | fp32 | bf16"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds for SFT/GRPO/DPO (RQ1, RQ5) and RQ2 (default: the budget's; 1 to 16)"),
     lr_scale: float = typer.Option(1.0, "--lr-scale", help="every run's learning rate is the budget's times this (RQ5's 1×/4×/16× rows scale with it); the Setup states the lr"),
-    only_seeds: Optional[str] = typer.Option(None, "--only-seeds", help="with --only rq2: run only these of the --seeds (0-based, comma-separated), to split a study across machines; rlsubnet study-merge joins the records"),
+    only_seeds: Optional[str] = typer.Option(None, "--only-seeds", help="run only these of the --seeds (0-based, comma-separated): RQ1's SFT/GRPO/DPO, RQ2, RQ5's in- vs off-distribution runs; what runs once (RQ1's other algorithms, RQ4, RQ5's ablations) belongs to seed 0. To split a study across machines or sessions; rlsubnet study-merge joins the records"),
 ) -> None:
     """Run the paper's study end to end and write report.html, report.md and results.json."""
     from .io.optional import need
@@ -534,10 +534,10 @@ def study(
 @app.command("study-merge")
 @clean_errors
 def study_merge(
-    records: List[str] = typer.Argument(..., help="RQ2 study folders (or their results.json), each a different set of seeds of one study"),
+    records: List[str] = typer.Argument(..., help="study folders (or their results.json), each a different part (questions, seeds) of one study"),
     out: str = typer.Option("merge-out", "--out", help="output folder: results.json, report.md, report.html, figures/"),
 ) -> None:
-    """Join RQ2 records whose seeds ran apart (`study --only rq2 --only-seeds K`) into one study pooled over every seed."""
+    """Join the parts of one study that ran apart (`study --only RQ --only-seeds K`) into one study pooled over every seed."""
     from .io.atomic import write_text
     from .io.jsonout import dumps
     from .study.claims import load_study

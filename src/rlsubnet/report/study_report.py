@@ -204,11 +204,17 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
              f"second task `{meta['task2']}`; accuracy on {meta.get('n_eval', b['n_eval'])} held-out problems, none a reordering of a training problem",
              _time_line(res)]
     if meta.get("merged_from"):
-        parts = [f"seed{'s' if len(m['seeds']) > 1 else ''} {', '.join(map(str, m['seeds']))} from `{m['record']}` "
-                 f"({m['elapsed_s'] / 60:.0f} minutes)" for m in meta["merged_from"]]
-        lines.append(f"- **merged** (`rlsubnet study-merge`) from {len(parts)} studies whose seeds ran apart: " + "; ".join(parts)
+        seeds = lambda ss: f"seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, ss))}"
+        only_rq2 = all(set(m.get("rqs") or {"rq2": 0}) == {"rq2"} for m in meta["merged_from"])
+        what = lambda m: seeds(m["seeds"]) if only_rq2 else ", ".join(rq.upper() if rq == "rq4" else f"{rq.upper()} {seeds(ss)}"
+                                                                       for rq, ss in m["rqs"].items())
+        parts = [f"{what(m)} from `{m['record']}` ({m['elapsed_s'] / 60:.0f} minutes)" for m in meta["merged_from"]]
+        again = [w for rq, w in (("rq1", "RQ1's means and SFT-against-RL comparisons"), ("rq2", "RQ2's points, verdicts and nulls"),
+                                 ("rq5", "RQ5's in- against off-distribution comparisons")) if rq in (meta.get("rqs") or ["rq2"])]
+        lines.append(f"- **merged** (`rlsubnet study-merge`) from {len(parts)} studies whose "
+                     + ("seeds" if only_rq2 else "questions and seeds") + " ran apart: " + "; ".join(parts)
                      + ". They were checked to share the model, budget, lr, task, precision, test problems and preference "
-                     "pairs; RQ2's points, verdicts and nulls are decided again over every seed"
+                     "pairs" + (f"; {', '.join(again)} are decided again over every seed" if again else "")
                      + "".join(f"; {n}" for n in meta.get("merge_notes") or []))
     lines += _signal_lines(res)
     note = quant_note(meta)
@@ -613,6 +619,53 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
     P = _Paper(res.paper)
     f = res.rq5
     sec = Section("RQ5: what makes updates sparse?")
+    if f.kl is not None:
+        _rq5_ablations(P, f, figdir, sec)
+    else:
+        sec.add("The single-run ablations (KL, clipping, learning rate, precision, steps) run with seed 0, which this record "
+                "does not have (`--only-seeds`): only the in- vs off-distribution runs of its seeds are here.")
+    sec.add("Table 5 analogue (in- vs off-distribution data; the off-distribution sets have as many examples as the in-distribution ones; "
+            "sparsity and above the floor of the first seed, then over every seed):",
+            Table(["method", "in-dist", "examples", "sparsity", "sparsity above the floor", "over seeds"],
+                  [[x.method, "✓" if x.in_distribution else "✗", x.examples, pct(x.sparsity, 1), pct(x.sparsity_above_floor, 1),
+                    _pm(x.sparsity_mean_sd, 2)] for x in f.distribution]
+                  + [[f"paper: {n} ({k})", "✓" if i else "✗", "—", f"{v}%", "—", "—"] for n, v, k, i in P.TABLE5]))
+    names = {"sft_in": "SFT in-distribution", "sft_off": "SFT off-distribution", "dpo": "DPO in-distribution", "dpo_off": "DPO off-distribution"}
+    dc = [c for c in f.distribution_comparisons if c["what"] == "sparsity"]
+    if dc:
+        sec.add("In- against off-distribution data, over seeds (the paper's causal claim):\n"
+                + "\n".join("- " + claim(c, c["algo"].upper(), "sparsity", names) for c in dc))
+    if f.kl is None:
+        return sec
+    tols = [x["atol"] for x in f.precision["bf16"]["atol"]]
+    sec.add("The same run stored in bf16 and in fp32 (its fp32 copy), across the tolerance sweep:",
+            Table(["stored as"] + [f"|Δ| ≤ {t:g}" if t else "bits identical" for t in tols],
+                  [[k] + [pct(_atol(f.precision[k]["atol"], t), 2) for t in tols] for k in ("bf16", "fp32")]))
+    if f.steps:
+        s = f.steps
+        sec.add("Sparsity over training (Fig. 5/6 analogue):",
+                Table(["step", "vs θ_init", "vs previous checkpoint", "updated share outside final mask"],
+                      [[x.step, pct(x.sparsity, 2), pct(x.consecutive_sparsity, 2), pct(x.outside_final_share, 2)] for x in s]))
+        sec.figures.append(line_chart(figdir / "rq5_steps.png", [x.step for x in s],
+                                      {"vs θ_init": [x.sparsity for x in s], "vs previous": [x.consecutive_sparsity for x in s]},
+                                      "Sparsity over training steps", "step", "sparsity", integer_x=True))
+    sec.figures.append(bar_chart(figdir / "rq5_lr.png", [f"{x.scale:g}×" for x in f.lr], [x.sparsity for x in f.lr],
+                                 "Sparsity vs learning-rate scale", "learning rate", "sparsity"))
+    kl_paper = P.KL["with KL"] - P.KL["without KL"]
+    text = (f"**What this shows.** The fp32 copy of the same GRPO run has bitwise sparsity {pct(f.precision['fp32']['sparsity'], 2)} "
+            f"against {pct(f.precision['bf16']['sparsity'], 1)} in bf16: under Adam nearly every entry with a non-zero gradient moves, "
+            "so this is mechanical, not a finding about RL. "
+            f"A 16× learning rate gives {pct(f.lr[-1].sparsity, 1)} against {pct(f.lr[0].sparsity, 1)} at 1× (the floor moves with Σlr). "
+            f"The KL term moves sparsity by {100 * (f.kl['with'] - f.kl['without']):+.1f} points in one run (paper: {kl_paper:+.1f}); "
+            "with one seed per setting this is inconclusive.")
+    if f.ever_updated_outside_final is not None:
+        text += f" Of all entries updated at some saved step, {pct(f.ever_updated_outside_final, 1)} end outside the final mask (paper: about 8.5%)."
+    sec.add(text)
+    return sec
+
+
+def _rq5_ablations(P, f, figdir: Path, sec: Section) -> None:
+    """The single-run factors of seed 0's record: KL, clipping, storage and training precision, learning rate."""
     kl_paper = P.KL["with KL"] - P.KL["without KL"]
     af = lambda x, k: f" ({pct((x.get('above_floor') or {}).get(k), 1)} above the floor)" if (x.get("above_floor") or {}).get(k) is not None else ""
     rows = [["KL term (GRPO β)", f"without {pct(f.kl['without'], 1)}{af(f.kl, 'without')}", f"with {pct(f.kl['with'], 1)}{af(f.kl, 'with')}",
@@ -631,41 +684,6 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
             Table(["lr", "bits identical", "below the floor", "sparsity above the floor", "bf16-relative"],
                   [[f"{x.scale:g}×", pct(x.sparsity, 2), pct((x.floor or {}).get("fraction"), 2), pct(x.sparsity_above_floor, 2),
                     pct(x.bf16_rel_sparsity, 2)] for x in f.lr]))
-    sec.add("Table 5 analogue (in- vs off-distribution data; the off-distribution sets have as many examples as the in-distribution ones; "
-            "sparsity and above the floor of the first seed, then over every seed):",
-            Table(["method", "in-dist", "examples", "sparsity", "sparsity above the floor", "over seeds"],
-                  [[x.method, "✓" if x.in_distribution else "✗", x.examples, pct(x.sparsity, 1), pct(x.sparsity_above_floor, 1),
-                    _pm(x.sparsity_mean_sd, 2)] for x in f.distribution]
-                  + [[f"paper: {n} ({k})", "✓" if i else "✗", "—", f"{v}%", "—", "—"] for n, v, k, i in P.TABLE5]))
-    names = {"sft_in": "SFT in-distribution", "sft_off": "SFT off-distribution", "dpo": "DPO in-distribution", "dpo_off": "DPO off-distribution"}
-    dc = [c for c in f.distribution_comparisons if c["what"] == "sparsity"]
-    if dc:
-        sec.add("In- against off-distribution data, over seeds (the paper's causal claim):\n"
-                + "\n".join("- " + claim(c, c["algo"].upper(), "sparsity", names) for c in dc))
-    tols = [x["atol"] for x in f.precision["bf16"]["atol"]]
-    sec.add("The same run stored in bf16 and in fp32 (its fp32 copy), across the tolerance sweep:",
-            Table(["stored as"] + [f"|Δ| ≤ {t:g}" if t else "bits identical" for t in tols],
-                  [[k] + [pct(_atol(f.precision[k]["atol"], t), 2) for t in tols] for k in ("bf16", "fp32")]))
-    if f.steps:
-        s = f.steps
-        sec.add("Sparsity over training (Fig. 5/6 analogue):",
-                Table(["step", "vs θ_init", "vs previous checkpoint", "updated share outside final mask"],
-                      [[x.step, pct(x.sparsity, 2), pct(x.consecutive_sparsity, 2), pct(x.outside_final_share, 2)] for x in s]))
-        sec.figures.append(line_chart(figdir / "rq5_steps.png", [x.step for x in s],
-                                      {"vs θ_init": [x.sparsity for x in s], "vs previous": [x.consecutive_sparsity for x in s]},
-                                      "Sparsity over training steps", "step", "sparsity", integer_x=True))
-    sec.figures.append(bar_chart(figdir / "rq5_lr.png", [f"{x.scale:g}×" for x in f.lr], [x.sparsity for x in f.lr],
-                                 "Sparsity vs learning-rate scale", "learning rate", "sparsity"))
-    text = (f"**What this shows.** The fp32 copy of the same GRPO run has bitwise sparsity {pct(f.precision['fp32']['sparsity'], 2)} "
-            f"against {pct(f.precision['bf16']['sparsity'], 1)} in bf16: under Adam nearly every entry with a non-zero gradient moves, "
-            "so this is mechanical, not a finding about RL. "
-            f"A 16× learning rate gives {pct(f.lr[-1].sparsity, 1)} against {pct(f.lr[0].sparsity, 1)} at 1× (the floor moves with Σlr). "
-            f"The KL term moves sparsity by {100 * (f.kl['with'] - f.kl['without']):+.1f} points in one run (paper: {kl_paper:+.1f}); "
-            "with one seed per setting this is inconclusive.")
-    if f.ever_updated_outside_final is not None:
-        text += f" Of all entries updated at some saved step, {pct(f.ever_updated_outside_final, 1)} end outside the final mask (paper: about 8.5%)."
-    sec.add(text)
-    return sec
 
 
 def render_sync(res: StudyResults, figdir: Path) -> Section | None:

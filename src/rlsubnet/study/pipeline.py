@@ -116,16 +116,17 @@ class Study:
         if bad:
             raise InputError(f"--only: {bad[0]!r} is not one of {', '.join(RQS)}.")
         self.rqs = tuple(r for r in RQS if r in only) if only else self.b.rqs
-        # RQ2's seeds split across machines or sessions: this study runs only these (0-based, of the budget's
-        # --seeds); `rlsubnet study-merge` joins the records into one study pooled over all of them
+        # a study's seeds split across machines or sessions: this study runs only these (0-based, of the budget's
+        # --seeds) — RQ1's seeded algorithms, RQ2, RQ5's in- vs off-distribution runs; what runs once (RQ1's other
+        # algorithms, RQ4, RQ5's single-run ablations) belongs to seed 0. `rlsubnet study-merge` joins the records
         self.seed_ks = tuple(range(self.b.seeds))
         if only_seeds is not None:
             ks = tuple(only_seeds)
             if not ks or any(type(k) is not int or not 0 <= k < self.b.seeds for k in ks) or len(set(ks)) != len(ks):
                 raise InputError(f"--only-seeds: {','.join(map(str, ks)) or 'nothing'} must be distinct seeds from 0 to "
                                  f"{self.b.seeds - 1} (the study's --seeds is {self.b.seeds}).")
-            if self.rqs != ("rq2",):
-                raise InputError("--only-seeds splits RQ2's seeds only: give it with --only rq2 (RQ1, RQ4 and RQ5 are not merged).")
+            if "rq4" in self.rqs and 0 not in ks:
+                raise InputError("--only-seeds: RQ4 runs once, with seed 0; give 0 among the seeds or leave rq4 out of --only.")
             self.seed_ks = tuple(sorted(ks))
         self.model_arg = model
         self.model = ""

@@ -25,7 +25,8 @@ def run_rq1(study) -> RQ1:
     pref = study.own_preferences()
     failed = []
     for algo in b.rq1_algos:
-        seeds = range(b.seeds) if algo in SEEDED else range(1)
+        # with --only-seeds, the seeded algorithms run those seeds; the others (one seed) belong to seed 0's record
+        seeds = study.seed_ks if algo in SEEDED else (0,) if 0 in study.seed_ks else ()
         per_seed = []
         for k in seeds:
             cfg = study.main_config(algo, k)
@@ -45,12 +46,21 @@ def run_rq1(study) -> RQ1:
                              "stable_rank_mean": a.stable_rank_mean, "effective_rank_mean": a.effective_rank_mean,
                              "in_distribution": indist, "lr_sum": a.lr_sum, "floor": a.floor,
                              "sparsity_above_floor": a.sparsity_above_floor})
-        if not per_seed:
-            continue
-        rows.append(RQ1Row(**per_seed[0], algo=algo, seeds=per_seed,
-                           sparsity_mean_sd=mean_sd([x["sparsity"] for x in per_seed]),
-                           above_floor_mean_sd=mean_sd([x["sparsity_above_floor"] for x in per_seed]),
-                           in_rl_average=algo not in ("sft", "ppo")))
+        if per_seed:
+            rows.append(rq1_row(algo, per_seed))
+    return RQ1(rows=rows, comparisons=rq1_comparisons(rows), lr=study.lr, steps=b.steps, failed=failed,
+               ppo_note=None)  # the report explains PPO; the study records numbers
+
+
+def rq1_row(algo: str, per_seed: list[dict]) -> RQ1Row:
+    """An algorithm's row from its seeds' figures (in seed order): the first seed's figures, every seed's, the spread."""
+    per_seed = sorted(per_seed, key=lambda x: x["seed"])
+    return RQ1Row(**per_seed[0], algo=algo, seeds=per_seed, sparsity_mean_sd=mean_sd([x["sparsity"] for x in per_seed]),
+                  above_floor_mean_sd=mean_sd([x["sparsity_above_floor"] for x in per_seed]), in_rl_average=algo not in ("sft", "ppo"))
+
+
+def rq1_comparisons(rows: list[RQ1Row]) -> list[dict]:
+    """SFT against each seeded RL algorithm over seeds (Welch; a difference only where its interval excludes 0)."""
     comps = []
     by = {r.algo: r for r in rows}
     if "sft" in by:
@@ -59,8 +69,7 @@ def run_rq1(study) -> RQ1:
                 for what, key in (("sparsity", "sparsity"), ("sparsity above the floor", "sparsity_above_floor")):
                     comps.append(seed_difference([x[key] for x in by["sft"].seeds], [x[key] for x in by[algo].seeds],
                                                  what, ("sft", algo)).to_dict())
-    return RQ1(rows=rows, comparisons=comps, lr=study.lr, steps=b.steps, failed=failed,
-               ppo_note=None)  # the report explains PPO; the study records numbers
+    return comps
 
 
 def overlap_row(study, a: str, b: str, axis: str, paper_row: str | None) -> OverlapRow:
@@ -131,7 +140,7 @@ def _distribution(study) -> tuple[list[DistributionRow], list[dict]]:
              ("dpo", "DPO on own samples", len(pref["prompt"]) >= 4), ("dpo_off", "DPO on reference vs corrupted", False))
     per: dict[str, list] = {name: [] for name, _, _ in specs}
     first: dict = {}
-    for j in range(max(1, s.b.seeds)):
+    for j in s.seed_ks:
         seed = s.seed + j
         sfx = f"_s{j}" if j else ""
         paths = {
@@ -151,13 +160,19 @@ def _distribution(study) -> tuple[list[DistributionRow], list[dict]]:
                             floor=first[name].floor, sparsity_above_floor=first[name].sparsity_above_floor, seeds=per[name],
                             sparsity_mean_sd=mean_sd([x["sparsity"] for x in per[name]]))
             for name, method, indist in specs if name in first]
+    return rows, distribution_comparisons(rows)
+
+
+def distribution_comparisons(rows: list[DistributionRow]) -> list[dict]:
+    """In- against off-distribution data per method, over seeds (Welch; ``b`` in-distribution, ``a`` off)."""
+    by = {r.name: r for r in rows}
     comps = []
     for method, a, b in (("SFT", "sft_off", "sft_in"), ("DPO", "dpo_off", "dpo")):
-        if per[a] and per[b] and dict((n, i) for n, _, i in specs)[b]:
+        if a in by and b in by and by[a].seeds and by[b].seeds and by[b].in_distribution:
             for what, key in (("sparsity", "sparsity"), ("sparsity above the floor", "sparsity_above_floor")):
-                c = seed_difference([x[key] for x in per[a]], [x[key] for x in per[b]], what, (a, b)).to_dict()
+                c = seed_difference([x[key] for x in by[a].seeds], [x[key] for x in by[b].seeds], what, (a, b)).to_dict()
                 comps.append({**c, "algo": method.lower()})
-    return rows, comps
+    return comps
 
 
 def _steps(study, main: str) -> tuple[list[StepRow], float | None]:
@@ -182,8 +197,10 @@ def _steps(study, main: str) -> tuple[list[StepRow], float | None]:
 def run_rq5(study) -> RQ5:
     """What makes updates sparse: KL, clipping, learning rate, precision, data distribution, training steps."""
     study.own_preferences()
-    main = study.train("grpo", study.main_config("grpo"))
-    res = _ablations(study, main)
+    res: dict = {}
+    if 0 in study.seed_ks:  # the single-run ablations and the steps belong to seed 0 (``--only-seeds`` without it: data only)
+        main = study.train("grpo", study.main_config("grpo"))
+        res = _ablations(study, main)
+        res["steps"], res["ever_updated_outside_final"] = _steps(study, main)
     res["distribution"], res["distribution_comparisons"] = _distribution(study)
-    res["steps"], res["ever_updated_outside_final"] = _steps(study, main)
     return RQ5(**res)

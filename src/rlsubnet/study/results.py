@@ -297,12 +297,14 @@ class StepRow(_Typed):
 class RQ5(_Typed):
     """What makes updates sparse: KL, clipping, learning rate, precision, data distribution, training steps."""
 
-    kl: dict  # {"without", "with", "above_floor": {"without", "with"}}
-    clip: dict  # {"with", "without", "above_floor": {...}}
-    lr: list[LrRow]
-    precision: dict  # storage: {"bf16": {"sparsity", "atol"}, "fp32": {...}}
-    distribution: list[DistributionRow]
-    steps: list[StepRow]
+    # the single-run ablations and the main GRPO run's steps belong to seed 0: a record of other seeds alone
+    # (``--only-seeds 1,2``) has the distribution rows only, these None or empty
+    kl: dict | None = None  # {"without", "with", "above_floor": {"without", "with"}}
+    clip: dict | None = None  # {"with", "without", "above_floor": {...}}
+    lr: list[LrRow] = field(default_factory=list)
+    precision: dict | None = None  # storage: {"bf16": {"sparsity", "atol"}, "fp32": {...}}
+    distribution: list[DistributionRow] = field(default_factory=list)
+    steps: list[StepRow] = field(default_factory=list)
     training_precision: dict | None = None  # {"main": {"precision", "sparsity", "floor"}, "fp32": {...}}
     ever_updated_outside_final: float | None = None
     # in- against off-distribution data: stats.Comparison dicts (b = in-distribution, a = off) + algo (sft|dpo), Welch over seeds
