@@ -93,17 +93,18 @@ def _rq2_names(d: dict) -> set[str]:
             | {x["run"] for x in r["rows"]} | set(d["accuracy"]))
 
 
-def _rename_refs(obj, old: str, new: str) -> None:
-    """Rewrite the run names RQ1, RQ4 and RQ5 refer to (their ``run``, ``a`` and ``b`` fields) from ``old`` to ``new``."""
+def _rename_refs(obj, old: str, new: str, keys: tuple = ("run",)) -> None:
+    """Rewrite the run names a question's rows refer to (RQ1's and RQ5's ``run``, RQ4's ``a`` and ``b``) from ``old``
+    to ``new``. Comparisons (whose ``a`` and ``b`` name algorithms) are computed again after the merge."""
     if isinstance(obj, dict):
-        for k in ("run", "a", "b"):
+        for k in keys:
             if obj.get(k) == old:
                 obj[k] = new
         for v in obj.values():
-            _rename_refs(v, old, new)
+            _rename_refs(v, old, new, keys)
     elif isinstance(obj, list):
         for v in obj:
-            _rename_refs(v, old, new)
+            _rename_refs(v, old, new, keys)
 
 
 def _same(what: str, a, b, pa: str, pb: str) -> None:
@@ -196,8 +197,9 @@ def _unify_names(records: list[tuple[str, dict]], notes: list) -> None:
 
     def rename(path: str, d: dict, name: str, other: str) -> None:
         new = f"{name}@{_where(path)}"
-        for rq in ("rq1", "rq4", "rq5"):
-            _rename_refs(d.get(rq), name, new)
+        _rename_refs((d.get("rq1") or {}).get("rows"), name, new)
+        _rename_refs((d.get("rq5") or {}).get("distribution"), name, new)
+        _rename_refs((d.get("rq4") or {}).get("rows"), name, new, ("a", "b"))
         for part in _PARTS:
             if name in d[part]:
                 d[part][new] = d[part].pop(name)
