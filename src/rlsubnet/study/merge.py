@@ -122,11 +122,8 @@ def _check_pair(p0: str, d0: dict, path: str, d: dict, notes: list) -> None:
     _same("the budget's settings", b0, {k: v for k, v in m["budget_settings"].items() if k != "seeds"}, p0, path)
     if m0.get("model_digest") and m.get("model_digest"):
         _same("the model's content key", m0["model_digest"], m["model_digest"], p0, path)
-    elif path != p0:
+    elif path != p0:  # a record of an earlier version: by the model's name and bf16 fingerprint (said once, below)
         _same("the model's bf16 fingerprint (quantized_source)", m0.get("quantized_source"), m.get("quantized_source"), p0, path)
-        notes.append(f"{' and '.join(dict.fromkeys(_where(p) for p, x in ((p0, m0), (path, m)) if not x.get('model_digest')))} "
-                     "carry no content key of the model (an earlier version): the model is compared by its name"
-                     + (" and bf16 fingerprint" if m0.get("quantized_source") else ""))
     i0, i = d0["accuracy"].get("init"), d["accuracy"].get("init")
     if i0 and i:
         _same("the test problems' digest", i0.get("problems_digest"), i.get("problems_digest"), p0, path)
@@ -134,12 +131,25 @@ def _check_pair(p0: str, d0: dict, path: str, d: dict, notes: list) -> None:
     fa, fb = d0.get("preferences") or {}, d.get("preferences") or {}
     if fa.get("pairs_digest") and fb.get("pairs_digest"):
         _same("the preference pairs' sha256", fa["pairs_digest"], fb["pairs_digest"], p0, path)
-    elif fa and fb:
+    elif fa and fb:  # a record of an earlier version: by the pairs' counts (said once, below)
         for k in ("in_distribution_pairs", "distinct_prompts", "prompts_sampled"):
             _same(f"preferences.{k}", fa.get(k), fb.get(k), p0, path)
-        lacking = list(dict.fromkeys(_where(p) for p, f in ((p0, fa), (path, fb)) if not f.get("pairs_digest")))
-        notes.append(f"the preference pairs of {' and '.join(lacking)} carry no sha256 (written by an earlier version): "
-                     "the records' pairs are compared by their counts only")
+
+
+def _version_notes(records: list[tuple[str, dict]]) -> list[str]:
+    """What records written by earlier versions could not be checked by, said once for all of them."""
+    out = []
+    no_key = [_where(p) for p, d in records if not d["meta"].get("model_digest")]
+    if no_key:
+        out.append(f"{' and '.join(no_key)} {'carries' if len(no_key) == 1 else 'carry'} no content key of the model (an earlier "
+                   "version): the model is compared by its name"
+                   + (" and bf16 fingerprint" if records[0][1]["meta"].get("quantized_source") else ""))
+    prefs = [(p, d["preferences"]) for p, d in records if d.get("preferences")]
+    lacking = [_where(p) for p, f in prefs if not f.get("pairs_digest")]
+    if lacking and len(prefs) > 1:
+        out.append(f"the preference pairs of {' and '.join(lacking)} carry no sha256 (written by an earlier version): "
+                   "the records' pairs are compared by their counts only")
+    return out
 
 
 def _check_rq2_pair(p0: str, d0: dict, path: str, d: dict) -> None:
@@ -229,10 +239,13 @@ def _unify_names(records: list[tuple[str, dict]], notes: list) -> None:
                             pt["record"] = new
                 diff_c = sum(x != y for x, y in zip(i["completions"], i0["completions"]))
                 diff_o = sum(x != y for x, y in zip(i["outcomes"], i0["outcomes"]))
+                twins = [n.split("@", 1)[1] for n, (_, x) in owner.items() if n.startswith("init@") and n != new
+                         and _content(x["accuracy"][n]) == _content(i)]
                 notes.append(f"θ_init as evaluated with `{_where(path)}` differs from `{_where(po)}`'s in {diff_c} of "
                              f"{len(i0['outcomes'])} completions and {diff_o} outcomes (accuracy {100 * i['accuracy']:.1f}% "
-                             f"against {100 * i0['accuracy']:.1f}%; {_hw(d['meta'])} against {_hw(do['meta'])}): each seed is "
-                             "compared with the θ_init of its own record")
+                             f"against {100 * i0['accuracy']:.1f}%; {_hw(d['meta'])} against {_hw(do['meta'])})"
+                             + (f", and is the same as `{'`, `'.join(twins)}`'s" if twins else "")
+                             + ": each seed is compared with the θ_init of its own record")
             elif used and used_o:
                 part = next(p for p in _PARTS if name in do[p] and name in d[p] and _content(do[p][name]) != _content(d[p][name]))
                 raise InputError(f"{path}: {part}.{name} differs from the same entry in {po}.")
@@ -309,6 +322,7 @@ def merge_records(records: list[tuple[str, dict]]) -> StudyResults:
     for path, d in rq2_recs[1:]:
         _check_rq2_pair(rq2_recs[0][0], rq2_recs[0][1], path, d)
     _check_seeds(records)
+    notes += _version_notes(records)
     _unify_names(records, notes)
     out = copy.deepcopy(d0)
     for _, d in records[1:]:
