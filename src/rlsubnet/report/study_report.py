@@ -479,8 +479,8 @@ def render_rq2(res: StudyResults, figdir: Path) -> Section:
                     bullets.append("  - " + claim(c, f"{_vname(c['b'])} against {_vname(c['a'])}", "accuracy", VARIANT)
                                    + (_recovery_words(c) if (c["a"], c["b"]) == ("full", "sub") else ""))
         sec.add(f"**Verdicts.** Differences pooled over seeds and problems (bootstrap over seeds × problems); {fam} comparisons "
-                "are drawn in all, with Holm's correction over them; a difference no larger than θ_full's own jitter (two seeds "
-                "at the same step; with one seed, the run against its flatter neighbouring checkpoint, which also holds the "
+                "are drawn in all, with Holm's correction over them; a difference no larger than θ_full's own jitter (the largest "
+                "difference between two of its seeds at the same step; with one seed, the run against its flatter neighbouring checkpoint, which also holds the "
                 "trajectory's trend and so overstates the noise) is not called an effect.",
                 "\n".join(b.replace("  - ", "- ↳ ") for b in bullets))
         sec.add("Every comparison (accuracy points; p: two-sided bootstrap; Holm: corrected over the whole family):",
