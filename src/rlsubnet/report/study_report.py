@@ -620,7 +620,7 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
     f = res.rq5
     sec = Section("RQ5: what makes updates sparse?")
     if f.kl is not None:
-        _rq5_ablations(P, f, figdir, sec)
+        _rq5_ablations(P, f, sec)
     else:
         sec.add("The single-run ablations (KL, clipping, learning rate, precision, steps) run with seed 0, which this record "
                 "does not have (`--only-seeds`): only the in- vs off-distribution runs of its seeds are here.")
@@ -664,7 +664,7 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
     return sec
 
 
-def _rq5_ablations(P, f, figdir: Path, sec: Section) -> None:
+def _rq5_ablations(P, f, sec: Section) -> None:
     """The single-run factors of seed 0's record: KL, clipping, storage and training precision, learning rate."""
     kl_paper = P.KL["with KL"] - P.KL["without KL"]
     af = lambda x, k: f" ({pct((x.get('above_floor') or {}).get(k), 1)} above the floor)" if (x.get("above_floor") or {}).get(k) is not None else ""

@@ -175,7 +175,7 @@ def _check_seeds(records: list[tuple[str, dict]]) -> None:
             for x in r["seeds"]:
                 once(("rq1", r["algo"], x["seed"]), path, f"RQ1's {r['algo'].upper()} seed {x['seed'] - base}")
         for s in _seeds_by_rq(d).get("rq2", []):
-            once(("rq2", s), path, f"seed {s}")
+            once(("rq2", s), path, f"seed {s - base}")
         if d.get("rq4") is not None:
             once(("rq4",), path, "RQ4 (it runs once, with seed 0)")
         f = d.get("rq5")
