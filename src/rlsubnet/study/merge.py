@@ -281,25 +281,23 @@ def _merge_rq5(parts: list[tuple[str, dict]]) -> dict:
 
     abl = next((f for _, f in parts if f.get("kl") is not None), None)
     out = dict(abl) if abl is not None else {k: v for k, v in parts[0][1].items() if k in ("distribution", "distribution_comparisons")}
-    by: dict = {}
+    by: dict = {}  # name -> [(path, row)] from every record
     for path, f in parts:
         for r in f.get("distribution") or []:
-            if r["name"] in by and by[r["name"]][1]["examples"] != r["examples"]:
-                raise InputError(f"{path}: RQ5's {r['name']} trained on {r['examples']} examples, but {by[r['name']][1]['examples']} "
-                                 f"in {by[r['name']][0]}: not seeds of one study.")
-            first = by.get(r["name"])
-            if first is None or min(x["seed"] for x in r["seeds"]) < min(x["seed"] for x in first[1]["seeds"]):
-                seeds = (first[1]["seeds"] if first else []) + r["seeds"]
-                by[r["name"]] = (path, dict(r, seeds=seeds))
-            else:
-                first[1]["seeds"] = first[1]["seeds"] + r["seeds"]
+            p0, r0 = by.setdefault(r["name"], [(path, r)])[0]
+            if r0["examples"] != r["examples"]:
+                raise InputError(f"{path}: RQ5's {r['name']} trained on {r['examples']} examples, but {r0['examples']} "
+                                 f"in {p0}: not seeds of one study.")
+            if r is not r0:
+                by[r["name"]].append((path, r))
     order = ("sft_in", "sft_off", "dpo", "dpo_off")
     rows = []
     for name in [n for n in order if n in by] + [n for n in by if n not in order]:
-        r = by[name][1]
-        r["seeds"] = sorted(r["seeds"], key=lambda x: x["seed"])
-        r["sparsity_mean_sd"] = mean_sd([x["sparsity"] for x in r["seeds"]])
-        rows.append(DistributionRow.from_dict(r, f"rq5.distribution {name}"))
+        # the first seed's figures come from the record of the lowest seed; every seed's after them
+        seeds = sorted((x for _, r in by[name] for x in r["seeds"]), key=lambda x: x["seed"])
+        base = min((r for _, r in by[name]), key=lambda r: min(x["seed"] for x in r["seeds"]))
+        rows.append(DistributionRow.from_dict(dict(base, seeds=seeds, sparsity_mean_sd=mean_sd([x["sparsity"] for x in seeds])),
+                                              f"rq5.distribution {name}"))
     out["distribution"] = [dataclasses.asdict(r) for r in rows]
     out["distribution_comparisons"] = distribution_comparisons(rows)
     return out
