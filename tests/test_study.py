@@ -280,7 +280,7 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     q = res["rq2"]
     assert q["every"] == 1
     variants = {(t["variant"], t["seed"]) for t in q["trajectories"]}
-    assert variants == {(v, s) for v in ("full", "sub", "random_uniform", "random_magnitude") for s in (0, 1)} | {("union", 0)}
+    assert variants == {(v, s) for v in ("full", "sub", "random_uniform", "random_magnitude") for s in (0, 1)} | {("union", 0), ("union", 1)}
     for t in q["trajectories"]:
         assert [p["step"] for p in t["points"]] == [0, 1, 2]
         for p in t["points"][1:]:
@@ -313,7 +313,7 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     block = md[md.index("GRPO: the same, seed by seed:"):]
     head = next(ln for ln in block.splitlines() if ln.startswith("| step"))
     cols = [c.strip() for c in head.strip("|").split("|")]
-    assert "θ_full s0" in cols and "θ_full s1" in cols and "θ_sub on the union mask s0" in cols
+    assert "θ_full s0" in cols and "θ_full s1" in cols and "θ_sub on the union mask s0" in cols and "θ_sub on the union mask s1" in cols
     by = {(t["variant"], t["seed"]): t for t in q["trajectories"]}
     row1 = next(ln for ln in block.splitlines() if ln.startswith("| 1 |"))
     cells = [c.strip() for c in row1.strip("|").split("|")]

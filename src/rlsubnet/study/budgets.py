@@ -36,7 +36,7 @@ class Budget:
     pref_k: int = 4  # samples per prompt when building the model's own preference pairs
     pairs_per_prompt: int = 1  # distinct (chosen, rejected) pairs kept per prompt
     min_pairs: int = 0  # the preference data's target size; fewer distinct pairs is said in the report
-    union_control: bool = False  # RQ2: also train θ_sub on the union of every step's changes (seed 0)
+    union_control: bool = False  # RQ2: also train θ_sub on the union of every step's changes (every seed)
     mask_order: str = "before-clip"  # masked runs: mask the gradient before clipping (the paper's g ← m ⊙ ∇L)
 
     @property

@@ -253,7 +253,7 @@ def run_rq2(study) -> RQ2:
             variants = {"sub": study.mask(name)}
             for kind in b.controls:
                 variants[f"random_{kind}"] = study.control_mask(name, kind, cfg.seed)
-            if b.union_control and k == 0:
+            if b.union_control:  # every seed, so its verdicts pool over seeds like θ_sub's
                 u = union_mask(study, name, full)
                 if u:
                     variants["union"] = u
