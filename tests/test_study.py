@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rlsubnet.analysis.naming import module_kind
 from rlsubnet.io import InputError
 from rlsubnet.masks import Subnetwork
 from rlsubnet.report.study_report import write_report
@@ -305,6 +306,15 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     final = Subnetwork.load(d / "out" / "masks" / "grpo.safetensors")
     assert (final - union).count() == 0 and union.count() == final.count() + rp["ever_outside_final"]
     assert rp["ever_changed"] >= rp["final_mask"] - 1 and set(rp["inside_by_kind"]) >= {"q", "down"}
+    ob = rp["outside_by_kind"]  # by kind, the same entries: brute force over the two masks' tensors
+    ever = Subnetwork.load(next((d / "out" / "runs").glob("grpo-*")) / "tracking" / "ever_changed.safetensors")
+    assert sum(v["outside"] for v in ob.values()) == rp["ever_outside_final"]
+    want: dict = {}
+    for n in final.shapes:
+        k = module_kind(n)
+        want[k] = want.get(k, 0) + int((ever.array(n).astype(bool) & ~final.array(n).astype(bool)).sum())
+    assert {k: v["outside"] for k, v in ob.items()} == want
+    assert sum(v["numel"] for v in ob.values()) == sum(int(np.prod(s)) for s in final.shapes.values())
     md = (d / "out" / "report.md").read_text()
     assert "**Operating point.**" in md and "**Verdicts.**" in md and "θ_sub on the union mask" in md
     assert (d / "out" / "figures" / "rq2_trajectory_grpo.png").exists() and (d / "out" / "figures" / "rq2_progress_grpo.png").exists()

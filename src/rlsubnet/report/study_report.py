@@ -554,19 +554,29 @@ def _rq2_replay(rq, sec: Section) -> None:
             lines.append(f"- `{run}`: {x['ever_changed']:,} entries changed (in bf16) at some step, {x['final_mask']:,} are in the final mask; "
                          f"{x['ever_outside_final']:,} ({pct(x['ever_outside_share'], 1)} of the ever-changed) crossed a rounding boundary and came "
                          "back, so a mask taken at the end cannot replay them (paper: about 8.5%)")
-    kinds = {}
+    kinds, outside = {}, {}
     for x in rp.values():
         for k, v in (x.get("inside_by_kind") or {}).items():
             kinds.setdefault(k, []).append(v)
+        for k, v in (x.get("outside_by_kind") or {}).items():  # records written before it have none
+            o = outside.setdefault(k, [0, 0])
+            o[0], o[1] = o[0] + v["outside"], o[1] + v["numel"]
     sec.add("**What the mask can and cannot replay.** Under bf16 mixed precision the mask is the set of entries whose stored bf16 value "
             "differs at the end; embeddings and norms are read in fp32 by the forward pass, and entries that moved and came back are "
             "outside it, so θ_sub cannot replay θ_full exactly. The control *θ_sub on the union mask* trains every entry that changed "
             "at any step.", "\n".join(lines) if lines else None)
     if kinds:
-        sec.add("θ_sub against θ_full inside the mask, by tensor kind (final step, all RQ2 runs pooled):",
-                Table(["kind", "entries in mask", "bits equal", "|Δ| ≤ 1e-5", "|Δ| ≤ 1e-4"],
-                      [[k, f"{sum(v['inside'] for v in vs):,}"] + [pct(sum(v[key] * v["inside"] for v in vs) / max(1, sum(v["inside"] for v in vs)), 1)
-                                                                  for key in ("bits_equal", "equal_1e-5", "equal_1e-4")] for k, vs in kinds.items()]))
+        head = ["kind", "entries in mask", "bits equal", "|Δ| ≤ 1e-5", "|Δ| ≤ 1e-4"]
+        rows = [[k, f"{sum(v['inside'] for v in vs):,}"] + [pct(sum(v[key] * v["inside"] for v in vs) / max(1, sum(v["inside"] for v in vs)), 1)
+                                                           for key in ("bits_equal", "equal_1e-5", "equal_1e-4")] for k, vs in kinds.items()]
+        if outside:  # the entries the final mask freezes that θ_full moved and brought back, by kind
+            head.append("changed at some step, outside the final mask (of the kind's entries)")
+            for row in rows:
+                o = outside.get(row[0])
+                row.append(f"{o[0]:,} ({pct(o[0] / o[1], 2)})" if o and o[1] else "—")
+        sec.add("θ_sub against θ_full inside the mask, by tensor kind (final step, all RQ2 runs pooled"
+                + ("; the last column over the runs whose record has it" if outside and any(not x.get("outside_by_kind") for x in rp.values()) else "")
+                + "):", Table(head, rows))
 
 
 def render_rq4(res: StudyResults, figdir: Path) -> Section:

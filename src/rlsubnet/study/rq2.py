@@ -86,8 +86,8 @@ def union_mask(study, name: str, full_dir: str) -> str | None:
 
 
 def replay_numbers(study, name: str, full_dir: str, close_sub) -> dict:
-    """What the final mask cannot replay: entries changed at some step but outside it, and θ_sub's agreement
-    with θ_full inside the mask by tensor kind."""
+    """What the final mask cannot replay: entries changed at some step but outside it (in all and by tensor kind),
+    and θ_sub's agreement with θ_full inside the mask by tensor kind."""
     out: dict = {}
     ever_p = Path(full_dir) / "tracking" / "ever_changed.safetensors"
     final = Subnetwork.load(study.mask(name))
@@ -97,6 +97,14 @@ def replay_numbers(study, name: str, full_dir: str, close_sub) -> dict:
         outside = sum(int(np.bitwise_count(ever.packed(n) & ~final.packed(n)).sum()) for n in ever.shapes if n in final.shapes)
         out.update(ever_changed=n_ever, final_mask=final.count(), ever_outside_final=outside,
                    ever_outside_share=outside / n_ever if n_ever else 0.0)
+        # where they are: a kind's entries that changed at some step but not at the end, over the kind's entries
+        by: dict = {}
+        for n in ever.shapes:
+            if n in final.shapes:
+                k = by.setdefault(module_kind(n), {"outside": 0, "numel": 0})
+                k["outside"] += int(np.bitwise_count(ever.packed(n) & ~final.packed(n)).sum())
+                k["numel"] += int(np.prod(ever.shapes[n]))
+        out["outside_by_kind"] = {k: {**v, "share": v["outside"] / v["numel"] if v["numel"] else 0.0} for k, v in sorted(by.items())}
     kinds: dict = {}
     for t in close_sub.tensors:
         if not t.get("mask_numel"):
