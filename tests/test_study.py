@@ -271,6 +271,21 @@ def test_matched_random_mask_keeps_every_stratum_count(tmp_path):
             assert a[e == b].sum() == r[e == b].sum(), (n, b)
     U = matched_random_mask(A, "uniform", seed=3)
     assert U.count() == A.count() and U != A
+    # drawn within a set (the padded control draws among never-changed entries): inside it, and per bin as many
+    # as A has or as the set holds, whichever is fewer; the missing ones counted
+    W = Subnetwork.from_bool({n: rng.random(tuple(t.shape)) < 0.3 for n, t in sd.items()})
+    Rw = matched_random_mask(A, "magnitude", base=base, seed=3, within=W)
+    assert (Rw - W).count() == 0
+    short = 0
+    for n, t in sd.items():
+        e = ((t.view(torch.int16).to(torch.int32) >> 7) & 0xFF).numpy().reshape(-1)
+        a, r, w = A.array(n).reshape(-1), Rw.array(n).reshape(-1), W.array(n).reshape(-1)
+        for b in np.unique(e):
+            assert r[e == b].sum() == min(a[e == b].sum(), w[e == b].sum()), (n, b)
+            short += max(0, int(a[e == b].sum()) - int(w[e == b].sum()))
+    assert short > 0 and int(Rw.meta["shortfall"]) == short and Rw.count() == A.count() - short
+    with pytest.raises(InputError):
+        matched_random_mask(A, "uniform", seed=3, within=W)
 
 
 def test_rq2_trajectories_points_and_verdicts(tiny_study):
@@ -281,7 +296,11 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     q = res["rq2"]
     assert q["every"] == 1
     variants = {(t["variant"], t["seed"]) for t in q["trajectories"]}
-    assert variants == {(v, s) for v in ("full", "sub", "random_uniform", "random_magnitude") for s in (0, 1)} | {("union", 0), ("union", 1)}
+    rps = q["replay"]["runs"]
+    # the union control at every seed, and its padded partner wherever the union adds entries to the final mask
+    padded = {("padded", k) for k, run in ((0, "grpo"), (1, "grpo_s1")) if rps[run]["ever_outside_final"]}
+    assert variants == {(v, s) for v in ("full", "sub", "random_uniform", "random_magnitude", "union") for s in (0, 1)} | padded
+    assert padded, "the tiny study should exercise the padded control"
     for t in q["trajectories"]:
         assert [p["step"] for p in t["points"]] == [0, 1, 2]
         for p in t["points"][1:]:
@@ -305,6 +324,11 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     union = Subnetwork.load(d / "out" / "masks" / "grpo_union.safetensors")
     final = Subnetwork.load(d / "out" / "masks" / "grpo.safetensors")
     assert (final - union).count() == 0 and union.count() == final.count() + rp["ever_outside_final"]
+    if ("padded", 0) in padded:  # the final mask, plus never-changed entries as many as the union adds (less any shortfall)
+        pad = Subnetwork.load(d / "out" / "masks" / "grpo_padded.safetensors")
+        assert (final - pad).count() == 0 and (pad & (union - final)).count() == 0
+        assert pad.count() == union.count() - rp["padded_shortfall"] and rp["padded_added"] == pad.count() - final.count()
+        assert any(c["a"] == "padded" and c["b"] == "union" for c in q["verdicts"])
     assert rp["ever_changed"] >= rp["final_mask"] - 1 and set(rp["inside_by_kind"]) >= {"q", "down"}
     ob = rp["outside_by_kind"]  # by kind, the same entries: brute force over the two masks' tensors
     ever = Subnetwork.load(next((d / "out" / "runs").glob("grpo-*")) / "tracking" / "ever_changed.safetensors")

@@ -239,13 +239,20 @@ def overlap(paths_or_masks: list, consensus_for: int = 3, baseline: str | None =
     return OverlapResult(info, pairs, cons)
 
 
-def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed: int = 0) -> Subnetwork:
+def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed: int = 0, within: Subnetwork | None = None) -> Subnetwork:
     """A random mask drawn like ``stratified_baseline``'s null: the same number of ones as ``A`` in every
     stratum (``uniform``: the whole model; ``tensor``: each tensor; ``magnitude``: each tensor × exponent of
     |w0| in ``base``), positions uniformly at random within the stratum. The control a "the subnetwork
-    matters" claim needs: the same density, placed without knowledge of the run."""
+    matters" claim needs: the same density, placed without knowledge of the run.
+
+    ``within`` (``magnitude`` only) draws only among its entries; a stratum with fewer of them than ``A`` has
+    gets all it has, and ``meta["shortfall"]`` says how many ones are missing in all."""
     if kind not in BASELINES:
         raise InputError(f"--baseline: {kind!r} is not one of {', '.join(BASELINES)}.")
+    if within is not None:
+        if kind != "magnitude":
+            raise InputError(f"a random mask drawn within a set: only the magnitude-matched kind supports it, not {kind!r}.")
+        A._check_same(within, "the set to draw within")
     if kind != "magnitude":
         out = A.random_like(seed=seed, per_tensor=kind == "tensor")
         out.meta = {**out.meta, "criterion": f"random-{kind}", "matched_to": A.digest()}
@@ -257,14 +264,23 @@ def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed:
     rng = np.random.default_rng(seed)
     ck = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     bits = {}
+    short = 0
     try:
         for name in A.names:
             n = A.numel(name)
             bins = _exponent_bins(ck, name, n)
             e = _exponents(ck, name, 0, n)
             want = np.bincount(e, weights=A.bits(name, 0, n), minlength=bins).astype(np.int64)
-            # order entries by (exponent bin, random key) and keep the first want[bin] of every bin
-            order = np.lexsort((rng.random(n), e))
+            # order entries by (exponent bin, random key) and keep the first want[bin] of every bin; drawing
+            # within a set, its entries come first in every bin and no entry outside it is kept
+            if within is None:
+                order = np.lexsort((rng.random(n), e))
+            else:
+                ok = within.bits(name, 0, n).astype(bool)
+                order = np.lexsort((rng.random(n), ~ok, e))
+                have = np.bincount(e, weights=ok, minlength=bins).astype(np.int64)
+                short += int(np.maximum(want - have, 0).sum())
+                want = np.minimum(want, have)
             starts = np.concatenate([[0], np.cumsum(np.bincount(e, minlength=bins))[:-1]])
             rank_in_bin = np.arange(n) - starts[e[order]]
             b = np.zeros(n, bool)
@@ -273,4 +289,7 @@ def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed:
     finally:
         if ck is not base:
             ck.close()
-    return Subnetwork(dict(A.shapes), bits, {"criterion": "random-magnitude", "seed": str(seed), "matched_to": A.digest()})
+    meta = {"criterion": "random-magnitude", "seed": str(seed), "matched_to": A.digest()}
+    if within is not None:
+        meta.update(within=within.digest(), shortfall=str(short))
+    return Subnetwork(dict(A.shapes), bits, meta)

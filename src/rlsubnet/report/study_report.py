@@ -361,7 +361,8 @@ def _exponent_table(res: StudyResults, rows_in, sec: Section) -> None:
 
 
 VARIANT = {"init": "θ_init", "full": "θ_full", "sub": "θ_sub", "random_uniform": "random mask (uniform)",
-           "random_magnitude": "random mask (|w0|-matched)", "union": "θ_sub on the union mask"}
+           "random_magnitude": "random mask (|w0|-matched)", "union": "θ_sub on the union mask",
+           "padded": "θ_sub on the final mask padded at random to the union's size"}
 
 
 def _vname(v: str) -> str:
@@ -475,7 +476,8 @@ def render_rq2(res: StudyResults, figdir: Path) -> Section:
             steps = ", ".join(f"{VARIANT.get(v, v)} {'/'.join(str(x) for x in ss)}" for v, ss in pt.steps.items()) if pt.name == "matched" else None
             bullets.append(f"- **{pt.name}** — {pt.why}" + (f" (steps: {steps})" if steps else ""))
             for c in rq.verdicts:
-                if c["point"] == pt.name and (c["a"], c["b"]) in (("init", "full"), ("full", "sub"), ("random_magnitude", "sub"), ("random_uniform", "sub"), ("full", "union")):
+                if c["point"] == pt.name and (c["a"], c["b"]) in (("init", "full"), ("full", "sub"), ("random_magnitude", "sub"), ("random_uniform", "sub"), ("full", "union"),
+                                                                   ("full", "padded"), ("padded", "union")):
                     bullets.append("  - " + claim(c, f"{_vname(c['b'])} against {_vname(c['a'])}", "accuracy", VARIANT)
                                    + (_recovery_words(c) if (c["a"], c["b"]) == ("full", "sub") else ""))
         sec.add(f"**Verdicts.** Differences pooled over seeds and problems (bootstrap over seeds × problems); {fam} comparisons "
@@ -553,7 +555,10 @@ def _rq2_replay(rq, sec: Section) -> None:
         if x.get("ever_changed") is not None:
             lines.append(f"- `{run}`: {x['ever_changed']:,} entries changed (in bf16) at some step, {x['final_mask']:,} are in the final mask; "
                          f"{x['ever_outside_final']:,} ({pct(x['ever_outside_share'], 1)} of the ever-changed) crossed a rounding boundary and came "
-                         "back, so a mask taken at the end cannot replay them (paper: about 8.5%)")
+                         "back, so a mask taken at the end cannot replay them (paper: about 8.5%)"
+                         + (f"; the padded mask adds {x['padded_added']:,} never-changed entries"
+                            + (f", {x['padded_shortfall']:,} short of the union's size (|w0| bins without enough never-changed entries)"
+                               if x.get("padded_shortfall") else "") if x.get("padded_added") is not None else ""))
     kinds, outside = {}, {}
     for x in rp.values():
         for k, v in (x.get("inside_by_kind") or {}).items():
@@ -564,7 +569,11 @@ def _rq2_replay(rq, sec: Section) -> None:
     sec.add("**What the mask can and cannot replay.** Under bf16 mixed precision the mask is the set of entries whose stored bf16 value "
             "differs at the end; embeddings and norms are read in fp32 by the forward pass, and entries that moved and came back are "
             "outside it, so θ_sub cannot replay θ_full exactly. The control *θ_sub on the union mask* trains every entry that changed "
-            "at any step.", "\n".join(lines) if lines else None)
+            "at any step." + (" Its partner, *θ_sub on the final mask padded at random to the union's size*, trains the final mask plus "
+                              "as many entries as the union adds, drawn among the entries that never changed (matched per tensor × |w0| bin "
+                              "to the added ones): if the union recovers θ_full and the padded mask does not, it is *which* entries the "
+                              "union adds, not how many." if any(t.variant == "padded" for t in rq.trajectories) else ""),
+            "\n".join(lines) if lines else None)
     if kinds:
         head = ["kind", "entries in mask", "bits equal", "|Δ| ≤ 1e-5", "|Δ| ≤ 1e-4"]
         rows = [[k, f"{sum(v['inside'] for v in vs):,}"] + [pct(sum(v[key] * v["inside"] for v in vs) / max(1, sum(v["inside"] for v in vs)), 1)

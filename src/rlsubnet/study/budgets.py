@@ -36,7 +36,7 @@ class Budget:
     pref_k: int = 4  # samples per prompt when building the model's own preference pairs
     pairs_per_prompt: int = 1  # distinct (chosen, rejected) pairs kept per prompt
     min_pairs: int = 0  # the preference data's target size; fewer distinct pairs is said in the report
-    union_control: bool = False  # RQ2: also train θ_sub on the union of every step's changes (every seed)
+    union_control: bool = False  # RQ2: also train θ_sub on the union of every step's changes and on the final mask padded to its size (every seed)
     mask_order: str = "before-clip"  # masked runs: mask the gradient before clipping (the paper's g ← m ⊙ ∇L)
 
     @property
@@ -52,7 +52,7 @@ BUDGETS = {
     # the paper's regime on this model: linear schedule with 10% warmup (the paper's DPO), peak 6.4e-5, so
     # Σlr ≈ 16 × 6.4e-5 ≈ 1.0e-3 puts the floor near 1% of parameters; DPO on ≥ 256 distinct pairs of the model's
     # own samples (32 steps × 8 = one pass, no pair repeated); 3 seeds for SFT, GRPO and DPO; RQ2 on DPO (the
-    # paper's default ablation), 3 seeds, both controls and the union-mask control, a checkpoint every 4 steps
+    # paper's default ablation), 3 seeds, both controls, the union and padded controls, a checkpoint every 4 steps
     "standard": Budget(steps=32, batch=16, gens=8, pref_batch=8, max_new_tokens=16, n_train=256, n_eval=200, pref_prompts=450,
                        rqs=("rq1", "rq2", "rq4", "rq5"), rq1_algos=("sft", "grpo", "dpo", "kto", "rloo", "orpo", "simpo"), save_every=0,
                        lr=6.4e-5, seeds=3, rq2_algos=("dpo",), lr_schedule="linear", warmup_ratio=0.1, rq2_every=4,

@@ -199,7 +199,7 @@ class Trajectory(_Typed):
     """A run's accuracy along training: θ_full, θ_sub or a control, one seed."""
 
     algo: str
-    variant: str  # full | sub | random_uniform | random_magnitude | union
+    variant: str  # full | sub | random_uniform | random_magnitude | union | padded
     seed: int
     run: str
     points: list[TrajectoryPoint]

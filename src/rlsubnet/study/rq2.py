@@ -85,6 +85,33 @@ def union_mask(study, name: str, full_dir: str) -> str | None:
     return str(out)
 
 
+def padded_mask(study, name: str, union_path: str, seed: int) -> str | None:
+    """The union mask's partner: θ_full's final mask plus as many entries as the union adds, drawn at random
+    among the entries that never changed, matched per tensor × |w0| exponent bin to the entries the union adds.
+    Trained like θ_sub, it tells "the union recovers because of *which* entries it adds" from "because it trains
+    more entries"."""
+    from ..masks.overlap import matched_random_mask
+
+    final, union = Subnetwork.load(study.mask(name)), Subnetwork.load(union_path)
+    added = union - final
+    if not added.count():
+        return None
+    out = Path(study.mask(f"{name}_padded"))
+    if out.exists():
+        try:
+            m = Subnetwork.load(out)
+            if m.meta.get("matched_to") == union.digest():
+                return str(out)
+        except InputError:  # a damaged cached mask is rebuilt
+            pass
+    extra = matched_random_mask(added, "magnitude", base=study.model, seed=3000 + seed, within=~union)
+    m = final | extra
+    m.meta = {"criterion": "final mask ∪ random never-changed entries, |w0|-matched to the union's added entries",
+              "matched_to": union.digest(), "seed": str(3000 + seed), "shortfall": extra.meta["shortfall"]}
+    m.save(out)
+    return str(out)
+
+
 def replay_numbers(study, name: str, full_dir: str, close_sub) -> dict:
     """What the final mask cannot replay: entries changed at some step but outside it (in all and by tensor kind),
     and θ_sub's agreement with θ_full inside the mask by tensor kind."""
@@ -176,6 +203,8 @@ def compare_at(acc: dict, trajs: list[Trajectory], point: RQ2Point, controls: li
     pairs_of = [("full", "sub"), ("init", "sub")] if point.name == "matched" else [("init", "full"), ("full", "sub"), ("init", "sub")]
     for c in controls:
         pairs_of += [("full", c), ("init", c), (c, "sub")]
+    if "union" in controls and "padded" in controls:  # the same size: which entries the union adds, not how many
+        pairs_of.append(("padded", "union"))
     out = []
     for a, b in pairs_of:
         pairs = [(outs(a, k), outs(b, k)) for k in seeds]
@@ -265,6 +294,9 @@ def run_rq2(study) -> RQ2:
                 u = union_mask(study, name, full)
                 if u:
                     variants["union"] = u
+                    p = padded_mask(study, name, u, cfg.seed)
+                    if p:
+                        variants["padded"] = p
             models, close, close_raw = {"init": study.model, "full": full}, {}, {}
             trajs.append(trajectory(study, algo, "full", cfg.seed, name, full, every))
             for v, mask in variants.items():
@@ -277,6 +309,10 @@ def run_rq2(study) -> RQ2:
                             "mask_density": Subnetwork.load(mask).density()}
                 trajs.append(trajectory(study, algo, v, cfg.seed, f"{name}_{v}", models[v], every))
             replay[name] = replay_numbers(study, name, full, close_raw["sub"])
+            if "padded" in variants:
+                pm = Subnetwork.load(variants["padded"])
+                replay[name].update(padded_added=pm.count() - Subnetwork.load(study.mask(name)).count(),
+                                    padded_shortfall=int(pm.meta.get("shortfall", 0)))
             rows.append(_endpoint_row(study, algo, k, cfg, name, models, variants, close, init_acc))
     points, verdicts, nulls = decide(study.results["accuracy"], trajs, b.rq2_algos, every)
     agg = across_seeds(rows, b.rq2_algos)
@@ -289,7 +325,7 @@ def decide(acc: dict, trajs: list[Trajectory], algos, every: int) -> tuple[list[
     on different machines and joined by ``rlsubnet study-merge`` are decided exactly as one study decides them):
     at stated points, pooled over seeds, Holm over every comparison drawn, jitter from θ_full against itself."""
     verdicts, nulls, points = [], [], []
-    controls = [v for v in dict.fromkeys(t.variant for t in trajs) if v.startswith("random_") or v == "union"]
+    controls = [v for v in dict.fromkeys(t.variant for t in trajs) if v.startswith("random_") or v in ("union", "padded")]
     for algo in algos:
         at = [t for t in trajs if t.algo == algo]
         steps = sorted({p.step for t in at for p in t.points if p.step > 0})
