@@ -640,7 +640,7 @@ def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
 
     setup = "\n".join(b for b in render_setup(StudyResults.from_dict(merged), tmp_path / "figs").blocks if isinstance(b, str))
     assert "**merged** (`rlsubnet study-merge`) from 2 studies" in setup and "seed 1 from `s1`" in setup
-    assert "the merged studies' own invocations took" in setup and "`--seeds" not in setup
+    assert "the merged studies' last invocations took" in setup and "(its last invocation: " in setup and "`--seeds" not in setup
     three = json.loads(json.dumps(merged))
     three["meta"]["budget_seeds"] = 3  # two seeds of a three-seed budget
     setup = "\n".join(b for b in render_setup(StudyResults.from_dict(three), tmp_path / "figs").blocks if isinstance(b, str))

@@ -173,7 +173,8 @@ def _time_line(res: StudyResults) -> str:
     train_min = sum(r.elapsed_s for r in res.runs.values()) / 60
     if meta.get("merged_from"):
         return (f"- {meta['runs']} runs, {train_min:.1f} minutes of training in all (the runs' own logs; sampling and evaluation "
-                f"not included); the merged studies' own invocations took {meta['elapsed_s'] / 60:.1f} minutes in all")
+                f"not included); the merged studies' last invocations took {meta['elapsed_s'] / 60:.1f} minutes in all (a study resumed "
+                "from its cache counts only its last invocation)")
     return (f"- {meta['runs']} runs, {train_min:.1f} minutes of training in all (the runs' own logs; sampling and evaluation "
             f"not included); this invocation took {meta['elapsed_s'] / 60:.1f} minutes (runs found in the cache are not re-run)")
 
@@ -208,7 +209,7 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
         only_rq2 = all(set(m.get("rqs") or {"rq2": 0}) == {"rq2"} for m in meta["merged_from"])
         what = lambda m: seeds(m["seeds"]) if only_rq2 else ", ".join(rq.upper() if rq == "rq4" else f"{rq.upper()} {seeds(ss)}"
                                                                        for rq, ss in m["rqs"].items())
-        parts = [f"{what(m)} from `{m['record']}` ({m['elapsed_s'] / 60:.0f} minutes)" for m in meta["merged_from"]]
+        parts = [f"{what(m)} from `{m['record']}` (its last invocation: {m['elapsed_s'] / 60:.0f} minutes)" for m in meta["merged_from"]]
         again = [w for rq, w in (("rq1", "RQ1's means and SFT-against-RL comparisons"), ("rq2", "RQ2's points, verdicts and nulls"),
                                  ("rq5", "RQ5's in- against off-distribution comparisons")) if rq in (meta.get("rqs") or ["rq2"])]
         lines.append(f"- **merged** (`rlsubnet study-merge`) from {len(parts)} studies whose "
