@@ -328,6 +328,7 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
         pad = Subnetwork.load(d / "out" / "masks" / "grpo_padded.safetensors")
         assert (final - pad).count() == 0 and (pad & (union - final)).count() == 0
         assert pad.count() == union.count() - rp["padded_shortfall"] and rp["padded_added"] == pad.count() - final.count()
+        assert int(pad.meta["shortfall"]) == rp["padded_shortfall"]  # the draw's own count agrees with the bits
         assert any(c["a"] == "padded" and c["b"] == "union" for c in q["verdicts"])
     assert rp["ever_changed"] >= rp["final_mask"] - 1 and set(rp["inside_by_kind"]) >= {"q", "down"}
     ob = rp["outside_by_kind"]  # by kind, the same entries: brute force over the two masks' tensors

@@ -98,9 +98,9 @@ def padded_mask(study, name: str, union_path: str, seed: int) -> str | None:
         return None
     out = Path(study.mask(f"{name}_padded"))
     if out.exists():
-        try:
+        try:  # a cached mask is used only if it is drawn for this union and is the final mask plus none of the added entries
             m = Subnetwork.load(out)
-            if m.meta.get("matched_to") == union.digest():
+            if m.meta.get("matched_to") == union.digest() and not (final - m).count() and not (m & added).count():
                 return str(out)
         except InputError:  # a damaged cached mask is rebuilt
             pass
@@ -309,10 +309,10 @@ def run_rq2(study) -> RQ2:
                             "mask_density": Subnetwork.load(mask).density()}
                 trajs.append(trajectory(study, algo, v, cfg.seed, f"{name}_{v}", models[v], every))
             replay[name] = replay_numbers(study, name, full, close_raw["sub"])
-            if "padded" in variants:
-                pm = Subnetwork.load(variants["padded"])
-                replay[name].update(padded_added=pm.count() - Subnetwork.load(study.mask(name)).count(),
-                                    padded_shortfall=int(pm.meta.get("shortfall", 0)))
+            if "padded" in variants:  # counted from the masks' bits, not their metadata
+                n_pad, n_final, n_union = (Subnetwork.load(variants[v] if v != "final" else study.mask(name)).count()
+                                           for v in ("padded", "final", "union"))
+                replay[name].update(padded_added=n_pad - n_final, padded_shortfall=n_union - n_pad)
             rows.append(_endpoint_row(study, algo, k, cfg, name, models, variants, close, init_acc))
     points, verdicts, nulls = decide(study.results["accuracy"], trajs, b.rq2_algos, every)
     agg = across_seeds(rows, b.rq2_algos)
