@@ -324,12 +324,15 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
     union = Subnetwork.load(d / "out" / "masks" / "grpo_union.safetensors")
     final = Subnetwork.load(d / "out" / "masks" / "grpo.safetensors")
     assert (final - union).count() == 0 and union.count() == final.count() + rp["ever_outside_final"]
-    if ("padded", 0) in padded:  # the final mask, plus never-changed entries as many as the union adds (less any shortfall)
-        pad = Subnetwork.load(d / "out" / "masks" / "grpo_padded.safetensors")
-        assert (final - pad).count() == 0 and (pad & (union - final)).count() == 0
-        assert pad.count() == union.count() - rp["padded_shortfall"] and rp["padded_added"] == pad.count() - final.count()
-        assert int(pad.meta["shortfall"]) == rp["padded_shortfall"]  # the draw's own count agrees with the bits
-        assert any(c["a"] == "padded" and c["b"] == "union" for c in q["verdicts"])
+    for k, run in ((0, "grpo"), (1, "grpo_s1")):  # the final mask, plus never-changed entries as many as the union adds (less any shortfall)
+        if ("padded", k) not in padded:
+            continue
+        fk, uk = Subnetwork.load(d / "out" / "masks" / f"{run}.safetensors"), Subnetwork.load(d / "out" / "masks" / f"{run}_union.safetensors")
+        pad = Subnetwork.load(d / "out" / "masks" / f"{run}_padded.safetensors")
+        assert (fk - pad).count() == 0 and (pad & (uk - fk)).count() == 0  # (here the bins may hold no never-changed entry)
+        assert pad.count() == uk.count() - rps[run]["padded_shortfall"] and rps[run]["padded_added"] == pad.count() - fk.count()
+        assert int(pad.meta["shortfall"]) == rps[run]["padded_shortfall"]  # the draw's own count agrees with the bits
+    assert any(c["a"] == "padded" and c["b"] == "union" for c in q["verdicts"])
     assert rp["ever_changed"] >= rp["final_mask"] - 1 and set(rp["inside_by_kind"]) >= {"q", "down"}
     ob = rp["outside_by_kind"]  # by kind, the same entries: brute force over the two masks' tensors
     ever = Subnetwork.load(next((d / "out" / "runs").glob("grpo-*")) / "tracking" / "ever_changed.safetensors")
