@@ -120,18 +120,18 @@ def replay_numbers(study, name: str, full_dir: str, close_sub) -> dict:
     final = Subnetwork.load(study.mask(name))
     if ever_p.exists():
         ever = Subnetwork.load(ever_p)
-        n_ever = sum(int(np.bitwise_count(ever.packed(n)).sum()) for n in ever.shapes)
-        outside = sum(int(np.bitwise_count(ever.packed(n) & ~final.packed(n)).sum()) for n in ever.shapes if n in final.shapes)
-        out.update(ever_changed=n_ever, final_mask=final.count(), ever_outside_final=outside,
-                   ever_outside_share=outside / n_ever if n_ever else 0.0)
-        # where they are: a kind's entries that changed at some step but not at the end, over the kind's entries
+        n_ever = ever.count()
+        # entries that changed at some step but not at the end, counted once per tensor and summed by kind
         by: dict = {}
         for n in ever.shapes:
             if n in final.shapes:
                 k = by.setdefault(module_kind(n), {"outside": 0, "numel": 0})
                 k["outside"] += int(np.bitwise_count(ever.packed(n) & ~final.packed(n)).sum())
                 k["numel"] += int(np.prod(ever.shapes[n]))
-        out["outside_by_kind"] = {k: {**v, "share": v["outside"] / v["numel"] if v["numel"] else 0.0} for k, v in sorted(by.items())}
+        outside = sum(v["outside"] for v in by.values())
+        out.update(ever_changed=n_ever, final_mask=final.count(), ever_outside_final=outside,
+                   ever_outside_share=outside / n_ever if n_ever else 0.0,
+                   outside_by_kind={k: {**v, "share": v["outside"] / v["numel"] if v["numel"] else 0.0} for k, v in sorted(by.items())})
     kinds: dict = {}
     for t in close_sub.tensors:
         if not t.get("mask_numel"):
