@@ -496,7 +496,8 @@ def test_train_checks_config_against_weights_before_building(tmp_path):
 
 @pytest.mark.parametrize("args,where", [(["train", "--algo", "nope"], "--algo"), (["train", "--algo", "sft", "--seed", str(2**64)], "--seed"),
                                         (["study", "--level", "-1"], "--level"), (["study", "--seeds", "0"], "--seeds"),
-                                        (["study", "--lr-scale", "nan"], "--lr-scale"), (["study", "--lr-scale", "0"], "--lr-scale")])
+                                        (["study", "--lr-scale", "nan"], "--lr-scale"), (["study", "--lr-scale", "0"], "--lr-scale"),
+                                        (["study", "--mask-order", "sideways"], "--mask-order")])
 def test_bad_options_are_refused_before_heavy_work(tmp_path, args, where):
     """Defect: `train --algo nope` took 5 s (torch imported first); --seed 2**64 and study --level -1 gave tracebacks."""
     extra = ["--model", tmp_path, "--out", tmp_path / "o"] if args[0] == "train" else ["--out", tmp_path / "o"]

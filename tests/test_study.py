@@ -77,7 +77,7 @@ def test_seeds_option_runs_fewer_seeds_and_says_so(tiny_study):
     and the Setup says the budget's own count, and the lr as the budget's times `--lr-scale`."""
     from rich.console import Console
 
-    from rlsubnet.report.study_report import render_setup
+    from rlsubnet.report.study_report import render_rq2, render_setup
 
     d, model, res = tiny_study
     con = Console(record=True)
@@ -98,6 +98,20 @@ def test_seeds_option_runs_fewer_seeds_and_says_so(tiny_study):
     assert "this invocation took 0.1 minutes (runs found in the cache are not re-run)" in setup
     with pytest.raises(InputError, match="--seeds"):
         Study(str(d / "out2"), model=model, budget="tiny", seeds=0)
+    # `--mask-order after-clip`: θ_full (unmasked) is the same run, from the cache; every masked run trains anew with
+    # the mask applied after clipping, and the record and the report say which order
+    ac = Study(str(d / "out1"), model=model, budget="tiny", reward="digits", lr_scale=100, only=("rq2",), seeds=1,
+               mask_order="after-clip", console=Console(quiet=True)).run()
+    assert ac.meta["budget_settings"]["mask_order"] == "after-clip" and ac.rq2.replay["mask_order"] == "after-clip"
+    full = next(t.run for t in ac.rq2.trajectories if t.variant == "full")
+    assert ac.runs[full].dir == one.runs[full].dir
+    masked = [t.run for t in ac.rq2.trajectories if t.variant != "full"]
+    assert masked and all(ac.runs[r].dir != one.runs[r].dir for r in masked)
+    assert one.rq2.replay["mask_order"] == "before-clip"
+    setup = "\n".join(b for b in render_rq2(ac, d / "figs").blocks if isinstance(b, str))
+    assert "mask the gradient after gradient clipping (`--mask-order after-clip`" in setup
+    with pytest.raises(InputError, match="--mask-order"):
+        Study(str(d / "out2"), model=model, budget="tiny", mask_order="sideways")
 
 
 @pytest.mark.slow
@@ -271,21 +285,44 @@ def test_matched_random_mask_keeps_every_stratum_count(tmp_path):
             assert a[e == b].sum() == r[e == b].sum(), (n, b)
     U = matched_random_mask(A, "uniform", seed=3)
     assert U.count() == A.count() and U != A
-    # drawn within a set (the padded control draws among never-changed entries): inside it, and per bin as many
-    # as A has or as the set holds, whichever is fewer; the missing ones counted
+    # drawn within a set (the padded control draws among never-changed entries): inside it; every bin gets as many
+    # as A has or as the set holds, whichever is fewer, and the rest comes from other bins of the same tensor, so
+    # each tensor gets min(A's count, the set's count); what is still missing is counted
     W = Subnetwork.from_bool({n: rng.random(tuple(t.shape)) < 0.3 for n, t in sd.items()})
     Rw = matched_random_mask(A, "magnitude", base=base, seed=3, within=W)
     assert (Rw - W).count() == 0
-    short = 0
+    short = moved = 0
     for n, t in sd.items():
         e = ((t.view(torch.int16).to(torch.int32) >> 7) & 0xFF).numpy().reshape(-1)
         a, r, w = A.array(n).reshape(-1), Rw.array(n).reshape(-1), W.array(n).reshape(-1)
         for b in np.unique(e):
-            assert r[e == b].sum() == min(a[e == b].sum(), w[e == b].sum()), (n, b)
-            short += max(0, int(a[e == b].sum()) - int(w[e == b].sum()))
+            assert r[e == b].sum() >= min(a[e == b].sum(), w[e == b].sum()), (n, b)
+            moved += max(0, int(r[e == b].sum()) - int(a[e == b].sum()))
+        assert r.sum() == min(a.sum(), w.sum()), n
+        short += max(0, int(a.sum()) - int(w.sum()))
     assert short > 0 and int(Rw.meta["shortfall"]) == short and Rw.count() == A.count() - short
+    assert int(Rw.meta["moved"]) == moved
+    # a set big enough in every tensor: no shortfall, the same count as A, bins filled from their neighbours
+    W2 = Subnetwork.from_bool({n: (t.float().abs().numpy() >= 0.01) | (rng.random(tuple(t.shape)) < 0.2) for n, t in sd.items()})
+    R2 = matched_random_mask(A, "magnitude", base=base, seed=3, within=W2)
+    assert (R2 - W2).count() == 0 and R2.count() == A.count() and R2.meta["shortfall"] == "0" and int(R2.meta["moved"]) > 0
     with pytest.raises(InputError):
         matched_random_mask(A, "uniform", seed=3, within=W)
+
+
+def test_spill_to_nearest_bin_by_hand():
+    """The padded control's fill rule on hand-computed cases: a bin's deficit comes from the nearest bins with
+    entries to spare, the smaller exponent first at equal distance; what no bin can give is the shortfall."""
+    from rlsubnet.masks.overlap import _spill_to_nearest
+
+    take, short, moved = _spill_to_nearest(np.array([0, 5, 0, 0]), np.array([3, 1, 3, 0]))
+    assert take.tolist() == [3, 1, 1, 0] and (short, moved) == (0, 4)  # 4 missing: the 3 below, then 1 above
+    take, short, moved = _spill_to_nearest(np.array([0, 0, 4, 0, 1]), np.array([9, 0, 0, 2, 1]))
+    assert take.tolist() == [2, 0, 0, 2, 1] and (short, moved) == (0, 4)  # bin 3 (distance 1) first, then bin 0
+    take, short, moved = _spill_to_nearest(np.array([3, 3]), np.array([1, 2]))
+    assert take.tolist() == [1, 2] and (short, moved) == (3, 0)
+    take, short, moved = _spill_to_nearest(np.array([2, 0, 2]), np.array([0, 3, 0]))
+    assert take.tolist() == [0, 3, 0] and (short, moved) == (1, 3)  # bin 0's deficit is served first
 
 
 def test_rq2_trajectories_points_and_verdicts(tiny_study):
@@ -332,6 +369,7 @@ def test_rq2_trajectories_points_and_verdicts(tiny_study):
         assert (fk - pad).count() == 0 and (pad & (uk - fk)).count() == 0  # (here the bins may hold no never-changed entry)
         assert pad.count() == uk.count() - rps[run]["padded_shortfall"] and rps[run]["padded_added"] == pad.count() - fk.count()
         assert int(pad.meta["shortfall"]) == rps[run]["padded_shortfall"]  # the draw's own count agrees with the bits
+        assert pad.meta["fill"] == "nearest bin" and int(pad.meta["moved"]) == rps[run]["padded_moved"]
     assert any(c["a"] == "padded" and c["b"] == "union" for c in q["verdicts"])
     assert rp["ever_changed"] >= rp["final_mask"] - 1 and set(rp["inside_by_kind"]) >= {"q", "down"}
     ob = rp["outside_by_kind"]  # by kind, the same entries: brute force over the two masks' tensors

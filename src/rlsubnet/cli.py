@@ -511,6 +511,7 @@ def study(
     precision: Optional[str] = typer.Option(None, "--precision", help="training precision: mixed (default) | fp32 | bf16"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds for SFT/GRPO/DPO (RQ1, RQ5) and RQ2 (default: the budget's; 1 to 16)"),
     lr_scale: float = typer.Option(1.0, "--lr-scale", help="every run's learning rate is the budget's times this (RQ5's 1×/4×/16× rows scale with it); the Setup states the lr"),
+    mask_order: Optional[str] = typer.Option(None, "--mask-order", help="RQ2's masked runs: before-clip (the budget's default: clipping sees the masked gradient, the paper's g ← m ⊙ ∇L) | after-clip; the report states the order"),
     only_seeds: Optional[str] = typer.Option(None, "--only-seeds", help="run only these of the --seeds (0-based, comma-separated): RQ1's SFT/GRPO/DPO, RQ2, RQ5's in- vs off-distribution runs; what runs once (RQ1's other algorithms, RQ4, RQ5's ablations) belongs to seed 0. To split a study across machines or sessions; rlsubnet study-merge joins the records"),
 ) -> None:
     """Run the paper's study end to end and write report.html, report.md and results.json."""
@@ -527,7 +528,7 @@ def study(
         except ValueError:
             raise InputError(f"--only-seeds: {only_seeds!r} is not a comma-separated list of seed numbers.") from None
     results = Study(out, model=model, budget=budget, only=rqs, seed=seed, task=task, task2=task2, level=level, precision=precision, seeds=seeds,
-                    lr_scale=lr_scale, only_seeds=ks).run()
+                    lr_scale=lr_scale, only_seeds=ks, mask_order=mask_order).run()
     _write_report(results, out)
 
 

@@ -246,7 +246,9 @@ def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed:
     matters" claim needs: the same density, placed without knowledge of the run.
 
     ``within`` (``magnitude`` only) draws only among its entries; a stratum with fewer of them than ``A`` has
-    gets all it has, and ``meta["shortfall"]`` says how many ones are missing in all."""
+    gets all it has and the rest is drawn from the nearest exponent bins of the same tensor that have entries
+    to spare (nearest first, the smaller exponent first at equal distance; ``meta["moved"]`` counts them), and
+    ``meta["shortfall"]`` says how many ones are still missing when the tensor's set is smaller than its share."""
     if kind not in BASELINES:
         raise InputError(f"--baseline: {kind!r} is not one of {', '.join(BASELINES)}.")
     if within is not None:
@@ -264,7 +266,7 @@ def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed:
     rng = np.random.default_rng(seed)
     ck = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     bits = {}
-    short = 0
+    short = moved = 0
     try:
         for name in A.names:
             n = A.numel(name)
@@ -279,8 +281,8 @@ def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed:
                 ok = within.bits(name, 0, n).astype(bool)
                 order = np.lexsort((rng.random(n), ~ok, e))
                 have = np.bincount(e, weights=ok, minlength=bins).astype(np.int64)
-                short += int(np.maximum(want - have, 0).sum())
-                want = np.minimum(want, have)
+                want, s, m = _spill_to_nearest(want, have)
+                short, moved = short + s, moved + m
             starts = np.concatenate([[0], np.cumsum(np.bincount(e, minlength=bins))[:-1]])
             rank_in_bin = np.arange(n) - starts[e[order]]
             b = np.zeros(n, bool)
@@ -291,5 +293,26 @@ def matched_random_mask(A: Subnetwork, kind: str = "magnitude", base=None, seed:
             ck.close()
     meta = {"criterion": "random-magnitude", "seed": str(seed), "matched_to": A.digest()}
     if within is not None:
-        meta.update(within=within.digest(), shortfall=str(short))
+        meta.update(within=within.digest(), shortfall=str(short), moved=str(moved), fill="nearest bin")
     return Subnetwork(dict(A.shapes), bits, meta)
+
+
+def _spill_to_nearest(want: np.ndarray, have: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """How many entries to draw per bin when bin b holds only ``have[b]``: each bin's own first, then every
+    bin's deficit (in bin order) from the nearest bins with entries to spare. Returns the counts, the ones still
+    missing and the ones moved to another bin."""
+    take = np.minimum(want, have)
+    spare = have - take
+    short = moved = 0
+    for b in np.flatnonzero(want > have):
+        need = int(want[b] - have[b])
+        for j in sorted(np.flatnonzero(spare > 0), key=lambda j: (abs(int(j) - int(b)), int(j))):
+            k = min(need, int(spare[j]))
+            take[j] += k
+            spare[j] -= k
+            need -= k
+            moved += k
+            if not need:
+                break
+        short += need
+    return take, short, moved

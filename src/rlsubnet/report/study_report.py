@@ -464,7 +464,8 @@ def render_rq2(res: StudyResults, figdir: Path) -> Section:
                 lines.append(f"- θ_full `{run}` at the end (mean over the last {_n(d['every'], 'step')}): " + ", ".join(bits))
         order = (rq.replay or {}).get("mask_order", "before-clip")
         lines.append(f"- masked runs mask the gradient {order.split('-')[0]} gradient clipping"
-                     + (" (the paper's g ← m ⊙ ∇L: clipping sees the masked gradient)" if order == "before-clip" else ""))
+                     + (" (the paper's g ← m ⊙ ∇L: clipping sees the masked gradient)" if order == "before-clip"
+                        else " (`--mask-order after-clip`: clipping sees the whole gradient's norm, then the mask applies)"))
         sec.add("**Operating point.**", "\n".join(lines))
     for algo in algos:
         if rq.trajectories:
@@ -558,7 +559,9 @@ def _rq2_replay(rq, sec: Section) -> None:
                          f"{x['ever_outside_final']:,} ({pct(x['ever_outside_share'], 1)} of the ever-changed) crossed a rounding boundary and came "
                          "back, so a mask taken at the end cannot replay them (paper: about 8.5%)"
                          + (f"; the padded mask adds {x['padded_added']:,} never-changed entries"
-                            + (f", {x['padded_shortfall']:,} short of the union's size (|w0| bins without enough never-changed entries)"
+                            + (f" ({x['padded_moved']:,} of them from a neighbouring |w0| bin of the same tensor, where the union's own bin "
+                               "held too few never-changed entries)" if x.get("padded_moved") else "")
+                            + (f", {x['padded_shortfall']:,} short of the union's size (tensors without enough never-changed entries)"
                                if x.get("padded_shortfall") else "") if x.get("padded_added") is not None else ""))
     kinds, outside = {}, {}
     for x in rp.values():

@@ -87,7 +87,7 @@ class Study:
     def __init__(self, out: str, model: str | None = None, budget: str = "quick", only: tuple | None = None, seed: int = 0,
                  task: str = "add", task2: str = "compare", level: int | None = None, console: Console | None = None,
                  lr_scale: float = 1.0, reward: str = "exact", precision: str | None = None, seeds: int | None = None,
-                 only_seeds: tuple | None = None):
+                 only_seeds: tuple | None = None, mask_order: str | None = None):
         if budget not in BUDGETS:
             raise InputError(f"--budget: {budget!r} is not one of {', '.join(BUDGETS)}.")
         self.b = BUDGETS[budget]
@@ -95,6 +95,12 @@ class Study:
             if type(seeds) is not int or not 1 <= seeds <= 16:
                 raise InputError(f"--seeds: {seeds!r} must be an integer between 1 and 16.")
             self.b = replace(self.b, seeds=seeds)
+        if mask_order is not None:  # RQ2's masked runs: the gradient masked before clipping (the budget's) or after
+            from ..training.config import MASK_ORDERS
+
+            if mask_order not in MASK_ORDERS:
+                raise InputError(f"--mask-order: {mask_order!r} is not one of {', '.join(MASK_ORDERS)}.")
+            self.b = replace(self.b, mask_order=mask_order)
         self.budget = budget
         self.out = Path(out)
         self.con = console or Console()
@@ -322,20 +328,27 @@ class Study:
         r = random.Random(self.seed)
         return {"prompt": [p.prompt for p in probs], "chosen": [p.solution for p in probs], "rejected": [corrupt(p, r) for p in probs]}
 
+    def kept_mask(self, out: Path, build, accept) -> str:
+        """A mask built once and kept at ``out``: a file already there is used only if it loads and ``accept``
+        says it is the mask this study would build now (drawn for the same run, the same rule); a damaged or
+        stale one is rebuilt by ``build`` and written in its place."""
+        if out.exists():
+            try:
+                if accept(Subnetwork.load(out)):
+                    return str(out)
+            except InputError:  # a damaged cached mask is rebuilt
+                pass
+        build().save(out)
+        return str(out)
+
     def control_mask(self, name: str, kind: str, seed: int) -> str:
         """A random mask matched to ``name``'s mask (``uniform`` or ``magnitude``), drawn once and kept."""
         from ..masks.overlap import matched_random_mask
 
-        out = self.out / "masks" / f"{name}_random_{kind}.safetensors"
         src = Subnetwork.load(self.mask(name))
-        if out.exists():
-            try:
-                if Subnetwork.load(out).meta.get("matched_to") == src.digest():
-                    return str(out)
-            except InputError:
-                pass
-        matched_random_mask(src, kind, base=self.model, seed=1000 + seed).save(out)
-        return str(out)
+        return self.kept_mask(self.out / "masks" / f"{name}_random_{kind}.safetensors",
+                              lambda: matched_random_mask(src, kind, base=self.model, seed=1000 + seed),
+                              lambda m: m.meta.get("matched_to") == src.digest())
 
     # -- the research questions (each in its own function, returning typed rows) --------------------------
     def rq1(self) -> None:

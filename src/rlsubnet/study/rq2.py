@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.naming import module_kind
-from ..io.errors import InputError
 from ..masks import Subnetwork, closeness
 from ..training.config import PREFERENCE
 from .results import RQ2, RQ2Point, RQ2Row, Trajectory, TrajectoryPoint, equal_at
@@ -75,14 +74,7 @@ def union_mask(study, name: str, full_dir: str) -> str | None:
             for n in final.shapes}
     u = Subnetwork(final.shapes, bits, meta={"criterion": "bitwise, union over steps", "matched_to": final.digest(),
                                               "ever_digest": ever.digest()})
-    if out.exists():
-        try:
-            if Subnetwork.load(out).digest() == u.digest():
-                return str(out)
-        except InputError:  # a damaged cached mask is rebuilt
-            pass
-    u.save(out)
-    return str(out)
+    return study.kept_mask(out, lambda: u, lambda m: m.digest() == u.digest())
 
 
 def padded_mask(study, name: str, union_path: str, seed: int) -> str | None:
@@ -96,20 +88,21 @@ def padded_mask(study, name: str, union_path: str, seed: int) -> str | None:
     added = union - final
     if not added.count():
         return None
-    out = Path(study.mask(f"{name}_padded"))
-    if out.exists():
-        try:  # a cached mask is used only if it is drawn for this union and is the final mask plus none of the added entries
-            m = Subnetwork.load(out)
-            if m.meta.get("matched_to") == union.digest() and not (final - m).count() and not (m & added).count():
-                return str(out)
-        except InputError:  # a damaged cached mask is rebuilt
-            pass
-    extra = matched_random_mask(added, "magnitude", base=study.model, seed=3000 + seed, within=~union)
-    m = final | extra
-    m.meta = {"criterion": "final mask ∪ random never-changed entries, |w0|-matched to the union's added entries",
-              "matched_to": union.digest(), "seed": str(3000 + seed), "shortfall": extra.meta["shortfall"]}
-    m.save(out)
-    return str(out)
+    seed = 3000 + seed
+
+    def build() -> Subnetwork:
+        extra = matched_random_mask(added, "magnitude", base=study.model, seed=seed, within=~union)
+        m = final | extra
+        m.meta = {"criterion": "final mask ∪ random never-changed entries, |w0|-matched to the union's added entries",
+                  "matched_to": union.digest(), "seed": str(seed), "fill": extra.meta["fill"],
+                  "shortfall": extra.meta["shortfall"], "moved": extra.meta["moved"]}
+        return m
+
+    # a cached mask is used only if it is drawn for this union by this rule (short bins filled from their
+    # neighbours), and is the final mask plus none of the added entries
+    return study.kept_mask(Path(study.mask(f"{name}_padded")), build,
+                           lambda m: m.meta.get("matched_to") == union.digest() and m.meta.get("fill") == "nearest bin"
+                           and m.meta.get("seed") == str(seed) and not (final - m).count() and not (m & added).count())
 
 
 def replay_numbers(study, name: str, full_dir: str, close_sub) -> dict:
@@ -312,7 +305,9 @@ def run_rq2(study) -> RQ2:
             if "padded" in variants:  # counted from the masks' bits, not their metadata
                 n_pad, n_final, n_union = (Subnetwork.load(variants[v] if v != "final" else study.mask(name)).count()
                                            for v in ("padded", "final", "union"))
-                replay[name].update(padded_added=n_pad - n_final, padded_shortfall=n_union - n_pad)
+                replay[name].update(padded_added=n_pad - n_final, padded_shortfall=n_union - n_pad,
+                                    # drawn from a neighbouring |w0| bin of the same tensor: the draw's own count
+                                    padded_moved=int(Subnetwork.load(variants["padded"]).meta.get("moved", 0)))
             rows.append(_endpoint_row(study, algo, k, cfg, name, models, variants, close, init_acc))
     points, verdicts, nulls = decide(study.results["accuracy"], trajs, b.rq2_algos, every)
     agg = across_seeds(rows, b.rq2_algos)
