@@ -270,3 +270,31 @@ def test_matched_baselines_against_a_brute_force_sampler(tmp_path):
     assert d["kind"] == "magnitude" and d["expected_intersection"] == pytest.approx(res["magnitude"]["expected_intersection"])
     bad = run("overlap", tmp_path / "A.safetensors", tmp_path / "B.safetensors", "--baseline", "magnitude")
     assert bad.returncode == 2 and "--base" in bad.stderr
+
+
+def test_study_kept_mask_reuses_only_what_it_would_build(tmp_path):
+    """The study's cached masks (random controls, union, padded): a file already there is used only if it loads and
+    is the mask this study would build; a damaged or stale one is rebuilt in its place, bit for bit the new one."""
+    from rlsubnet.study.pipeline import Study
+
+    st = Study(str(tmp_path / "out"), budget="tiny")
+    out = tmp_path / "m.safetensors"
+    rng = np.random.default_rng(0)
+    want = Subnetwork.from_bool({"w": rng.random((8, 16)) < 0.3}, meta={"matched_to": "A"})
+    builds = []
+
+    def build():
+        builds.append(1)
+        return want
+
+    def accept(m):
+        return m.meta.get("matched_to") == "A"
+
+    assert st.kept_mask(out, build, accept) == str(out) and len(builds) == 1  # nothing there: built
+    assert st.kept_mask(out, build, accept) == str(out) and len(builds) == 1  # accepted: kept, not rebuilt
+    Subnetwork.from_bool({"w": rng.random((8, 16)) < 0.3}, meta={"matched_to": "B"}).save(out)  # stale
+    st.kept_mask(out, build, accept)
+    assert len(builds) == 2 and Subnetwork.load(out) == want
+    out.write_bytes(out.read_bytes()[:40])  # damaged
+    st.kept_mask(out, build, accept)
+    assert len(builds) == 3 and Subnetwork.load(out) == want
