@@ -102,7 +102,8 @@ def padded_mask(study, name: str, union_path: str, seed: int) -> str | None:
     # neighbours), and is the final mask plus none of the added entries
     return study.kept_mask(Path(study.mask(f"{name}_padded")), build,
                            lambda m: m.meta.get("matched_to") == union.digest() and m.meta.get("fill") == "nearest bin"
-                           and m.meta.get("seed") == str(seed) and not (final - m).count() and not (m & added).count())
+                           and m.meta.get("seed") == str(seed) and all(str(m.meta.get(k, "")).isdigit() for k in ("moved", "shortfall"))
+                           and not (final - m).count() and not (m & added).count())
 
 
 def replay_numbers(study, name: str, full_dir: str, close_sub) -> dict:
