@@ -500,3 +500,25 @@ def test_in_place_writes_land_in_every_dtype_and_bump_the_version():
     target["f"][9] = 3.0  # in place, after the receiver's own write: the version counter sees it
     with pytest.raises(DeltaError, match="not the state"):
         apply_delta(target, p)
+
+
+def test_tracker_counts_zero_sign_flips_apart_from_changes(tmp_path):
+    """A delta payload is bit-exact: a zero whose sign flipped (+0 -> -0, the same value) is sent, but not counted as
+    changed. Planted: 3 zeros flipped and 5 values moved in a bf16 tensor; the record says 5 changed, 8 sent, and the
+    bytes are those of the patch between the two checkpoints (which carries the 8 too)."""
+    from rlsubnet.training.tracking import SparsityTracker
+
+    w = torch.linspace(-1, 1, 64, dtype=torch.float32).reshape(8, 8).to(torch.bfloat16)
+    w.view(-1)[[3, 17, 40]] = 0.0
+    base = save_folder(tmp_path / "base", {"w": w.clone()})
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(w.float())
+    tr = SparsityTracker(base, model=model)
+    with torch.no_grad():
+        model.w.view(-1)[[3, 17, 40]] = -0.0
+        model.w.view(-1)[[0, 5, 9, 60, 63]] += 0.25
+    rec = tr.record(model, 1)
+    assert rec["changed_vs_prev"] == 5 and rec["changed_vs_init"] == 5 and rec["delta_entries"] == 8
+    tuned = save_folder(tmp_path / "tuned", {"w": model.w.detach().to(torch.bfloat16)})
+    st = create(base, tuned, tmp_path / "p")
+    assert st.changed == 8 and rec["delta_plain_bytes"] == st.plain and rec["delta_stream_bytes"] == st.positions + st.values

@@ -65,11 +65,19 @@ def test_rerun_resumes_from_cache(tiny_study, capsys):
     d, model, res = tiny_study
     from rich.console import Console
 
-    con = Console(record=True)
+    # a mask that is gone (the diff cached) is built from the checkpoints, a truncated one rebuilt: both as they were
+    masks = d / "out" / "masks"
+    before = {n: Subnetwork.load(masks / f"{n}.safetensors") for n in ("sft", "dpo")}
+    (masks / "sft.safetensors").unlink()
+    (masks / "dpo.safetensors").write_bytes((masks / "dpo.safetensors").read_bytes()[:100])
+    con = Console(record=True, width=400)
     again = Study(str(d / "out"), model=model, budget="tiny", reward="digits", lr_scale=100, console=con).run().to_dict()
     text = con.export_text()
     assert text.count("cached") >= 20 and "steps, lr" not in text  # nothing retrained
     assert again["rq1"]["rows"] == res["rq1"]["rows"] and again["rq4"] == res["rq4"]
+    assert "sft.safetensors: the diff is cached, the mask is not in this folder; building it" in text
+    assert "dpo.safetensors is unreadable; rebuilding it" in text
+    assert all(Subnetwork.load(masks / f"{n}.safetensors") == m for n, m in before.items())
 
 
 def test_seeds_option_runs_fewer_seeds_and_says_so(tiny_study):
@@ -139,6 +147,20 @@ def test_study_measures_delta_sync_bytes(tiny_study):
     assert [x["step"] for x in sync] == list(range(1, len(sync) + 1)) and len(sync) >= 2
     assert all(x["delta_plain_bytes"] == 0 or x["delta_bytes"] > 0 for x in sync)
     assert "Delta weight sync" in (d / "out" / "report.md").read_text()
+    # the entries a payload carries: the changed ones, plus any zero whose sign flipped (none in this random init)
+    assert all(x["delta_entries"] == x["changed_vs_prev"] for x in sync)
+    from rlsubnet.report.study_report import render_sync
+    from rlsubnet.study.results import StudyResults
+
+    flipped = json.loads(json.dumps(res))
+    flipped["runs"]["grpo"]["delta_sync"][1]["delta_entries"] += 3  # as if three zeros had flipped sign at step 2
+    sec = render_sync(StudyResults.from_dict(flipped), d / "figs")
+    text = "\n".join(b for b in sec.blocks if isinstance(b, str))
+    assert "zeros whose sign flipped" in text and "`grpo` step 2: 3" in text
+    table = next(b for b in sec.blocks if not isinstance(b, str))
+    assert table.head[:4] == ["run", "step", "entries changed", "entries sent"]
+    row = next(r for r in table.rows if r[0] == "grpo" and r[1] == 2)
+    assert row[3] == f"{sync[1]['changed_vs_prev'] + 3:,}"
 
 
 def test_study_reports_the_floor(tiny_study):
@@ -644,7 +666,7 @@ def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
 
     from rich.console import Console
 
-    from rlsubnet.report.study_report import render_setup
+    from rlsubnet.report.study_report import headline, render_setup
     from rlsubnet.study.claims import load_study
     from rlsubnet.study.merge import merge_records
 
@@ -660,6 +682,10 @@ def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
         one = Study(str(tmp_path / f"s{k}"), console=con, only_seeds=(k,), **kw).run()
         assert "steps, lr" not in con.export_text() and one.meta["seeds_run"] == [k]
         assert {t.seed for t in one.rq2.trajectories} == {k}
+        # the Setup and the summary count the seeds this record holds, not the budget's
+        setup = "\n".join(b for b in render_setup(one, tmp_path / "figs").blocks if isinstance(b, str))
+        assert f"(1 seed(s) where the report gives mean ± sd; only `--only-seeds {k}` of the study's 2 ran here)" in setup
+        assert "1 seed(s) where stated" in "\n".join(b for b in headline(one).blocks if isinstance(b, str))
     with pytest.raises(InputError, match="--only-seeds"):
         Study(str(tmp_path / "x"), model=model, budget="tiny", only_seeds=(1,))  # RQ4 runs once, with seed 0
     with pytest.raises(InputError, match="--only-seeds"):

@@ -147,7 +147,7 @@ def test_sparsity_tracker(tiny, tmp_path):
 
     st = create(tmp_path / "t" / "step-2", tmp_path / "t" / "step-4", tmp_path / "p")
     assert res.tracking[1]["delta_stream_bytes"] == st.positions + st.values
-    assert res.tracking[1]["delta_plain_bytes"] == st.plain
+    assert res.tracking[1]["delta_plain_bytes"] == st.plain and res.tracking[1]["delta_entries"] == st.changed
     assert res.tracking[0]["changed_vs_init"] == res.tracking[0]["changed_vs_prev"]
     assert res.tracking[1]["ever_changed"] >= res.tracking[1]["changed_vs_init"]
 

@@ -188,6 +188,12 @@ def _recovery_words(c: dict) -> str:
     return f"; as recovery (the whole interval at or above {margin}): **{recovery_verdict(c)}**"
 
 
+def _seeds_ran(meta: dict) -> int:
+    """How many seeds this record holds: those it ran (``--only-seeds``) or was merged from, else the budget's."""
+    ran = meta.get("seeds_run")
+    return len(ran) if isinstance(ran, list) and ran else meta["budget_settings"].get("seeds", 1)
+
+
 def render_setup(res: StudyResults, figdir: Path) -> Section:
     meta = res.meta
     b = meta["budget_settings"]
@@ -197,7 +203,9 @@ def render_setup(res: StudyResults, figdir: Path) -> Section:
              + f", {_schedule_words(b)}, so Σlr = {schedule_sum(b['steps'], meta['lr'], b.get('lr_schedule', 'constant'), b.get('warmup_ratio', 0.0)):.2g}), "
              f"training precision {meta.get('precision', 'fp32')}"
              + (" (fp32 master weights, bf16 compute and sampling, checkpoints stored in the base dtype)" if meta.get("precision") == "mixed" else ""),
-             f"- seed {meta['seed']} ({b.get('seeds', 1)} seed(s) where the report gives mean ± sd"
+             f"- seed {meta['seed']} ({_seeds_ran(meta)} seed(s) where the report gives mean ± sd"
+             + (f"; only `--only-seeds {','.join(map(str, meta['seeds_run']))}` of the study's {b.get('seeds', 1)} ran here"
+                if _seeds_ran(meta) < b.get("seeds", 1) and not meta.get("merged_from") else "")
              + (f"; {b.get('seeds', 1)} of the budget's {meta['budget_seeds']}, merged" if meta.get("merged_from")
                 and meta.get("budget_seeds") not in (None, b.get("seeds", 1))
                 else f"; `--seeds {b.get('seeds', 1)}`, the budget's own is {meta['budget_seeds']}"
@@ -714,20 +722,30 @@ def render_sync(res: StudyResults, figdir: Path) -> Section | None:
     if not sync:
         return None
     rows, series, xs_by = [], {}, {}
+    # a payload is bit-exact: it also carries zeros whose sign flipped (+0 <-> -0, equal values, not "changed");
+    # records written before `delta_entries` existed do not say how many, and the column is left out
+    flips = [(name, x["step"], x["delta_entries"] - x["changed_vs_prev"]) for name, r in sync for x in r.delta_sync
+             if x.get("delta_entries") is not None and x["delta_entries"] != x["changed_vs_prev"]]
     for name, r in sync:
         for x in r.delta_sync:
             full = r.checkpoint_bytes or 0
-            rows.append([name, x["step"], f"{x['changed_vs_prev']:,}", f"{x['delta_bytes']:,}", f"{x['delta_plain_bytes']:,}",
-                         f"{x['delta_plain_bytes'] / x['delta_bytes']:.2f}x" if x["delta_bytes"] else "—",
-                         f"{full / x['delta_bytes']:.0f}x" if x["delta_bytes"] and full else "—"])
+            rows.append([name, x["step"], f"{x['changed_vs_prev']:,}"] + ([f"{x['delta_entries']:,}" if x.get("delta_entries") is not None else "—"]
+                                                                          if flips else [])
+                        + [f"{x['delta_bytes']:,}", f"{x['delta_plain_bytes']:,}",
+                           f"{x['delta_plain_bytes'] / x['delta_bytes']:.2f}x" if x["delta_bytes"] else "—",
+                           f"{full / x['delta_bytes']:.0f}x" if x["delta_bytes"] and full else "—"])
         series[name] = [x["delta_bytes"] / 1e6 for x in r.delta_sync]
         series[f"{name} (int32 + raw)"] = [x["delta_plain_bytes"] / 1e6 for x in r.delta_sync]
         xs_by[name] = xs_by[f"{name} (int32 + raw)"] = [x["step"] for x in r.delta_sync]
     sec = Section("Delta weight sync: what a step sends")
     sec.add("Bytes a delta weight sync would send after each optimizer step (the stored bf16 view against the previous step), as an "
             "rlsubnet-patch/1 payload and in the plain encoding of int32 positions + raw values (what verl's `delta_sharded` sends), "
-            "and the ratio of the full checkpoint to the payload. Measured on this run's steps only.",
-            Table(["run", "step", "entries changed", "patch bytes", "int32 + raw bytes", "plain / patch", "checkpoint / patch"], rows))
+            "and the ratio of the full checkpoint to the payload. Measured on this run's steps only."
+            + (" The payload is bit-exact, so it also sends zeros whose sign flipped (+0 ↔ −0: the same value, not counted as "
+               "changed): " + "; ".join(f"`{n}` step {st}: {k:,}" for n, st, k in flips[:6])
+               + (f"; {len(flips) - 6} more steps" if len(flips) > 6 else "") + " (column *entries sent*)." if flips else ""),
+            Table(["run", "step", "entries changed"] + (["entries sent"] if flips else [])
+                  + ["patch bytes", "int32 + raw bytes", "plain / patch", "checkpoint / patch"], rows))
     steps = sorted({x for v in xs_by.values() for x in v})
     sec.figures.append(line_chart(figdir / "delta_sync.png", steps, series, "Delta-sync payload per step", "step", "MB", xs_by=xs_by, integer_x=True))
     return sec
@@ -767,7 +785,7 @@ def headline(res: StudyResults) -> Section:
     meta = res.meta
     b = meta["budget_settings"]
     out = [f"- **Measured**: {meta['runs']} training runs of `{Path(meta['model']).name}` ({meta['budget']} budget: {b['steps']} steps, "
-           f"peak lr {meta['lr']:g}, {b.get('seeds', 1)} seed(s) where stated), {meta.get('n_eval', b['n_eval'])} held-out problems per evaluation"]
+           f"peak lr {meta['lr']:g}, {_seeds_ran(meta)} seed(s) where stated), {meta.get('n_eval', b['n_eval'])} held-out problems per evaluation"]
     if res.rq1 is not None and res.rq1.rows:
         rs = res.rq1.rows
         sp = [(r.sparsity_mean_sd or {}).get("mean", r.sparsity) for r in rs]

@@ -230,7 +230,7 @@ class Study:
             zero_std=[x.get("frac_reward_zero_std") for x in steps if "frac_reward_zero_std" in x],
             clipped=[x.get("completions/clipped_ratio") for x in steps if "completions/clipped_ratio" in x],
             step_time_s=sum(log["step_times"]) / max(len(log["step_times"]), 1), saved=log.get("saved", []),
-            delta_sync=[{k: r.get(k) for k in ("step", "changed_vs_prev", "delta_bytes", "delta_plain_bytes", "numel")}
+            delta_sync=[{k: r.get(k) for k in ("step", "changed_vs_prev", "delta_bytes", "delta_plain_bytes", "numel", "delta_entries")}
                         for r in log.get("tracking", []) if "delta_bytes" in r],
             checkpoint_bytes=sum(f.stat().st_size for f in d.glob("*.safetensors")))
         return str(d)
@@ -272,8 +272,11 @@ class Study:
                 return p
             why = "was made from other checkpoints"
         except InputError:
-            why = "is missing or unreadable"
-        self.con.print(f"[yellow]mask {safe(p)} {why}; rebuilding it[/yellow]")
+            why = "is unreadable" if Path(p).exists() else None
+        if why is None:  # the diff came from the cache (a resumed study, or cache entries copied in): only the mask is new
+            self.con.print(f"mask {safe(p)}: the diff is cached, the mask is not in this folder; building it from the checkpoints")
+        else:
+            self.con.print(f"[yellow]mask {safe(p)} {why}; rebuilding it[/yellow]")
         self._save_mask(name, Subnetwork.from_checkpoints(base, tuned, criterion="bitwise"), base, tuned)
         return p
 

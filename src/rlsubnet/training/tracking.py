@@ -46,7 +46,7 @@ class SparsityTracker(TrainerCallback):
     def record(self, model: torch.nn.Module, step: int) -> dict:
         from ..deltas.format import PatchWriter
 
-        numel = n_changed = consec = ever = 0
+        numel = n_changed = consec = ever = sent = 0
         sizer = PatchWriter(_Counter())  # the patch a delta sync would send since the previous record
         for name, p in model.named_parameters():
             info = self.init.tensors.get(name)
@@ -71,7 +71,7 @@ class SparsityTracker(TrainerCallback):
             self._ever[name] = e
             t = sizer.begin_tensor(name, info.dtype.name, info.shape)
             for s0 in range(0, cur.size, sizer.chunk):
-                sizer.chunk_update(t, s0, prev[s0 : s0 + sizer.chunk], cur[s0 : s0 + sizer.chunk])
+                sent += sizer.chunk_update(t, s0, prev[s0 : s0 + sizer.chunk], cur[s0 : s0 + sizer.chunk])
             t["base_sha256"] = t["result_sha256"] = "0" * 64
             mx = cur != init  # exact bits, so the reconstruction of this record next time is exact
             self._prev_mask[name] = np.packbits(mx, bitorder="little")
@@ -86,6 +86,9 @@ class SparsityTracker(TrainerCallback):
         rec["delta_bytes"] = h["sizes"]["total"]  # an rlsubnet-patch/1 payload since the previous record
         rec["delta_stream_bytes"] = h["sizes"]["positions"] + h["sizes"]["values"]  # without the header
         rec["delta_plain_bytes"] = h["sizes"]["plain"]  # int32 positions + raw values (verl's delta_sharded)
+        # the entries the payload carries: bit-exact, so a zero whose sign flipped (+0 <-> -0, the same value, not
+        # counted in changed_vs_prev) is sent too
+        rec["delta_entries"] = sent
         self.records.append(rec)
         return rec
 
