@@ -783,6 +783,8 @@ def test_study_merge_joins_questions_and_seeds_run_apart(tiny_study, tmp_path):
         for sub in ("runs", "cache", "masks"):
             shutil.copytree(d / "out" / sub, tmp_path / name / sub)
         Study(str(tmp_path / name), **p, **kw).run()
+        # each run in the configuration every question shares, whichever questions this part asked: nothing trained anew
+        assert sorted(x.name for x in (tmp_path / name / "runs").iterdir()) == sorted(x.name for x in (d / "out" / "runs").iterdir()), name
     b = json.loads((tmp_path / "b" / "results.json").read_text())
     assert b["rq5"]["kl"] is None and b["rq5"]["lr"] == [] and {r["seed"] for x in b["rq5"]["distribution"] for r in x["seeds"]} == {1}
     assert [r["algo"] for r in b["rq1"]["rows"]] == ["sft", "grpo", "dpo"] and b["meta"]["seeds_run"] == [1]

@@ -187,14 +187,17 @@ class Study:
         """The one configuration of the main runs of an algorithm (per seed), shared by every research question
         (so the cache trains each once): GRPO keeps intermediate checkpoints and an fp32 copy when RQ5 needs them."""
         seed = self.seed + seed_offset
+        # the budget's questions and this invocation's together, not this invocation's alone: a study split by
+        # --only (rq1 today, rq5 tomorrow, into the same --out) then trains each run once, in one configuration
+        rqs = set(self.rqs) | set(self.b.rqs)
         # RQ2's runs keep a checkpoint every K steps (the trajectory) and track every step (the union mask)
-        rq2 = "rq2" in self.rqs and algo in self.b.rq2_algos
+        rq2 = "rq2" in rqs and algo in self.b.rq2_algos
         every = self.b.every if rq2 else 0
         if algo == "grpo":
-            if not every and "rq5" in self.rqs and not seed_offset:
+            if not every and "rq5" in rqs and not seed_offset:
                 every = self.b.save_every or max(1, self.b.steps // 5)
             # track_every=1: every step records the bytes a delta weight sync would send (issue 10)
-            return self.config("grpo", seed=seed, save_every=every, fp32_copy="rq5" in self.rqs and not seed_offset, track_every=1)
+            return self.config("grpo", seed=seed, save_every=every, fp32_copy="rq5" in rqs and not seed_offset, track_every=1)
         track = 1 if rq2 else 0
         if algo in PREFERENCE:
             pref = self.own_preferences()
