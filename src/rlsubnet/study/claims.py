@@ -95,7 +95,7 @@ def _from_cmp(key, rq, statement, rule, cmp, decide) -> Claim:
     what = f"{cmp['b']} − {cmp['a']} = {span(cmp['diff'], cmp.get('lo'), cmp.get('hi'), 'points')}"
     if cmp.get("algo"):
         what = f"{cmp['algo'].upper()}: {what}"
-    how = f"{cmp.get('method', '')}; the study's verdict: {cmp.get('verdict')}"
+    how = f"{cmp.get('method', '')}; the study's test of the difference: {cmp.get('verdict')}"
     if cmp.get("p_holm") is not None:
         how += f", Holm p = {cmp['p_holm']:.2g} over {cmp.get('family')} tests"
     if cmp.get("jitter") is not None:
