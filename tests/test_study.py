@@ -573,6 +573,11 @@ def test_claims_are_decided_by_their_stated_rules(tiny_study, tmp_path):
             "rq5.in_distribution_sparser.sft": HOLDS, "rq5.in_distribution_sparser.dpo": INCONCLUSIVE}
     assert {k: got[k].verdict for k in want} == want
     assert got["rq4.overlap.seed"].lo == pytest.approx(0.05 - 1.959964 * 0.01) and got["rq4.overlap.seed"].hi == pytest.approx(0.05 + 1.959964 * 0.01)
+    # RQ4's effect is relative to the expected intersection, never "points"; a narrow interval keeps two decimals
+    from rlsubnet.study.claims import span
+    assert got["rq4.overlap.seed"].unit == "relative" and got["rq2.full_improves.peak"].unit == "points"
+    assert span(0.05, 0.05 - 1.959964 * 0.01, 0.05 + 1.959964 * 0.01, "relative") == "+5.0% of the expected [+3.0, +7.0]"
+    assert span(0.0512, 0.0509, 0.0514, "relative") == "+5.12% of the expected [+5.09, +5.14]"
     assert got["rq2.sub_recovers_full.final"].value == -0.10 and "DPO" in got["rq2.sub_recovers_full.final"].evidence
     assert got["rq5.in_distribution_sparser.sft"].lo == 0.03 and got["rq5.in_distribution_sparser.dpo"].value == pytest.approx(0.04)
     # the report states the planted RQ5 comparison, direction and interval

@@ -76,18 +76,20 @@ def _figures(cmp: dict, figdir: Path) -> list[Path]:
     out = []
     for rq, title in (("rq2", "RQ2: accuracy differences (points), 95% intervals"), ("rq4", "RQ4: overlap above the matched expectation (%)"),
                       ("rq1", "RQ1: sparsity differences (points), 95% intervals")):
-        rows = [r for r in cmp["claims"] if r["rq"] == rq and any(r["per_study"][lab]["unit"] == "points" and r["per_study"][lab]["value"] is not None
+        unit = "relative" if rq == "rq4" else "points"
+        rows = [r for r in cmp["claims"] if r["rq"] == rq and any(r["per_study"][lab]["unit"] == unit and r["per_study"][lab]["value"] is not None
                                                                      for lab in labels)]
         if not rows:
             continue
 
         def pts(c):
             f = lambda x: None if x is None else 100 * x
-            return (f(c["value"]), f(c["lo"]), f(c["hi"])) if c["unit"] == "points" and c["value"] is not None else None
+            return (f(c["value"]), f(c["lo"]), f(c["hi"])) if c["unit"] == unit and c["value"] is not None else None
 
         series = {lab: [pts(r["per_study"][lab]) for r in rows] for lab in labels}
         out.append(grouped_interval_chart(figdir / f"compare-{rq}.png", [r["key"].split(".", 1)[1] for r in rows], series, title,
-                                          "points (filled: the interval excludes 0)"))
+                                          ("% of the expected intersection" if unit == "relative" else "points")
+                                          + " (filled: the interval excludes 0)"))
     return out
 
 
@@ -107,7 +109,8 @@ def render(cmp: dict, figdir: Path | None = None) -> list[Section]:
                                    "A claim *holds* when its interval excludes 0 in the claimed direction (or, for recovery, lies "
                                    "above minus θ_full's jitter), *fails* when it excludes 0 the other way, and is *inconclusive* "
                                    "otherwise, including every single-run measurement; each cell shows the verdict, the effect "
-                                   "(points: differences of percentages; %: a level) and its 95% interval.")]
+                                   "(points: differences of percentages; %: a level; % of the expected: RQ4's overlap above its matched "
+                                   "expectation) and its 95% interval.")]
     for rq, title in (("rq1", "RQ1: sparsity"), ("rq2", "RQ2: the subnetwork alone"), ("rq4", "RQ4: overlap"), ("rq5", "RQ5: what makes it sparse")):
         rows = [r for r in cmp["claims"] if r["rq"] == rq]
         ev = []

@@ -47,7 +47,7 @@ class Claim:
     value: float | None = None  # the effect or the measured fraction (fractions, not percent)
     lo: float | None = None
     hi: float | None = None
-    unit: str = "points"  # "points": a difference of fractions; "fraction": a level; "z": a z-score
+    unit: str = "points"  # "points": a difference of fractions; "fraction": a level; "relative": (b − a) / a
     evidence: str = ""  # one line with the numbers it rests on
 
     def to_dict(self) -> dict:
@@ -65,6 +65,10 @@ def span(value, lo, hi, unit: str) -> str:
     if unit == "fraction":
         v = f"{100 * value:.1f}%"
         return v if lo is None else f"{v} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    if unit == "relative":  # (observed − expected) / expected: a percent of the expectation, not points
+        nd = 2 if lo is not None and 0 < 100 * (hi - lo) < 0.5 else 1  # a narrow interval keeps its width visible
+        v = f"{100 * value:+.{nd}f}% of the expected"
+        return v if lo is None else f"{v} [{100 * lo:+.{nd}f}, {100 * hi:+.{nd}f}]"
     v = f"{_pts(value)} points"
     return v if lo is None else f"{v} [{_pts(lo)}, {_pts(hi)}]"
 
@@ -216,7 +220,7 @@ def _rq4(r: dict | None) -> list[Claim]:
         v = HOLDS if lo > 0 else FAILS if hi < 0 else INCONCLUSIVE
         out.append(Claim(f"rq4.overlap.{axis}", "rq4", st,
                          "superiority: a normal interval of (observed − expected) / expected intersection, entries independent within a stratum",
-                         v, eff, lo, hi, "points",
+                         v, eff, lo, hi, "relative",
                          f"o1 {100 * row['o1']:.1f}% against {100 * m['o1_random']:.1f}% matched ({100 * row['o1_random']:.1f}% uniform); z = {m.get('z', float('nan')):.1f}"))
     return out
 
