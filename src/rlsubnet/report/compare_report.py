@@ -82,7 +82,7 @@ def _figures(cmp: dict, figdir: Path) -> list[Path]:
         if not rows:
             continue
 
-        def pts(c):
+        def pts(c, unit=unit):
             f = lambda x: None if x is None else 100 * x
             return (f(c["value"]), f(c["lo"]), f(c["hi"])) if c["unit"] == unit and c["value"] is not None else None
 
