@@ -161,6 +161,11 @@ def test_study_measures_delta_sync_bytes(tiny_study):
     assert table.head[:4] == ["run", "step", "entries changed", "entries sent"]
     row = next(r for r in table.rows if r[0] == "grpo" and r[1] == 2)
     assert row[3] == f"{sync[1]['changed_vs_prev'] + 3:,}"
+    # a step that changed nothing sends a header only: no plain-encoding ratio to state
+    quiet = json.loads(json.dumps(res))
+    quiet["runs"]["grpo"]["delta_sync"][0].update(changed_vs_prev=0, delta_entries=0, delta_plain_bytes=0)
+    rows = next(b for b in render_sync(StudyResults.from_dict(quiet), d / "figs").blocks if not isinstance(b, str)).rows
+    assert next(r for r in rows if r[0] == "grpo" and r[1] == 1)[-2] == "—"
 
 
 def test_study_reports_the_floor(tiny_study):

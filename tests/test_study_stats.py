@@ -55,6 +55,9 @@ def test_welch_without_variance_has_no_interval():
     c = seed_difference([0.5, 0.5, 0.5], [0.6, 0.6, 0.6], "accuracy", ("a", "b"))
     assert c.lo is None and c.verdict == "no interval"
     assert "no interval" in claim(c.to_dict(), "x", "accuracy")
+    # one seed a side: the difference, named, and "no interval" said once
+    one = claim(seed_difference([0.5], [0.6], "sparsity", ("sft", "grpo")).to_dict(), "SFT against GRPO", "sparsity")
+    assert one == "SFT against GRPO: inconclusive — sparsity grpo − sft = +10.0 points, no interval (per-seed means (too few seeds))"
 
 
 def test_claims_have_no_double_negative():

@@ -101,7 +101,7 @@ def claim(c: dict, subject: str, measure: str, names: dict | None = None) -> str
                 f"({100 * c['jitter']:.1f} points {_jitter_words(c)})")
     if c["verdict"] == "inconclusive":
         if c.get("lo") is None:
-            return f"{subject}: inconclusive — {measure} {_ci(c)} and no interval ({c['method']})"
+            return f"{subject}: inconclusive — {measure} {b} − {a} = {100 * c['diff']:+.1f} points, no interval ({c['method']})"
         why = "an interval that includes 0" if not (c["lo"] > 0 or c["hi"] < 0) else f"Holm-corrected p = {c.get('p_holm', 1):.2g} over {c.get('family')} tests"
         return f"{subject}: inconclusive — {measure} {b} − {a} = {_ci(c)}, {why}"
     word = "higher" if c["verdict"] == "higher" else "lower"
@@ -732,7 +732,7 @@ def render_sync(res: StudyResults, figdir: Path) -> Section | None:
             rows.append([name, x["step"], f"{x['changed_vs_prev']:,}"] + ([f"{x['delta_entries']:,}" if x.get("delta_entries") is not None else "—"]
                                                                           if flips else [])
                         + [f"{x['delta_bytes']:,}", f"{x['delta_plain_bytes']:,}",
-                           f"{x['delta_plain_bytes'] / x['delta_bytes']:.2f}x" if x["delta_bytes"] else "—",
+                           f"{x['delta_plain_bytes'] / x['delta_bytes']:.2f}x" if x["delta_bytes"] and x["delta_plain_bytes"] else "—",
                            f"{full / x['delta_bytes']:.0f}x" if x["delta_bytes"] and full else "—"])
         series[name] = [x["delta_bytes"] / 1e6 for x in r.delta_sync]
         series[f"{name} (int32 + raw)"] = [x["delta_plain_bytes"] / 1e6 for x in r.delta_sync]
