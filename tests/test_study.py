@@ -837,6 +837,12 @@ def test_study_merge_joins_questions_and_seeds_run_apart(tiny_study, tmp_path):
     with pytest.raises(InputError, match="RQ4 .it runs once, with seed 0. is in"):
         merge_records([recs["a"], ("rq4/results.json", rq4)])
     assert m["meta"]["merge_notes"] == []  # here every run trained again reproduced bit for bit, so none was renamed
+    # a record written before a key existed (each delta-sync step's delta_entries) holds the same run, not another
+    older = json.loads(json.dumps(recs["b"][1]))
+    assert older["runs"]["grpo_s1"]["delta_sync"]
+    for x in older["runs"]["grpo_s1"]["delta_sync"]:
+        del x["delta_entries"]
+    assert merge_records([recs["a"], ("older/results.json", older), recs["c"]]).meta["merge_notes"] == []
     # a run of one configuration trained again elsewhere and not the same (another machine): RQ2 keeps the name, the
     # other record's entry becomes NAME@RECORD and that record's rows refer to it (RQ1 here)
     b2 = json.loads(json.dumps(recs["b"][1]))

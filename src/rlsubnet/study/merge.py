@@ -193,6 +193,16 @@ def _content(v: dict) -> dict:
     return {k: x for k, x in v.items() if k not in ("dir", "mask", "saved", "model", "elapsed_s", "step_time_s")}
 
 
+def _equal_where_both(a, b) -> bool:
+    """Two entries equal on every key both hold, at every depth: a record written by an earlier version lacks the
+    keys added since (``delta_entries`` in each delta-sync step, say), and a run it holds is still the same run."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(_equal_where_both(a[k], b[k]) for k in a.keys() & b.keys())
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_equal_where_both(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 _PARTS = ("runs", "diffs", "accuracy")
 
 
@@ -223,7 +233,7 @@ def _unify_names(records: list[tuple[str, dict]], notes: list) -> None:
                 owner[name] = (path, d)
                 continue
             po, do = owner[name]
-            if all(_content(do[part][name]) == _content(d[part][name]) for part in _PARTS if name in do[part] and name in d[part]):
+            if all(_equal_where_both(_content(do[part][name]), _content(d[part][name])) for part in _PARTS if name in do[part] and name in d[part]):
                 continue  # the same entries (a cached run copied, or one reproduced bit for bit): kept once
             used, used_o = name in _rq2_names(d), name in _rq2_names(do)
             if name == "init" and d.get("rq2") is not None:
@@ -240,14 +250,14 @@ def _unify_names(records: list[tuple[str, dict]], notes: list) -> None:
                 diff_c = sum(x != y for x, y in zip(i["completions"], i0["completions"]))
                 diff_o = sum(x != y for x, y in zip(i["outcomes"], i0["outcomes"]))
                 twins = [n.split("@", 1)[1] for n, (_, x) in owner.items() if n.startswith("init@") and n != new
-                         and _content(x["accuracy"][n]) == _content(i)]
+                         and _equal_where_both(_content(x["accuracy"][n]), _content(i))]
                 notes.append(f"θ_init as evaluated with `{_where(path)}` differs from `{_where(po)}`'s in {diff_c} of "
                              f"{len(i0['outcomes'])} completions and {diff_o} outcomes (accuracy {100 * i['accuracy']:.1f}% "
                              f"against {100 * i0['accuracy']:.1f}%; {_hw(d['meta'])} against {_hw(do['meta'])})"
                              + (f", and is the same as `{'`, `'.join(twins)}`'s" if twins else "")
                              + ": each seed is compared with the θ_init of its own record")
             elif used and used_o:
-                part = next(p for p in _PARTS if name in do[p] and name in d[p] and _content(do[p][name]) != _content(d[p][name]))
+                part = next(p for p in _PARTS if name in do[p] and name in d[p] and not _equal_where_both(_content(do[p][name]), _content(d[p][name])))
                 raise InputError(f"{path}: {part}.{name} differs from the same entry in {po}.")
             elif used:  # RQ2 keeps the name (its names are derived from each other); the earlier record's entry moves
                 rename(po, do, name, path)
