@@ -843,6 +843,12 @@ def test_study_merge_joins_questions_and_seeds_run_apart(tiny_study, tmp_path):
     for x in older["runs"]["grpo_s1"]["delta_sync"]:
         del x["delta_entries"]
     assert merge_records([recs["a"], ("older/results.json", older), recs["c"]]).meta["merge_notes"] == []
+    # ... and so does one that did not measure a figure (RQ5 analyses a run without its rank): the merge keeps the figure
+    less = json.loads(json.dumps(recs["c"][1]))
+    assert less["diffs"]["grpo_s1"]["sparsity"] is not None
+    less["diffs"]["grpo_s1"]["sparsity"] = None
+    j = merge_records([recs["a"], ("less/results.json", less), recs["b"]])
+    assert j.meta["merge_notes"] == [] and j.diffs["grpo_s1"].sparsity == recs["b"][1]["diffs"]["grpo_s1"]["sparsity"] is not None
     # a run of one configuration trained again elsewhere and not the same (another machine): RQ2 keeps the name, the
     # other record's entry becomes NAME@RECORD and that record's rows refer to it (RQ1 here)
     b2 = json.loads(json.dumps(recs["b"][1]))

@@ -195,7 +195,10 @@ def _content(v: dict) -> dict:
 
 def _equal_where_both(a, b) -> bool:
     """Two entries equal on every key both hold, at every depth: a record written by an earlier version lacks the
-    keys added since (``delta_entries`` in each delta-sync step, say), and a run it holds is still the same run."""
+    keys added since (``delta_entries`` in each delta-sync step, say), and one that did not measure something (RQ5
+    analyses DPO without its rank: ``None``) holds the same run as one that did."""
+    if a is None or b is None:
+        return True
     if isinstance(a, dict) and isinstance(b, dict):
         return all(_equal_where_both(a[k], b[k]) for k in a.keys() & b.keys())
     if isinstance(a, list) and isinstance(b, list):
@@ -234,7 +237,12 @@ def _unify_names(records: list[tuple[str, dict]], notes: list) -> None:
                 continue
             po, do = owner[name]
             if all(_equal_where_both(_content(do[part][name]), _content(d[part][name])) for part in _PARTS if name in do[part] and name in d[part]):
-                continue  # the same entries (a cached run copied, or one reproduced bit for bit): kept once
+                for part in _PARTS:  # kept once, with what either record measured of it
+                    if name in do[part] and name in d[part]:
+                        for k, v in d[part][name].items():
+                            if do[part][name].get(k) is None and v is not None:
+                                do[part][name][k] = v
+                continue  # the same entries (a cached run copied, or one reproduced bit for bit)
             used, used_o = name in _rq2_names(d), name in _rq2_names(do)
             if name == "init" and d.get("rq2") is not None:
                 # θ_init evaluated again where these seeds ran, and not bit for bit the same (greedy decoding under
