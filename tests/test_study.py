@@ -648,6 +648,8 @@ def test_study_compare_puts_studies_side_by_side(tiny_study, tmp_path):
     assert "data:image/png;base64," in page and "src='figures/" not in page and "planted" in page
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| claim | tiny | planted | agreement |" in md
+    figs = set(re.findall(r"\(figures/([^)]+)\)", md))  # a forest plot per question with effects, RQ5's in- vs off-distribution too
+    assert {"compare-rq1.png", "compare-rq2.png", "compare-rq5.png"} <= figs == {x.name for x in (tmp_path / "cmp" / "figures").iterdir()}
     # the single study's report carries the same claims
     assert "Claims, one by one" in (d / "out" / "report.md").read_text()
     # bad input: one sentence naming the file, exit 2, nothing written
@@ -663,8 +665,13 @@ def test_study_compare_puts_studies_side_by_side(tiny_study, tmp_path):
     assert heads[0] == "Summary" and {"RQ1: sparsity", "RQ2: the subnetwork alone", "RQ4: overlap", "Figures"} <= set(heads)
     assert int(seen["links"]) == len(heads) and int(seen["images"]) >= 2 and seen["loaded"] == seen["images"] and seen["wider"] == "0"
     assert seen["backslashes"] == "0" and seen["stars"] == "0"
+    import shutil
+
+    shutil.copytree(d / "out" / "figures", other / "figures")  # a study's figures beside it are not the comparison's to remove
+    study_figs = {x.name for x in (other / "figures").iterdir()}
     r = run("study-compare", other, "--out", other, "--label", "x")  # compare.json beside results.json: allowed, results untouched
     assert r.returncode == 0 and hashlib.sha256((other / "results.json").read_bytes()).hexdigest() == before[1]
+    assert study_figs < {x.name for x in (other / "figures").iterdir()}
 
 
 def test_study_merge_equals_one_study_of_the_same_seeds(tiny_study, tmp_path):
@@ -800,6 +807,21 @@ def test_study_merge_joins_questions_and_seeds_run_apart(tiny_study, tmp_path):
     assert [r["algo"] for r in b["rq1"]["rows"]] == ["sft", "grpo", "dpo"] and b["meta"]["seeds_run"] == [1]
     sec = render_rq5(StudyResults.from_dict(b), tmp_path / "figs")  # a record without seed 0's ablations still renders
     assert "run with seed 0, which this record does not have" in sec.blocks[0]
+    # a part's report written into the folder of an earlier one leaves only the figures it shows (and files not its own)
+    import re
+
+    from rlsubnet.report.study_report import write_report
+
+    w = tmp_path / "w"
+    (w / "figures").mkdir(parents=True)
+    (w / "figures" / "mine.png").write_bytes(b"not the report's")
+    write_report(ref, w)
+    before = {x.name for x in (w / "figures").iterdir()}
+    write_report(b, w)
+    shown = set(re.findall(r"\(figures/([^)]+)\)", (w / "report.md").read_text()))
+    assert {x.name for x in (w / "figures").iterdir()} == shown | {"mine.png"}
+    gone = before - shown - {"mine.png"}  # the whole study's RQ2 and RQ4 figures were there, and are not now
+    assert "rq4_overlap.png" in gone and any(x.startswith("rq2_") for x in gone)
 
     ins = [tmp_path / n / "results.json" for n in ("b", "a", "c")]
     r = run("study-merge", *ins, "--out", tmp_path / "merged")

@@ -75,7 +75,8 @@ def _figures(cmp: dict, figdir: Path) -> list[Path]:
     labels = [s["label"] for s in cmp["studies"]]
     out = []
     for rq, title in (("rq2", "RQ2: accuracy differences (points), 95% intervals"), ("rq4", "RQ4: overlap above the matched expectation (%)"),
-                      ("rq1", "RQ1: sparsity differences (points), 95% intervals")):
+                      ("rq1", "RQ1: sparsity differences (points), 95% intervals"),
+                      ("rq5", "RQ5: sparsity differences (points), 95% intervals")):
         unit = "relative" if rq == "rq4" else "points"
         rows = [r for r in cmp["claims"] if r["rq"] == rq and any(r["per_study"][lab]["unit"] == unit and r["per_study"][lab]["value"] is not None
                                                                      for lab in labels)]
@@ -137,6 +138,7 @@ def write_comparison(paths: list[str | Path], out_dir: str | Path, labels: list[
     for s, (f, _) in zip(cmp["studies"], loaded):
         s["results"] = f
     out = Path(out_dir)
-    written = write_document(render(cmp, out / "figures"), out, "compare", "rlsubnet: studies side by side, claim by claim")
+    written = write_document(render(cmp, out / "figures"), out, "compare", "rlsubnet: studies side by side, claim by claim",
+                             owns=("compare-*.png",))
     write_text(out / "compare.json", dumps(cmp, indent=2) + "\n")
     return written + [out / "compare.json"]

@@ -847,12 +847,18 @@ def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
     if not isinstance(res, StudyResults):
         res = StudyResults.from_dict(res)
     out = Path(out_dir)
-    return write_document(sections(res, out / "figures"), out, "report", "rlsubnet study report")
+    return write_document(sections(res, out / "figures"), out, "report", "rlsubnet study report", owns=STUDY_FIGURES)
 
 
-def write_document(secs: list[Section], out: Path, stem: str, title: str) -> list[Path]:
+STUDY_FIGURES = ("rq[0-9]_*.png", "delta_sync.png")  # the names a study report draws, and only those
+
+
+def write_document(secs: list[Section], out: Path, stem: str, title: str, owns: tuple[str, ...] = ()) -> list[Path]:
     """``OUT/STEM.md`` and a self-contained ``OUT/STEM.html`` (its figures embedded as PNG) from ``secs``, with a
-    table of contents; both written atomically."""
+    table of contents; both written atomically. A figure in ``OUT/figures`` whose name matches ``owns`` (a name this
+    kind of document draws) but that this document does not show is an earlier report's, which this one replaced
+    (a study split by ``--only`` into one ``--out``): it is removed, so the folder holds what the report shows and no
+    figure of another run lies beside it. Files of any other name are left alone."""
     md = [f"# {title}", "", "Contents: " + " · ".join(f"[{s.title}](#{_anchor(s.title)})" for s in secs), ""]
     for s in secs:
         md += [f"## {s.title}", ""]
@@ -875,4 +881,9 @@ def write_document(secs: list[Section], out: Path, stem: str, title: str) -> lis
             parts.append(f"<img alt='{html.escape(f.stem)}' src='data:image/png;base64,{b64}'>")
     parts.append("</body></html>")
     write_text(out / f"{stem}.html", "\n".join(parts))
+    shown = {f.resolve() for s in secs for f in s.figures}
+    for pattern in owns:
+        for f in (out / "figures").glob(pattern):
+            if f.is_file() and f.resolve() not in shown:
+                f.unlink()
     return [out / f"{stem}.md", out / f"{stem}.html"]
