@@ -51,6 +51,21 @@ def test_every_pipeline_runs(tiny_study):
     assert saved["meta"]["budget"] == "tiny"
 
 
+def test_rq5_names_where_the_fp32_copy_stays_unchanged(tiny_study, tmp_path):
+    """When the fp32 copy keeps many entries (Gemma's: 23%), the report says by module kind where they are, from the
+    copy's own diff; when it keeps almost none (SmolLM2's 0.01%) it adds nothing."""
+    from rlsubnet.report.study_report import render_rq5
+    from rlsubnet.study.results import StudyResults
+
+    _, _, res = tiny_study
+    r = json.loads(json.dumps(res))
+    what = lambda: next(b for b in render_rq5(StudyResults.from_dict(r), tmp_path).blocks if isinstance(b, str) and b.startswith("**What"))
+    r["diffs"]["grpo_fp32"].update(sparsity=0.2348, by_module={"embedding": 0.375, "norm": 0.149, "q": 5.6e-05, "down": 2.7e-05})
+    assert "Unchanged in the fp32 copy, by module kind: embedding 37.5%, norm 14.9%; every other kind at most 0.01%." in what()
+    r["diffs"]["grpo_fp32"]["sparsity"] = 0.0001
+    assert "by module kind" not in what()
+
+
 def test_report_is_self_contained(tiny_study):
     d, _, _ = tiny_study
     page = (d / "out" / "report.html").read_text()

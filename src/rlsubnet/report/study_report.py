@@ -685,7 +685,7 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
     kl_paper = P.KL["with KL"] - P.KL["without KL"]
     text = (f"**What this shows.** The fp32 copy of the same GRPO run has bitwise sparsity {pct(f.precision['fp32']['sparsity'], 2)} "
             f"against {pct(f.precision['bf16']['sparsity'], 1)} in bf16: under Adam nearly every entry with a non-zero gradient moves, "
-            "so this is mechanical, not a finding about RL. "
+            "so this is mechanical, not a finding about RL. " + _fp32_still(res) +
             f"A 16× learning rate gives {pct(f.lr[-1].sparsity, 1)} against {pct(f.lr[0].sparsity, 1)} at 1× (the floor moves with Σlr). "
             f"The KL term moves sparsity by {100 * (f.kl['with'] - f.kl['without']):+.1f} points in one run (paper: {kl_paper:+.1f}); "
             "with one seed per setting this is inconclusive.")
@@ -693,6 +693,20 @@ def render_rq5(res: StudyResults, figdir: Path) -> Section:
         text += f" Of all entries updated at some saved step, {pct(f.ever_updated_outside_final, 1)} end outside the final mask (paper: about 8.5%)."
     sec.add(text)
     return sec
+
+
+def _fp32_still(res: StudyResults) -> str:
+    """Where the fp32 copy's unchanged entries sit, by module kind, when there are enough of them to ask (≥ 1%; Gemma's
+    fp32 copy keeps 23% of its entries, nearly all in the embedding and the norms): the sentence before it speaks of the
+    entries that move, this one of those that do not."""
+    fp = res.diffs.get("grpo_fp32")
+    if fp is None or not fp.by_module or (fp.sparsity or 0) < 0.01:
+        return ""
+    kinds = sorted(fp.by_module.items(), key=lambda kv: -kv[1])
+    big = [f"{k} {pct(v, 1)}" for k, v in kinds if v >= 0.01]
+    small = [v for _, v in kinds if v < 0.01]
+    return ("Unchanged in the fp32 copy, by module kind: " + ", ".join(big)
+            + (f"; every other kind at most {pct(max(small), 2)}" if small else "") + ". ")
 
 
 def _rq5_ablations(P, f, sec: Section) -> None:
