@@ -895,6 +895,17 @@ def test_study_merge_joins_questions_and_seeds_run_apart(tiny_study, tmp_path):
     row = next(r for r in j.rq1.rows if r.algo == "grpo")
     assert [x["run"] for x in row.seeds] == ["grpo", "grpo_s1@b2"] and j.diffs["grpo_s1@b2"].changed == b2["diffs"]["grpo_s1"]["changed"]
     assert j.runs["grpo_s1"].loss == recs["c"][1]["runs"]["grpo_s1"]["loss"] and "kept as `grpo_s1@b2`" in j.meta["merge_notes"][0]
+    # ... and a third record holding that same other run (RQ4's, found in the cache by RQ1's invocation) refers to the
+    # one entry kept, not a second copy; RQ2's checkpoints (named NAME@STEP) are not taken for it
+    assert any(n.startswith("grpo_s1@") for n in recs["c"][1]["accuracy"])
+    a2 = json.loads(json.dumps(recs["a"][1]))
+    a2["runs"]["grpo_s1"]["loss"][0] += 1.0
+    a2["diffs"]["grpo_s1"]["changed"] += 1
+    j = merge_records([recs["c"], ("a2/results.json", a2), ("b2/results.json", b2)])
+    row = next(r for r in j.rq1.rows if r.algo == "grpo")
+    assert [x["run"] for x in row.seeds] == ["grpo", "grpo_s1@a2"] and [(r.a, r.b) for r in j.rq4.rows][0] == ("grpo", "grpo_s1@a2")
+    assert "grpo_s1@b2" not in j.runs and j.diffs["grpo_s1@a2"].changed == b2["diffs"]["grpo_s1"]["changed"]
+    assert "kept as `grpo_s1@a2`" in j.meta["merge_notes"][0] and "is `grpo_s1@a2` bit for bit" in j.meta["merge_notes"][1]
     # ... and where the earlier record's RQ4 holds the name that a later record's RQ2 uses, the earlier one moves
     for name, p in {"e": dict(only=("rq2", "rq4"), only_seeds=(0,)), "f": dict(only=("rq2",), only_seeds=(1,))}.items():
         for sub in ("runs", "cache", "masks"):

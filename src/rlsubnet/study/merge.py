@@ -217,16 +217,36 @@ def _unify_names(records: list[tuple[str, dict]], notes: list) -> None:
     are compared with it. A name RQ2 refers to in two records with different contents is refused (RQ2's names are
     derived from each other)."""
     owner: dict = {}  # name -> (path, record) that holds it under that name in the merge
+    kept_as: dict = {}  # name -> the NAME@RECORD entries made of it (RQ2's checkpoints are named NAME@STEP: not these)
+
+    def same(x: dict, a: str, y: dict, b: str) -> bool:  # entry a of record x holds what entry b of record y holds
+        return all(_equal_where_both(_content(x[part][a]), _content(y[part][b])) for part in _PARTS if a in x[part] and b in y[part])
+
+    def fill(x: dict, a: str, y: dict, b: str) -> None:  # entry a of x keeps what either measured of it
+        for part in _PARTS:
+            if a in x[part] and b in y[part]:
+                for k, v in y[part][b].items():
+                    if x[part][a].get(k) is None and v is not None:
+                        x[part][a][k] = v
 
     def rename(path: str, d: dict, name: str, other: str) -> None:
-        new = f"{name}@{_where(path)}"
+        # the same run a third record already brought under NAME@RECORD (RQ1's DPO found in the cache by RQ5's
+        # invocation into the same --out) is that entry, not another one
+        twin = next((n for n in kept_as.get(name, []) if same(owner[n][1], n, d, name)), None)
+        new = twin or f"{name}@{_where(path)}"
         _rename_refs((d.get("rq1") or {}).get("rows"), name, new)
         _rename_refs((d.get("rq5") or {}).get("distribution"), name, new)
         _rename_refs((d.get("rq4") or {}).get("rows"), name, new, ("a", "b"))
         for part in _PARTS:
             if name in d[part]:
                 d[part][new] = d[part].pop(name)
+        if twin:
+            fill(owner[twin][1], twin, d, twin)
+            notes.append(f"`{name}` of `{_where(path)}` differs from `{_where(other)}`'s and is `{twin}` bit for bit: kept "
+                         f"once, as `{twin}`, which `{_where(path)}`'s rows use")
+            return
         owner[new] = (path, d)
+        kept_as.setdefault(name, []).append(new)
         notes.append(f"`{name}` ran again for `{_where(path)}` (the configuration of `{_where(other)}`'s) and differs from "
                      f"it: kept as `{new}`, which `{_where(path)}`'s rows use")
 
@@ -236,12 +256,8 @@ def _unify_names(records: list[tuple[str, dict]], notes: list) -> None:
                 owner[name] = (path, d)
                 continue
             po, do = owner[name]
-            if all(_equal_where_both(_content(do[part][name]), _content(d[part][name])) for part in _PARTS if name in do[part] and name in d[part]):
-                for part in _PARTS:  # kept once, with what either record measured of it
-                    if name in do[part] and name in d[part]:
-                        for k, v in d[part][name].items():
-                            if do[part][name].get(k) is None and v is not None:
-                                do[part][name][k] = v
+            if same(do, name, d, name):
+                fill(do, name, d, name)  # kept once, with what either record measured of it
                 continue  # the same entries (a cached run copied, or one reproduced bit for bit)
             used, used_o = name in _rq2_names(d), name in _rq2_names(do)
             if name == "init" and d.get("rq2") is not None:
