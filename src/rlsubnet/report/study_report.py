@@ -853,6 +853,9 @@ def _anchor(title: str) -> str:
     return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title.lower()).strip())
 
 
+STUDY_FIGURES = ("rq[0-9]_*.png", "delta_sync.png")  # the names a study report draws, and only those
+
+
 def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
     """Write ``report.md`` and a self-contained ``report.html`` (PNG figures embedded) into ``out_dir``.
 
@@ -862,9 +865,6 @@ def write_report(res: StudyResults | dict, out_dir: str | Path) -> list[Path]:
         res = StudyResults.from_dict(res)
     out = Path(out_dir)
     return write_document(sections(res, out / "figures"), out, "report", "rlsubnet study report", owns=STUDY_FIGURES)
-
-
-STUDY_FIGURES = ("rq[0-9]_*.png", "delta_sync.png")  # the names a study report draws, and only those
 
 
 def write_document(secs: list[Section], out: Path, stem: str, title: str, owns: tuple[str, ...] = ()) -> list[Path]:
